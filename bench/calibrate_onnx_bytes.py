@@ -1,0 +1,106 @@
+"""Fit the ONNX byte estimate's overhead constants to real exported files.
+
+Exports many sampled (untrained) configs at every precision, fits the bytes beyond the
+weights by least squares and prints the constants for spaces/estimate.py together with
+the estimate's error as it stands. File sizes do not depend on training, so untrained
+weights (with realistic batch-norm statistics) suffice.
+
+    python bench/calibrate_onnx_bytes.py [--configs 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import optuna
+import torch
+
+from compsearch.objectives.compress import export, prune
+from compsearch.spaces.blocks import ACTIVATIONS, BLOCKS
+from compsearch.spaces.builder import build
+from compsearch.spaces.config import PRECISIONS, TrainConfig
+from compsearch.spaces.estimate import count_layers, onnx_bytes, weight_bytes
+from compsearch.spaces.space import SearchSpace, sample
+
+
+def exported_sizes(configs: int, folder: Path) -> list[dict]:
+    schedule = TrainConfig(0, 0, 0, 0, 64, 0.1, 0.0, 0.0)
+    rows = []
+    for resolution, channels in ((8, 1), (28, 1), (32, 3)):
+        space = SearchSpace(
+            channels, 10, resolution, width=(4, 64), stem_width=(4, 32), blocks=tuple(BLOCKS)
+        )
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=resolution))
+        for _ in range(configs):
+            config = sample(study.ask(), space, schedule)
+            torch.manual_seed(0)
+            model = build(config.arch).eval()
+            for module in model.modules():
+                if isinstance(module, torch.nn.BatchNorm2d):
+                    module.running_mean.normal_()
+                    module.running_var.uniform_(0.5, 2.0)
+            example = torch.zeros(1, channels, resolution, resolution)
+            arch = prune(model, config.arch, config.compress.prune_ratio, example)
+            counts = count_layers(arch, resolution)
+            calibration = np.random.default_rng(0).normal(
+                size=(64, channels, resolution, resolution)
+            ).astype(np.float32)
+            for precision in PRECISIONS:
+                path = export(
+                    model, precision, resolution, channels, folder / "m.onnx", calibration
+                )
+                rows.append(
+                    dict(
+                        precision=precision,
+                        activation=arch.activation,
+                        counts=counts,
+                        real=path.stat().st_size,
+                        estimate=onnx_bytes(counts, 10, precision, arch.activation),
+                    )
+                )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", type=int, default=30, help="configs per input shape")
+    args = parser.parse_args()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore")
+    with tempfile.TemporaryDirectory() as folder:
+        rows = exported_sizes(args.configs, Path(folder))
+    for precision in PRECISIONS:
+        subset = [row for row in rows if row["precision"] == precision]
+        real = np.array([row["real"] for row in subset], dtype=float)
+        current = np.array([row["estimate"] for row in subset], dtype=float)
+        error = (current / real - 1) * 100
+        print(
+            f"{precision}: {len(subset)} files, {real.min():.0f}..{real.max():.0f} bytes; "
+            f"current estimate error {error.mean():+.3f}% mean, {np.abs(error).max():.3f}% max"
+        )
+        features = {
+            "fixed": [1.0] * len(subset),
+            "per convolution": [row["counts"].convolutions for row in subset],
+            "per addition": [row["counts"].additions for row in subset],
+        }
+        for activation in ACTIVATIONS:
+            features[f"per {activation}"] = [
+                row["counts"].activations * (row["activation"] == activation) for row in subset
+            ]
+        weights = np.array(
+            [weight_bytes(row["counts"], 10, precision) for row in subset], dtype=float
+        )
+        matrix = np.array(list(features.values()), dtype=float).T
+        coefficients, *_ = np.linalg.lstsq(matrix, real - weights, rcond=None)
+        fitted = weights + matrix @ coefficients
+        fit_error = np.abs(fitted / real - 1).max() * 100
+        constants = ", ".join(f"{k} {v:.0f}" for k, v in zip(features, coefficients, strict=True))
+        print(f"  fitted: {constants}; max error {fit_error:.3f}%")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,3 @@
+from compsearch.search.cli import main
+
+raise SystemExit(main())

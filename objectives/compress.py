@@ -1,0 +1,201 @@
+"""Pruning that removes channels, and ONNX export at fp32, fp16 or int8.
+
+Everything reported about a model comes from the file written here.
+"""
+
+from __future__ import annotations
+
+import io
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from compsearch.spaces.builder import Network, read_widths
+from compsearch.spaces.config import ArchConfig, with_widths
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+ONNX_OPSET = 17
+
+
+def prune(
+    model: Network, arch: ArchConfig, prune_ratio: float, example: torch.Tensor
+) -> ArchConfig:
+    """Remove `prune_ratio` of the channels of every prunable group, in place.
+
+    Channels are ranked by the L2 norm of their weights within each group and removed
+    physically (torch-pruning), so the pruned model is smaller when exported. Returns the
+    architecture with the widths that remain, from which the model rebuilds.
+    """
+    if prune_ratio <= 0:
+        return arch
+    import torch_pruning as tp
+
+    pruner = tp.pruner.BasePruner(
+        model,
+        example,
+        importance=tp.importance.GroupMagnitudeImportance(p=2),
+        pruning_ratio=prune_ratio,
+        ignored_layers=[model.classifier],
+    )
+    pruner.step()
+    stem_width, stage_widths = read_widths(model, arch)
+    return with_widths(arch, stem_width, stage_widths)
+
+
+def export_fp32(model: nn.Module, resolution: int, channels: int) -> onnx.ModelProto:
+    """The eval-mode model as ONNX, batch-norms folded, with a dynamic batch dimension."""
+    model = model.eval()
+    example = torch.zeros(1, channels, resolution, resolution)
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # The TorchScript exporter: it folds batch norms and takes a tenth of a second,
+        # where the dynamo exporter takes seconds and keeps them.
+        torch.onnx.export(
+            model,
+            (example,),
+            buffer,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            opset_version=ONNX_OPSET,
+            dynamo=False,
+        )
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
+    """fp16 weights and arithmetic; float32 input and output so callers need not change."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return convert_float_to_float16(model, keep_io_types=True)
+
+
+def to_int8(model: onnx.ModelProto, calibration: np.ndarray) -> onnx.ModelProto:
+    """Static int8 quantization, per-channel weights, activations calibrated on `calibration`.
+
+    QDQ format: onnxruntime fuses each DequantizeLinear-op-QuantizeLinear into an integer
+    kernel, and other runtimes read the same file.
+    """
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter(np.array_split(calibration, max(1, len(calibration) // 64)))
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            batch = next(self.batches, None)
+            return None if batch is None else {INPUT_NAME: batch}
+
+    with tempfile.TemporaryDirectory() as folder:
+        source = Path(folder) / "fp32.onnx"
+        prepared = Path(folder) / "prepared.onnx"
+        target = Path(folder) / "int8.onnx"
+        onnx.save(model, source)
+        quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+        quantize_static(
+            str(prepared),
+            str(target),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            weight_type=QuantType.QInt8,
+            activation_type=QuantType.QUInt8,
+        )
+        return onnx.load(target)
+
+
+def compact_names(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Short names for every internal tensor, no node names or doc strings.
+
+    The exporters name tensors after module paths ("/blocks/blocks.0/conv1/conv1.0/
+    Conv_output_0_QuantizeLinear"), which can be half of a small int8 file. Input and
+    output names stay; nothing that is computed changes.
+    """
+    graph = model.graph
+    keep = {value.name for value in graph.input} | {value.name for value in graph.output}
+    renamed: dict[str, str] = {}
+
+    def short(name: str) -> str:
+        if not name or name in keep:
+            return name
+        if name not in renamed:
+            renamed[name] = format(len(renamed), "x")
+        return renamed[name]
+
+    _sort_topologically(graph)
+    for tensor in graph.initializer:
+        tensor.name = short(tensor.name)
+        tensor.doc_string = ""
+    for node in graph.node:
+        node.name = ""
+        node.doc_string = ""
+        node.input[:] = [short(name) for name in node.input]
+        node.output[:] = [short(name) for name in node.output]
+    # Shapes of intermediate tensors are recomputed by runtimes; they only add bytes.
+    del graph.value_info[:]
+    graph.doc_string = ""
+    model.doc_string = ""
+    del model.metadata_props[:]
+    model.producer_name = "compsearch"
+    model.producer_version = ""
+    onnx.checker.check_model(model)
+    return model
+
+
+def _sort_topologically(graph: onnx.GraphProto) -> None:
+    """Order nodes so each follows its inputs' producers (the fp16 converter appends its
+    Cast nodes at the end, which onnxruntime accepts but the ONNX checker does not)."""
+    available = {value.name for value in graph.input} | {t.name for t in graph.initializer}
+    available.add("")  # an omitted optional input
+    pending = list(graph.node)
+    ordered = []
+    while pending:
+        ready = [node for node in pending if all(name in available for name in node.input)]
+        if not ready:
+            raise ValueError("the ONNX graph has a cycle or an input that nothing produces")
+        for node in ready:
+            available.update(node.output)
+        ordered.extend(ready)
+        pending = [node for node in pending if node not in ready]
+    copies = [onnx.NodeProto.FromString(node.SerializeToString()) for node in ordered]
+    del graph.node[:]
+    graph.node.extend(copies)
+
+
+def export(
+    model: nn.Module,
+    precision: str,
+    resolution: int,
+    channels: int,
+    path: Path,
+    calibration: np.ndarray | None = None,
+) -> Path:
+    """Write the deployable ONNX file for `precision` to `path`."""
+    exported = export_fp32(model, resolution, channels)
+    if precision == "fp16":
+        exported = to_fp16(exported)
+    elif precision == "int8":
+        if calibration is None:
+            raise ValueError("int8 export needs calibration images")
+        exported = to_int8(exported, calibration)
+    elif precision != "fp32":
+        raise ValueError(f"unknown precision {precision!r}; valid: fp32, fp16, int8")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(compact_names(exported), path)
+    return path
+

@@ -1,0 +1,1 @@
+"""What can be searched: configs, blocks, the builder, analytic estimates and sampling."""

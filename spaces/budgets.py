@@ -1,0 +1,47 @@
+"""Hard deployment budgets and how far a model is from meeting them."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Budgets:
+    params: float  # parameters of the deployed model
+    size_kb: float  # bytes of the deployable ONNX file / 1000
+    macs: float | None = None  # multiply-accumulates per image, when constrained
+
+    def __post_init__(self) -> None:
+        for name, value in (("params", self.params), ("size_kb", self.size_kb), ("macs", self.macs)):
+            if value is None and name == "macs":
+                continue
+            if not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"budget {name} must be a finite number > 0, but got {value!r}")
+
+    def constraints(self, params: float, size_kb: float, macs: float) -> dict[str, float]:
+        """Relative excess per budget: <= 0 where the budget holds (Optuna's convention).
+
+        Relative rather than absolute so that the sampler weighs a 10% excess in bytes
+        like a 10% excess in parameters.
+        """
+        values = {
+            "params": params / self.params - 1.0,
+            "size_kb": size_kb / self.size_kb - 1.0,
+        }
+        if self.macs is not None:
+            values["macs"] = macs / self.macs - 1.0
+        return values
+
+    def excess(self, params: float, size_kb: float, macs: float) -> list[str]:
+        """One phrase per broken budget, e.g. 'params 2,310,000 > 2,000,000'."""
+        figures = {"params": params, "size_kb": size_kb, "macs": macs}
+        limits = {"params": self.params, "size_kb": self.size_kb, "macs": self.macs}
+        return [
+            f"{name} {figures[name]:,.6g} > {limits[name]:,.6g}"
+            for name, value in self.constraints(params, size_kb, macs).items()
+            if value > 0
+        ]
+
+    def to_dict(self) -> dict[str, float | None]:
+        return {"params": self.params, "size_kb": self.size_kb, "macs": self.macs}

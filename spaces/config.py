@@ -1,0 +1,95 @@
+"""Frozen dataclasses that describe one trial: its architecture, training and compression.
+
+A config is plain data: it holds no torch objects, so it can be stored in an Optuna trial,
+written to JSON beside a model and turned back into the same network by `build`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    block: str  # name in the block registry
+    depth: int  # number of blocks
+    width: int  # output channels of every block in the stage
+    kernel_size: int
+    stride: int  # stride of the first block; the others keep the resolution
+    # Inner width of each block. Equal to `width` when sampled; pruning narrows them.
+    hidden_widths: tuple[int, ...]
+    # Whether the first block's shortcut is a 1x1 projection. Fixed when sampled, so a
+    # pruned model whose widths happen to line up still rebuilds with the same structure.
+    projection: bool
+
+
+@dataclass(frozen=True)
+class ArchConfig:
+    in_channels: int
+    num_classes: int
+    stem_width: int
+    stem_kernel_size: int
+    activation: str  # name in the activation registry
+    leaky_relu_slope: float  # negative slope, used when activation == "leaky_relu"
+    stages: tuple[StageConfig, ...]
+
+    @property
+    def final_width(self) -> int:
+        return self.stages[-1].width if self.stages else self.stem_width
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int  # total epochs: low-resolution epochs plus fine-tune epochs
+    finetune_epochs: int  # epochs at the test resolution after pruning (FixRes)
+    train_resolution: int  # pixels, side of the square images in the low-resolution phase
+    test_resolution: int  # pixels, the resolution the deployed model sees
+    batch_size: int
+    learning_rate: float  # peak learning rate of the low-resolution phase
+    weight_decay: float
+    label_smoothing: float
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    precision: str  # "fp32", "fp16" or "int8": the ONNX file's weight format
+    prune_ratio: float  # fraction of channels removed from every prunable group (0 = none)
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    arch: ArchConfig
+    train: TrainConfig
+    compress: CompressConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrialConfig:
+        arch = dict(data["arch"])
+        stages = []
+        for stage in arch.pop("stages"):
+            stage = dict(stage)
+            stage["hidden_widths"] = tuple(stage["hidden_widths"])
+            stages.append(StageConfig(**stage))
+        return cls(
+            arch=ArchConfig(**arch, stages=tuple(stages)),
+            train=TrainConfig(**data["train"]),
+            compress=CompressConfig(**data["compress"]),
+        )
+
+
+def with_widths(
+    arch: ArchConfig, stem_width: int, stage_widths: list[tuple[int, tuple[int, ...]]]
+) -> ArchConfig:
+    """The same architecture with other widths: what pruning leaves behind."""
+    stages = tuple(
+        dataclasses.replace(stage, width=width, hidden_widths=hidden)
+        for stage, (width, hidden) in zip(arch.stages, stage_widths, strict=True)
+    )
+    return dataclasses.replace(arch, stem_width=stem_width, stages=stages)
