@@ -6,6 +6,13 @@ import math
 from dataclasses import dataclass
 
 
+def amount(value: float) -> str:
+    """A figure as people write it: 2,000,000 rather than 2e+06; 300, 41.3, 0.25."""
+    if value >= 1000 and float(value).is_integer():
+        return f"{value:,.0f}"
+    return f"{value:,.4g}" if value < 1000 else f"{value:,.1f}"
+
+
 @dataclass(frozen=True)
 class Budgets:
     params: float  # parameters of the deployed model
@@ -38,7 +45,7 @@ class Budgets:
         figures = {"params": params, "size_kb": size_kb, "macs": macs}
         limits = {"params": self.params, "size_kb": self.size_kb, "macs": self.macs}
         return [
-            f"{name} {figures[name]:,.6g} > {limits[name]:,.6g}"
+            f"{name} {amount(figures[name])} > {amount(limits[name])}"
             for name, value in self.constraints(params, size_kb, macs).items()
             if value > 0
         ]

@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from compsearch.spaces.blocks import LayerCounts, conv_bn_counts, get_block, out_resolution
-from compsearch.spaces.config import ArchConfig, TrialConfig, with_widths
+from compsearch.spaces.config import ArchConfig, StageConfig, TrialConfig, with_widths
+from compsearch.spaces.space import SearchSpace
 
 
 @dataclass(frozen=True)
@@ -116,4 +117,56 @@ def estimate(config: TrialConfig) -> Estimate:
         onnx_bytes=onnx_bytes(
             counts, arch.num_classes, config.compress.precision, arch.activation
         ),
+    )
+
+
+def smallest_estimate(space: SearchSpace) -> Estimate:
+    """The smallest params, bytes and MACs any config of `space` reaches (each on its own).
+
+    Narrowest widths, shallowest stages, most pruning, largest strides and smallest
+    kernels give the smallest model; blocks, activations and precisions are compared.
+    """
+    candidates = []
+    for block in space.blocks:
+        stages = []
+        in_width = space.stem_width[0]
+        for _ in range(space.stages):
+            width = space.width[0]
+            stride = max(space.strides)
+            stages.append(
+                StageConfig(
+                    block=block,
+                    depth=space.depth[0],
+                    width=width,
+                    kernel_size=min(space.kernel_sizes),
+                    stride=stride,
+                    hidden_widths=(width,) * space.depth[0],
+                    projection=stride != 1 or in_width != width,
+                )
+            )
+            in_width = width
+        for activation in space.activations:
+            arch = ArchConfig(
+                in_channels=space.in_channels,
+                num_classes=space.num_classes,
+                stem_width=space.stem_width[0],
+                stem_kernel_size=3,
+                activation=activation,
+                leaky_relu_slope=0.1,
+                stages=tuple(stages),
+            )
+            arch = pruned_arch(arch, space.prune_ratio[1])
+            counts = count_layers(arch, space.test_resolution)
+            for precision in space.precisions:
+                candidates.append(
+                    Estimate(
+                        counts.params,
+                        counts.macs,
+                        onnx_bytes(counts, arch.num_classes, precision, activation),
+                    )
+                )
+    return Estimate(
+        params=min(c.params for c in candidates),
+        macs=min(c.macs for c in candidates),
+        onnx_bytes=min(c.onnx_bytes for c in candidates),
     )

@@ -1,0 +1,1 @@
+"""What a person reads afterwards: the trials table, the Pareto front and its plots."""

@@ -1,0 +1,130 @@
+"""Trials as a table, the feasible Pareto front, and their rich rendering."""
+
+from __future__ import annotations
+
+import math
+
+import optuna
+import pandas as pd
+from rich.table import Table
+
+from compsearch.spaces.budgets import Budgets
+
+COLUMNS = [
+    "number",
+    "state",
+    "feasible",
+    "trained",
+    "accuracy",
+    "accuracy_before_compression",
+    "params",
+    "size_kb",
+    "macs",
+    "seconds",
+    "reason",
+    "estimated_params",
+    "estimated_size_kb",
+    "estimated_macs",
+    "onnx_path",
+]
+
+
+def trials_frame(study: optuna.Study, budgets: Budgets) -> pd.DataFrame:
+    """One row per trial. Measured columns are empty for trials that were never trained."""
+    rows = []
+    for trial in study.get_trials(deepcopy=False):
+        attrs = trial.user_attrs
+        trained = bool(attrs.get("trained", False)) and trial.state.name == "COMPLETE"
+        row = {
+            "number": trial.number,
+            "state": trial.state.name,
+            "trained": trained,
+            "accuracy": trial.values[0] if trained and trial.values else math.nan,
+            "reason": attrs.get("reason", ""),
+        }
+        for name in COLUMNS:
+            if name not in row:
+                row[name] = attrs.get(name, math.nan)
+        if not trained:
+            for name in ("params", "size_kb", "macs", "accuracy_before_compression"):
+                row[name] = math.nan
+        row["feasible"] = trained and not budgets.excess(row["params"], row["size_kb"], row["macs"])
+        for name, value in trial.params.items():
+            row[f"param_{name}"] = value
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return pd.DataFrame(columns=COLUMNS)
+    params = sorted(c for c in frame.columns if c.startswith("param_"))
+    return frame[COLUMNS + params]
+
+
+def pareto_front(frame: pd.DataFrame) -> pd.DataFrame:
+    """Feasible trials no other feasible trial beats on both accuracy and size_kb."""
+    feasible = frame[frame["feasible"].astype(bool)]
+    keep = []
+    for index, row in feasible.iterrows():
+        dominated = (
+            (feasible["accuracy"] >= row["accuracy"])
+            & (feasible["size_kb"] <= row["size_kb"])
+            & ((feasible["accuracy"] > row["accuracy"]) | (feasible["size_kb"] < row["size_kb"]))
+        ).any()
+        if not dominated:
+            keep.append(index)
+    return feasible.loc[keep].sort_values(["accuracy", "size_kb"], ascending=[False, True])
+
+
+def compact_amount(value: float) -> str:
+    """500, 20k, 1.72M: short enough for tables and tick labels."""
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if value >= scale:
+            return f"{value / scale:.3g}{suffix}"
+    return f"{value:g}"
+
+
+def front_table(front: pd.DataFrame, title: str) -> Table:
+    table = Table(
+        title=title,
+        caption="accuracy: the ONNX file in onnxruntime, validation split; "
+        "fp32: the torch model before compression",
+    )
+    for name, justify in (
+        ("trial", "right"),
+        ("accuracy", "right"),
+        ("fp32", "right"),
+        ("params", "right"),
+        ("size_kb", "right"),
+        ("MACs", "right"),
+        ("weights", "left"),
+        ("pruned", "right"),
+    ):
+        table.add_column(name, justify=justify)
+    for _, row in front.iterrows():
+        table.add_row(
+            str(row["number"]),
+            f"{row['accuracy']:.2%}",
+            f"{row['accuracy_before_compression']:.2%}",
+            f"{int(row['params']):,}",
+            f"{row['size_kb']:.1f}",
+            compact_amount(row["macs"]),
+            str(row.get("param_precision", "")),
+            f"{row.get('param_prune_ratio', 0):.0%}",
+        )
+    return table
+
+
+def all_trials_table(frame: pd.DataFrame, title: str) -> Table:
+    table = Table(title=title)
+    for name in ("trial", "state", "feasible", "accuracy", "params", "size_kb", "reason"):
+        table.add_column(name)
+    for _, row in frame.iterrows():
+        table.add_row(
+            str(row["number"]),
+            row["state"],
+            "yes" if row["feasible"] else "no",
+            "" if math.isnan(row["accuracy"]) else f"{row['accuracy']:.2%}",
+            "" if math.isnan(row["params"]) else f"{int(row['params']):,}",
+            "" if math.isnan(row["size_kb"]) else f"{row['size_kb']:.1f}",
+            row["reason"],
+        )
+    return table

@@ -1,0 +1,347 @@
+"""The command line: `compsearch run | show | plot`."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import sys
+import time
+from pathlib import Path
+from typing import NoReturn
+
+from rich.console import Console
+
+from compsearch import __version__
+from compsearch.search.study import (
+    SAMPLERS,
+    SETTINGS_KEY,
+    UsageError,
+    redact,
+    storage_url,
+)
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+DEFAULT_OUT = Path("runs")
+DEFAULT_TRIALS = 40
+DEFAULT_EPOCHS = 12
+_SUFFIXES = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}
+
+
+def parse_amount(text: str, what: str) -> float:
+    """'2e6', '2000000', '2M', '300k', '1.5G' -> float; anything else is a usage error."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([kmg]?)\s*", text.lower())
+    value = float(match.group(1)) * _SUFFIXES[match.group(2)] if match else math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise UsageError(
+            f"{what} must be a number > 0 such as 2e6, 2000000 or 2M, but got {text!r}"
+        )
+    return value
+
+
+def parse_count(text: str, what: str) -> int:
+    value = parse_amount(text, what)
+    if value != int(value):
+        raise UsageError(f"{what} must be a whole number, but got {text!r}")
+    return int(value)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {message} (see '{self.prog} --help')", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="compsearch", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"compsearch {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    def add_location(command: argparse.ArgumentParser) -> None:
+        command.add_argument("--study", help="study name (default: the dataset's name)")
+        command.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder")
+        command.add_argument(
+            "--storage",
+            help="Optuna storage URL (sqlite:///, postgresql://, mysql://, redis://) or a "
+            "journal file path (default: OUT/STUDY/study.db)",
+        )
+
+    run = commands.add_parser("run", help="search for the best model within the budgets")
+    run.add_argument("--budget-params", required=True, help="max parameters, e.g. 2e6 or 2M")
+    run.add_argument("--budget-kb", required=True, help="max ONNX file size in KB (1000 bytes)")
+    run.add_argument("--budget-macs", help="max multiply-accumulates per image")
+    run.add_argument("--dataset", default="digits", help="dataset name (default: digits)")
+    run.add_argument("--trials", default=str(DEFAULT_TRIALS), help="trained trials to add")
+    run.add_argument("--timeout", help="seconds after which no new trial starts")
+    run.add_argument("--sampler", default="tpe", help=f"one of {', '.join(SAMPLERS)}")
+    run.add_argument("--subset", help="train each trial on this many training images")
+    run.add_argument("--epochs", default=str(DEFAULT_EPOCHS), help="epochs per trial")
+    run.add_argument("--seed", default="0", help="seed of the sampler, splits and training")
+    run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:K")
+    add_location(run)
+
+    show = commands.add_parser("show", help="print the feasible Pareto front")
+    show.add_argument("--all", action="store_true", help="list every trial with its state")
+    add_location(show)
+
+    plot = commands.add_parser("plot", help="write pareto.png and pareto.html")
+    add_location(plot)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    console = Console()
+    try:
+        if args.command == "run":
+            return command_run(args, console)
+        if args.command == "show":
+            return command_show(args, console)
+        return command_plot(args, console)
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return name
+    if re.fullmatch(r"cuda(:[0-9]+)?", name):
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name} asked for, but no CUDA GPU is available; use cpu")
+        index = int(name.split(":")[1]) if ":" in name else 0
+        if index >= torch.cuda.device_count():
+            raise UsageError(
+                f"--device {name}: only {torch.cuda.device_count()} CUDA devices are present"
+            )
+        return name
+    raise UsageError(f"--device must be auto, cpu, cuda or cuda:K, but got {name!r}")
+
+
+def command_run(args: argparse.Namespace, console: Console) -> int:
+    # Everything the user typed is checked before anything is loaded or trained.
+    from compsearch.spaces.budgets import Budgets
+
+    budgets = Budgets(
+        params=parse_amount(args.budget_params, "--budget-params"),
+        size_kb=parse_amount(args.budget_kb, "--budget-kb"),
+        macs=parse_amount(args.budget_macs, "--budget-macs") if args.budget_macs else None,
+    )
+    trials = parse_count(args.trials, "--trials")
+    epochs = parse_count(args.epochs, "--epochs")
+    if epochs < 2:
+        raise UsageError(f"--epochs must be at least 2 (train, then fine-tune), but got {epochs}")
+    subset = parse_count(args.subset, "--subset") if args.subset else None
+    timeout = parse_amount(args.timeout, "--timeout") if args.timeout else None
+    if not re.fullmatch(r"[0-9]+", args.seed.strip()):
+        raise UsageError(f"--seed must be a whole number >= 0, but got {args.seed!r}")
+    seed = int(args.seed)
+    if args.sampler not in SAMPLERS:
+        raise UsageError(f"unknown sampler {args.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    device = resolve_device(args.device)
+
+    import json
+
+    import optuna
+
+    from compsearch.objectives.data import DataError, load_dataset
+    from compsearch.search.run import SearchSettings, retry_interrupted, search
+    from compsearch.search.study import make_sampler, open_storage, open_study
+    from compsearch.spaces.config import TrainConfig
+    from compsearch.spaces.space import space_for
+
+    try:
+        data = load_dataset(args.dataset, seed=seed, subset=subset)
+    except DataError as error:
+        raise UsageError(str(error)) from None
+    study_name = args.study or data.name
+    folder = args.out / study_name
+    space = space_for(data.channels, data.num_classes, data.resolution)
+    check_reachable(space, budgets)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    url = storage_url(args.storage, folder)
+    storage = open_storage(url)
+    settings = {
+        "dataset": data.name,
+        "budgets": budgets.to_dict(),
+        "seed": seed,
+        "subset": subset,
+        "space": space.to_dict(),
+        "version": __version__,
+    }
+    existing = len(optuna.get_all_study_summaries(storage))
+    # A resumed study gets a fresh sampler seed so it does not repeat its first proposals.
+    study = open_study(storage, study_name, settings, make_sampler(args.sampler, seed + existing))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "space.json").write_text(json.dumps(space.to_dict(), indent=2) + "\n")
+    retried = retry_interrupted(study)
+    before = len(study.trials)
+    console.print(
+        f"study [bold]{study_name}[/] in {redact(url)}: {before} trials so far"
+        + (f", {retried} interrupted ones queued again" if retried else "")
+        + f"; dataset {data.name} ({len(data.train)} train, {len(data.val)} validation images,"
+        f" {data.resolution}x{data.resolution}x{data.channels}); device {device}"
+    )
+    schedule = TrainConfig(
+        epochs=epochs,
+        finetune_epochs=max(1, round(epochs * 0.25)),
+        train_resolution=data.resolution,
+        test_resolution=data.resolution,
+        batch_size=64,
+        learning_rate=0.1,
+        weight_decay=5e-4,
+        label_smoothing=0.1,
+    )
+    run_settings = SearchSettings(budgets, trials, timeout, seed, device, folder)
+    started = time.perf_counter()
+    interrupted = False
+    try:
+        counts = search(study, space, schedule, data, run_settings, console)
+    except KeyboardInterrupt:
+        interrupted = True
+        counts = None
+    elapsed = time.perf_counter() - started
+    written = write_results(study, folder, console)
+    if interrupted:
+        console.print(
+            f"stopped by Ctrl-C after {elapsed:.0f} s; every finished trial is kept in the study"
+        )
+        return EXIT_INTERRUPTED
+    tried = counts.trained + counts.rejected + counts.failed
+    console.print(
+        f"{counts.trained} trials trained in {elapsed:.0f} s; {counts.rejected} of {tried} "
+        f"sampled configs rejected before training (over budget by estimate), "
+        f"{counts.infeasible_after_training} over budget as measured, {counts.failed} failed"
+        + (f"; stopped early: {counts.stopped_reason}" if counts.stopped_reason else "")
+    )
+    print_paths(console, url, folder, written)
+    return 0
+
+
+def check_reachable(space, budgets) -> None:
+    """Exit before any work when nothing in the space can meet the budgets."""
+    from compsearch.spaces.estimate import smallest_estimate
+
+    smallest = smallest_estimate(space)
+    over = budgets.excess(smallest.params, smallest.size_kb, smallest.macs)
+    if over:
+        raise UsageError(
+            "no model in the search space meets the budgets: the smallest has "
+            f"{smallest.params:,} params, {smallest.size_kb:.1f} KB, {smallest.macs:,} MACs "
+            f"({'; '.join(over)}); raise the budgets or narrow the space to smaller models"
+        )
+
+
+def write_results(study, folder: Path, console: Console) -> list[Path]:
+    from compsearch.results.plots import write_html, write_png
+    from compsearch.results.table import front_table, pareto_front, trials_frame
+    from compsearch.search.study import study_budgets
+
+    budgets = study_budgets(study)
+    frame = trials_frame(study, budgets)
+    folder.mkdir(parents=True, exist_ok=True)
+    csv = folder / "trials.csv"
+    frame.to_csv(csv, index=False)
+    title = f"{study.study_name} ({describe_budgets(budgets)})"
+    png = write_png(frame, budgets, folder / "pareto.png", title)
+    html = write_html(frame, budgets, folder / "pareto.html", title)
+    front = pareto_front(frame)
+    if len(front):
+        console.print(front_table(front, f"Feasible Pareto front of {title}"))
+    else:
+        console.print("no feasible trial yet")
+    return [csv, png, html]
+
+
+def describe_budgets(budgets) -> str:
+    from compsearch.spaces.budgets import amount
+
+    text = f"<= {amount(budgets.params)} params, <= {amount(budgets.size_kb)} KB"
+    return text + (f", <= {amount(budgets.macs)} MACs" if budgets.macs else "")
+
+
+def print_paths(console: Console, url: str, folder: Path, written: list[Path]) -> None:
+    console.print("written:")
+    if url.startswith("sqlite:///"):
+        console.print(f"  {url.removeprefix('sqlite:///')}  (the Optuna study)")
+    else:
+        console.print(f"  {redact(url)}  (the Optuna study)")
+    for path in [*written, folder / "space.json", folder / "trials"]:
+        if path.exists():
+            console.print(f"  {path}")
+
+
+def locate(args: argparse.Namespace, console: Console):
+    """The study that show/plot mean: --study, else the only or newest one under --out."""
+    from compsearch.search.study import load_existing_study, open_storage
+
+    if args.storage:
+        study = load_existing_study(open_storage(args.storage), args.study)
+        return study, args.out / study.study_name
+    if args.study:
+        folder = args.out / args.study
+        if not (folder / "study.db").exists():
+            raise UsageError(f"no study {args.study!r} under {args.out}; check --out and --study")
+    else:
+        found = sorted(args.out.glob("*/study.db"), key=lambda p: p.stat().st_mtime)
+        if not found:
+            raise UsageError(f"no study under {args.out}; run 'compsearch run' first or set --out")
+        folder = found[-1].parent
+        if len(found) > 1:
+            console.print(f"{len(found)} studies under {args.out}; using the newest, {folder.name}")
+    study = load_existing_study(open_storage(storage_url(None, folder)), folder.name)
+    if SETTINGS_KEY not in study.user_attrs:
+        raise UsageError(f"study {study.study_name!r} was not created by compsearch")
+    return study, folder
+
+
+def command_show(args: argparse.Namespace, console: Console) -> int:
+    from compsearch.results.table import (
+        all_trials_table,
+        front_table,
+        pareto_front,
+        trials_frame,
+    )
+    from compsearch.search.study import study_budgets
+
+    study, _ = locate(args, console)
+    budgets = study_budgets(study)
+    frame = trials_frame(study, budgets)
+    title = f"{study.study_name} ({describe_budgets(budgets)})"
+    if args.all:
+        console.print(all_trials_table(frame, f"All trials of {title}"))
+        return 0
+    front = pareto_front(frame)
+    if front.empty:
+        console.print(f"{title}: no feasible trial yet ({len(frame)} trials)")
+        return 0
+    console.print(front_table(front, f"Feasible Pareto front of {title}"))
+    return 0
+
+
+def command_plot(args: argparse.Namespace, console: Console) -> int:
+    from compsearch.results.plots import write_html, write_png
+    from compsearch.results.table import trials_frame
+    from compsearch.search.study import study_budgets
+
+    study, folder = locate(args, console)
+    budgets = study_budgets(study)
+    frame = trials_frame(study, budgets)
+    title = f"{study.study_name} ({describe_budgets(budgets)})"
+    for path in (
+        write_png(frame, budgets, folder / "pareto.png", title),
+        write_html(frame, budgets, folder / "pareto.html", title),
+    ):
+        console.print(f"written: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,128 @@
+"""Storage, samplers and the study's own record of how it was created."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from compsearch.spaces.budgets import Budgets
+
+SAMPLERS = ("tpe", "nsga2", "gp", "random")
+DIRECTIONS = ("maximize", "minimize")  # accuracy, size_kb
+OBJECTIVE_NAMES = ("accuracy", "size_kb")
+SETTINGS_KEY = "compsearch"  # study user attribute holding what the study was created with
+
+
+class UsageError(ValueError):
+    """The user's input cannot work; the message says what is wrong and what to do."""
+
+
+def storage_url(storage: str | None, folder: Path) -> str:
+    return storage if storage else f"sqlite:///{folder / 'study.db'}"
+
+
+def open_storage(url: str) -> optuna.storages.BaseStorage:
+    """An Optuna storage from a URL, or from a plain path meaning a journal file."""
+    try:
+        if url.startswith("redis://"):
+            from optuna.storages.journal import JournalRedisBackend
+
+            return optuna.storages.JournalStorage(JournalRedisBackend(url))
+        if "://" not in url:
+            from optuna.storages.journal import JournalFileBackend
+
+            Path(url).parent.mkdir(parents=True, exist_ok=True)
+            return optuna.storages.JournalStorage(JournalFileBackend(url))
+        if url.startswith("sqlite:///"):
+            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.RDBStorage(url)
+    except Exception as error:  # every backend raises its own types
+        raise UsageError(
+            f"cannot open storage {redact(url)}: {first_line(error)}; check the URL and that "
+            "the server is reachable"
+        ) from None
+
+
+def redact(url: str) -> str:
+    """The URL with any password replaced, fit to print or store."""
+    if "://" not in url or "@" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    credentials, host = rest.rsplit("@", 1)
+    if ":" in credentials:
+        credentials = credentials.split(":", 1)[0] + ":***"
+    return f"{scheme}://{credentials}@{host}"
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
+    if name == "tpe":
+        # constant_liar keeps parallel workers from proposing the same config.
+        return optuna.samplers.TPESampler(multivariate=True, constant_liar=True, seed=seed)
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed)
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    raise UsageError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+
+
+def open_study(
+    storage: optuna.storages.BaseStorage,
+    name: str,
+    settings: dict[str, Any],
+    sampler: optuna.samplers.BaseSampler,
+) -> optuna.Study:
+    """Create the study, or load it after checking it was created with the same settings.
+
+    `settings` holds what must not change within a study (dataset, budgets); a conflict
+    is an error that names both values rather than a silent change.
+    """
+    existing = {summary.study_name for summary in optuna.get_all_study_summaries(storage)}
+    if name in existing:
+        study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
+        stored = study.user_attrs.get(SETTINGS_KEY)
+        if stored is None:
+            raise UsageError(
+                f"study {name!r} exists but was not created by compsearch; choose another --study"
+            )
+        for key in ("dataset", "budgets"):
+            if stored[key] != settings[key]:
+                raise UsageError(
+                    f"study {name!r} was created with {key} {json.dumps(stored[key])}, not "
+                    f"{json.dumps(settings[key])}; use the original {key} or a new --study"
+                )
+        return study
+    study = optuna.create_study(
+        storage=storage, study_name=name, directions=list(DIRECTIONS), sampler=sampler
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(list(OBJECTIVE_NAMES))
+    study.set_user_attr(SETTINGS_KEY, settings)
+    return study
+
+
+def load_existing_study(storage: optuna.storages.BaseStorage, name: str | None) -> optuna.Study:
+    names = [summary.study_name for summary in optuna.get_all_study_summaries(storage)]
+    if name is None:
+        if len(names) != 1:
+            listed = ", ".join(names) if names else "none"
+            raise UsageError(f"the storage holds {len(names)} studies ({listed}); name one with --study")
+        name = names[0]
+    if name not in names:
+        raise UsageError(f"no study {name!r} in the storage; studies there: {', '.join(names) or 'none'}")
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def study_budgets(study: optuna.Study) -> Budgets:
+    return Budgets(**study.user_attrs[SETTINGS_KEY]["budgets"])

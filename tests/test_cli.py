@@ -1,0 +1,154 @@
+"""The command line as a user meets it: bad input, the end-to-end run, show and plot."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+
+from compsearch.search.cli import parse_amount
+from compsearch.search.study import UsageError
+
+
+def compsearch(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "compsearch", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        # Wide enough that rich does not wrap table cells the test looks for.
+        env={**os.environ, "COLUMNS": "250"},
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "value"), [("2e6", 2e6), ("2000000", 2e6), ("2M", 2e6), ("300k", 3e5), ("1.5", 1.5)]
+)
+def test_amounts_people_write_are_understood(text, value):
+    assert parse_amount(text, "--budget-params") == value
+
+
+@pytest.mark.parametrize("text", ["0", "-5", "abc", "nan", "inf", "", "1e400", "2MB", "0x10"])
+def test_bad_amounts_are_usage_errors(text):
+    with pytest.raises(UsageError, match="must be a number > 0"):
+        parse_amount(text, "--budget-params")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--budget-params", "0", "--budget-kb", "300"],
+        ["--budget-params", "-1", "--budget-kb", "300"],
+        ["--budget-params", "lots", "--budget-kb", "300"],
+        ["--budget-params", "2e6", "--budget-kb", "0"],
+        ["--budget-params", "2e6", "--budget-kb", "-300"],
+        ["--budget-params", "2e6", "--budget-kb", "big"],
+        ["--budget-params", "2e6"],
+        ["--budget-params", "2e6", "--budget-kb", "300", "--sampler", "annealing"],
+        ["--budget-params", "2e6", "--budget-kb", "300", "--dataset", "imagenet"],
+        ["--budget-params", "10", "--budget-kb", "300"],
+    ],
+)
+def test_bad_input_exits_2_with_one_line_before_any_training(tmp_path, args):
+    result = compsearch("run", *args, "--out", str(tmp_path / "runs"), cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_run_show_plot_and_resume(tmp_path):
+    out = tmp_path / "runs"
+    budget_params, budget_kb = 60_000, 60.0
+    common = ["--budget-params", "60k", "--budget-kb", str(budget_kb), "--out", str(out)]
+    result = compsearch(
+        "run", *common, "--trials", "3", "--epochs", "2", "--subset", "400", "--seed", "1",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr + result.stdout
+    folder = out / "digits"
+    for name in ("study.db", "trials.csv", "pareto.png", "pareto.html", "space.json"):
+        assert (folder / name).is_file(), name
+        assert str(folder / name) in result.stdout.replace("\n", "")
+    assert (folder / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    frame = pd.read_csv(folder / "trials.csv")
+    for column in ("number", "state", "feasible", "accuracy", "params", "size_kb", "macs", "seconds"):
+        assert column in frame.columns
+    assert "param_precision" in frame.columns and "param_stage1_width" in frame.columns
+    trained = frame[frame["trained"]]
+    assert len(trained) == 3
+    for _, row in trained.iterrows():
+        onnx_file = folder / row["onnx_path"]
+        assert row["size_kb"] == onnx_file.stat().st_size / 1000
+        assert 0 <= row["accuracy"] <= 1
+    feasible = frame[frame["feasible"]]
+    assert (feasible["params"] <= budget_params).all()
+    assert (feasible["size_kb"] <= budget_kb).all()
+    rejected = frame[~frame["trained"]]
+    assert len(rejected) > 0, "this seed and budget sample over-budget configs"
+    over = (rejected["estimated_params"] > budget_params) | (rejected["estimated_size_kb"] > budget_kb)
+    assert over.all()
+    assert rejected["reason"].str.startswith("over budget before training").all()
+    assert rejected["accuracy"].isna().all()
+
+    storage = f"sqlite:///{folder / 'study.db'}"
+    study = optuna.load_study(study_name="digits", storage=storage)
+    for trial in study.trials:
+        constraints = trial.constraints
+        assert set(constraints) == {"params", "size_kb"}
+        row = frame[frame["number"] == trial.number].iloc[0]
+        assert (max(constraints.values()) <= 0) == bool(row["feasible"])
+
+    shown = compsearch("show", "--out", str(out), cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    if len(feasible):
+        assert "Pareto front" in shown.stdout
+        best = feasible["accuracy"].max()
+        assert f"{best:.2%}" in shown.stdout
+    every = compsearch("show", "--all", "--out", str(out), cwd=tmp_path)
+    assert every.returncode == 0 and "over budget before training" in every.stdout
+
+    (folder / "pareto.png").unlink()
+    plotted = compsearch("plot", "--out", str(out), cwd=tmp_path)
+    assert plotted.returncode == 0, plotted.stderr
+    assert (folder / "pareto.png").stat().st_size > 10_000
+
+    # Continuing the study adds trained trials and keeps the old ones.
+    again = compsearch(
+        "run", *common, "--trials", "1", "--epochs", "2", "--subset", "400", "--seed", "1",
+        cwd=tmp_path,
+    )
+    assert again.returncode == 0, again.stderr
+    after = pd.read_csv(folder / "trials.csv")
+    assert after["trained"].sum() == 4
+    assert set(frame["number"]) <= set(after["number"])
+
+    # Other budgets on the same study are refused, naming both, and change nothing.
+    clash = compsearch(
+        "run", "--budget-params", "2e6", "--budget-kb", "300", "--out", str(out), cwd=tmp_path
+    )
+    assert clash.returncode == 2
+    assert "60000" in clash.stderr and "2000000" in clash.stderr
+    study = optuna.load_study(study_name="digits", storage=storage)
+    assert len(study.trials) == len(after)
+
+
+def test_show_without_a_study_says_so(tmp_path):
+    result = compsearch("show", "--out", str(tmp_path / "nothing"), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "no study under" in result.stderr
+
+
+def test_budgets_reject_non_finite_values():
+    from compsearch.spaces.budgets import Budgets
+
+    with pytest.raises(ValueError):
+        Budgets(params=math.nan, size_kb=300)
