@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import optuna
 import torch
-
 from compsearch.objectives.compress import export, prune
 from compsearch.spaces.blocks import ACTIVATIONS, BLOCKS
 from compsearch.spaces.builder import build
@@ -46,9 +45,11 @@ def exported_sizes(configs: int, folder: Path) -> list[dict]:
             example = torch.zeros(1, channels, resolution, resolution)
             arch = prune(model, config.arch, config.compress.prune_ratio, example)
             counts = count_layers(arch, resolution)
-            calibration = np.random.default_rng(0).normal(
-                size=(64, channels, resolution, resolution)
-            ).astype(np.float32)
+            calibration = (
+                np.random.default_rng(0)
+                .normal(size=(64, channels, resolution, resolution))
+                .astype(np.float32)
+            )
             for precision in PRECISIONS:
                 path = export(
                     model, precision, resolution, channels, folder / "m.onnx", calibration

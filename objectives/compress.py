@@ -13,10 +13,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from torch import nn
-
 from compsearch.spaces.builder import Network, read_widths
 from compsearch.spaces.config import ArchConfig, with_widths
+from torch import nn
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -198,4 +197,3 @@ def export(
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(compact_names(exported), path)
     return path
-

@@ -14,9 +14,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from compsearch.objectives.data import Dataset, Split, augment, normalize
+from torch import nn
 
 EpochCallback = Callable[[int, int, int], None]  # (epoch done, epochs in phase, resolution)
 

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
 from compsearch.objectives.compress import export, prune
 from compsearch.objectives.data import Dataset
 from compsearch.objectives.measure import (
@@ -79,7 +78,9 @@ def run_trial(
     fit(model, data, test_resolution, generator, on_epoch)
 
     model = model.cpu().eval()
-    accuracy_torch = accuracy(predict(model, data.val, data, train.test_resolution), data.val.labels)
+    accuracy_torch = accuracy(
+        predict(model, data.val, data, train.test_resolution), data.val.labels
+    )
     calibration = None
     if config.compress.precision == "int8":
         calibration = calibration_images(data, train.test_resolution, CALIBRATION_IMAGES, seed)

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pandas as pd
-
 from compsearch.results.table import compact_amount, pareto_front
 from compsearch.spaces.budgets import Budgets, amount
 
@@ -29,30 +28,53 @@ def write_png(frame: pd.DataFrame, budgets: Budgets, path: Path, title: str) -> 
     compact = FuncFormatter(lambda value, _: compact_amount(value))
     for axis, (column, label, budget_name) in zip(axes, AXES, strict=True):
         axis.scatter(
-            feasible[column], feasible["accuracy"] * 100, s=28, color="tab:blue",
-            label=f"feasible ({len(feasible)})", zorder=3,
+            feasible[column],
+            feasible["accuracy"] * 100,
+            s=28,
+            color="tab:blue",
+            label=f"feasible ({len(feasible)})",
+            zorder=3,
         )
         axis.scatter(
-            infeasible[column], infeasible["accuracy"] * 100, s=36, marker="x",
-            color="tab:red", label=f"over budget as measured ({len(infeasible)})", zorder=3,
+            infeasible[column],
+            infeasible["accuracy"] * 100,
+            s=36,
+            marker="x",
+            color="tab:red",
+            label=f"over budget as measured ({len(infeasible)})",
+            zorder=3,
         )
         # The front is the accuracy/size one; on the params panel the same trials are
         # joined in order of params.
         ordered = front.sort_values(column)
         axis.step(
-            ordered[column], ordered["accuracy"] * 100, where="post", color="tab:green",
-            linewidth=1.5, zorder=2,
+            ordered[column],
+            ordered["accuracy"] * 100,
+            where="post",
+            color="tab:green",
+            linewidth=1.5,
+            zorder=2,
         )
         axis.scatter(
-            ordered[column], ordered["accuracy"] * 100, s=90, facecolors="none",
-            edgecolors="tab:green", linewidths=1.5, label=f"Pareto front ({len(front)})",
+            ordered[column],
+            ordered["accuracy"] * 100,
+            s=90,
+            facecolors="none",
+            edgecolors="tab:green",
+            linewidths=1.5,
+            label=f"Pareto front ({len(front)})",
             zorder=4,
         )
         budget = getattr(budgets, budget_name)
         axis.axvline(budget, color="black", linestyle="--", linewidth=1, label="budget")
         axis.annotate(
-            f"budget {amount(budget)}", xy=(budget, 0.98), xycoords=("data", "axes fraction"),
-            rotation=90, ha="right", va="top", fontsize=9,
+            f"budget {amount(budget)}",
+            xy=(budget, 0.98),
+            xycoords=("data", "axes fraction"),
+            rotation=90,
+            ha="right",
+            va="top",
+            fontsize=9,
         )
         axis.set_xscale("log")
         if len(trained):
@@ -66,9 +88,7 @@ def write_png(frame: pd.DataFrame, budgets: Budgets, path: Path, title: str) -> 
         axis.set_ylabel("validation accuracy (%)")
         axis.grid(True, which="both", alpha=0.3)
         axis.legend(loc="best", fontsize=9)
-    figure.suptitle(
-        f"{title}: {len(trained)} trained trials, {rejected} rejected before training"
-    )
+    figure.suptitle(f"{title}: {len(trained)} trained trials, {rejected} rejected before training")
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -99,30 +119,50 @@ def write_html(frame: pd.DataFrame, budgets: Budgets, path: Path, title: str) ->
             part = trained[trained["feasible"].astype(bool) == feasible]
             figure.add_trace(
                 go.Scatter(
-                    x=part[column], y=part["accuracy"] * 100, mode="markers", name=name,
-                    marker=dict(color=color, symbol=symbol, size=8), hovertext=part["hover"],
-                    hoverinfo="text", legendgroup=name, showlegend=col == 1,
+                    x=part[column],
+                    y=part["accuracy"] * 100,
+                    mode="markers",
+                    name=name,
+                    marker=dict(color=color, symbol=symbol, size=8),
+                    hovertext=part["hover"],
+                    hoverinfo="text",
+                    legendgroup=name,
+                    showlegend=col == 1,
                 ),
-                row=1, col=col,
+                row=1,
+                col=col,
             )
         ordered = front.sort_values(column)
         figure.add_trace(
             go.Scatter(
-                x=ordered[column], y=ordered["accuracy"] * 100, mode="lines",
-                line=dict(shape="hv", color="seagreen"), name="Pareto front",
-                legendgroup="front", showlegend=col == 1, hoverinfo="skip",
+                x=ordered[column],
+                y=ordered["accuracy"] * 100,
+                mode="lines",
+                line=dict(shape="hv", color="seagreen"),
+                name="Pareto front",
+                legendgroup="front",
+                showlegend=col == 1,
+                hoverinfo="skip",
             ),
-            row=1, col=col,
+            row=1,
+            col=col,
         )
         budget = getattr(budgets, budget_name)
         low, high = (trained["accuracy"].min() * 100, 100) if len(trained) else (0, 100)
         figure.add_trace(
             go.Scatter(
-                x=[budget, budget], y=[low, high], mode="lines", name="budget",
-                line=dict(dash="dash", color="black", width=1), legendgroup="budget",
-                showlegend=col == 1, hovertext=f"budget {amount(budget)}", hoverinfo="text",
+                x=[budget, budget],
+                y=[low, high],
+                mode="lines",
+                name="budget",
+                line=dict(dash="dash", color="black", width=1),
+                legendgroup="budget",
+                showlegend=col == 1,
+                hovertext=f"budget {amount(budget)}",
+                hoverinfo="text",
             ),
-            row=1, col=col,
+            row=1,
+            col=col,
         )
         figure.update_xaxes(title_text=label, type="log", row=1, col=col)
         figure.update_yaxes(title_text="validation accuracy (%)", row=1, col=col)

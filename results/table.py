@@ -6,9 +6,8 @@ import math
 
 import optuna
 import pandas as pd
-from rich.table import Table
-
 from compsearch.spaces.budgets import Budgets
+from rich.table import Table
 
 COLUMNS = [
     "number",

@@ -10,9 +10,6 @@ import time
 from pathlib import Path
 from typing import NoReturn
 
-from rich.console import Console
-
-from compsearch import __version__
 from compsearch.search.study import (
     SAMPLERS,
     SETTINGS_KEY,
@@ -20,6 +17,9 @@ from compsearch.search.study import (
     redact,
     storage_url,
 )
+from rich.console import Console
+
+from compsearch import __version__
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -150,7 +150,6 @@ def command_run(args: argparse.Namespace, console: Console) -> int:
     import json
 
     import optuna
-
     from compsearch.objectives.data import DataError, load_dataset
     from compsearch.search.run import SearchSettings, retry_interrupted, search
     from compsearch.search.study import make_sampler, open_storage, open_study

@@ -10,6 +10,13 @@ from pathlib import Path
 
 import optuna
 import torch
+from compsearch.objectives.data import Dataset
+from compsearch.objectives.train import TrainingDiverged
+from compsearch.objectives.trial import TrialResult, run_trial
+from compsearch.spaces.budgets import Budgets
+from compsearch.spaces.config import TrainConfig
+from compsearch.spaces.estimate import estimate
+from compsearch.spaces.space import SearchSpace, sample
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -19,14 +26,6 @@ from rich.progress import (
     TextColumn,
     TimeElapsedColumn,
 )
-
-from compsearch.objectives.data import Dataset
-from compsearch.objectives.train import TrainingDiverged
-from compsearch.objectives.trial import TrialResult, run_trial
-from compsearch.spaces.budgets import Budgets
-from compsearch.spaces.config import TrainConfig
-from compsearch.spaces.estimate import estimate
-from compsearch.spaces.space import SearchSpace, sample
 
 # Stop asking when this many configs in a row break the budgets: the space is then
 # almost all infeasible and the user should narrow it or relax the budgets.
@@ -104,9 +103,10 @@ def retry_interrupted(study: optuna.Study) -> int:
     retried = {t.user_attrs.get("retry_of") for t in study.trials}
     count = 0
     for trial in study.trials:
-        interrupted = trial.state == optuna.trial.TrialState.FAIL and trial.user_attrs.get(
-            "reason"
-        ) == INTERRUPTED
+        interrupted = (
+            trial.state == optuna.trial.TrialState.FAIL
+            and trial.user_attrs.get("reason") == INTERRUPTED
+        )
         if interrupted and trial.number not in retried and trial.params:
             study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
             count += 1
@@ -146,7 +146,9 @@ def search(
             if over:
                 # Never trained: the constraint values teach the sampler where the
                 # infeasible region is; accuracy 0 is a placeholder that no plot shows.
-                record_constraints(trial, settings.budgets, expected.params, expected.size_kb, expected.macs)
+                record_constraints(
+                    trial, settings.budgets, expected.params, expected.size_kb, expected.macs
+                )
                 trial.set_user_attr("trained", False)
                 trial.set_user_attr("reason", "over budget before training: " + ", ".join(over))
                 study.tell(trial, [0.0, expected.size_kb])

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-
 from compsearch.spaces.budgets import Budgets
 
 SAMPLERS = ("tpe", "nsga2", "gp", "random")
@@ -117,10 +116,14 @@ def load_existing_study(storage: optuna.storages.BaseStorage, name: str | None) 
     if name is None:
         if len(names) != 1:
             listed = ", ".join(names) if names else "none"
-            raise UsageError(f"the storage holds {len(names)} studies ({listed}); name one with --study")
+            raise UsageError(
+                f"the storage holds {len(names)} studies ({listed}); name one with --study"
+            )
         name = names[0]
     if name not in names:
-        raise UsageError(f"no study {name!r} in the storage; studies there: {', '.join(names) or 'none'}")
+        raise UsageError(
+            f"no study {name!r} in the storage; studies there: {', '.join(names) or 'none'}"
+        )
     return optuna.load_study(study_name=name, storage=storage)
 
 

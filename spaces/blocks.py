@@ -66,9 +66,7 @@ def out_resolution(resolution: int, stride: int) -> int:
 
 def conv_bn(in_width: int, out_width: int, kernel_size: int, stride: int) -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(
-            in_width, out_width, kernel_size, stride, padding=kernel_size // 2, bias=False
-        ),
+        nn.Conv2d(in_width, out_width, kernel_size, stride, padding=kernel_size // 2, bias=False),
         nn.BatchNorm2d(out_width),
     )
 

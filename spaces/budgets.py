@@ -20,7 +20,11 @@ class Budgets:
     macs: float | None = None  # multiply-accumulates per image, when constrained
 
     def __post_init__(self) -> None:
-        for name, value in (("params", self.params), ("size_kb", self.size_kb), ("macs", self.macs)):
+        for name, value in (
+            ("params", self.params),
+            ("size_kb", self.size_kb),
+            ("macs", self.macs),
+        ):
             if value is None and name == "macs":
                 continue
             if not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:

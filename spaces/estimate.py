@@ -114,9 +114,7 @@ def estimate(config: TrialConfig) -> Estimate:
     return Estimate(
         params=counts.params,
         macs=counts.macs,
-        onnx_bytes=onnx_bytes(
-            counts, arch.num_classes, config.compress.precision, arch.activation
-        ),
+        onnx_bytes=onnx_bytes(counts, arch.num_classes, config.compress.precision, arch.activation),
     )
 
 

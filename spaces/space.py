@@ -20,7 +20,9 @@ from compsearch.spaces.config import (
 class Suggester(Protocol):
     """What `sample` needs of an Optuna trial (kept structural so spaces/ needs no Optuna)."""
 
-    def suggest_int(self, name: str, low: int, high: int, *, step: int = 1, log: bool = False) -> int: ...
+    def suggest_int(
+        self, name: str, low: int, high: int, *, step: int = 1, log: bool = False
+    ) -> int: ...
 
     def suggest_float(
         self, name: str, low: float, high: float, *, step: float | None = None, log: bool = False

@@ -11,7 +11,6 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import pytest
-
 from compsearch.search.cli import parse_amount
 from compsearch.search.study import UsageError
 
@@ -69,7 +68,16 @@ def test_run_show_plot_and_resume(tmp_path):
     budget_params, budget_kb = 60_000, 60.0
     common = ["--budget-params", "60k", "--budget-kb", str(budget_kb), "--out", str(out)]
     result = compsearch(
-        "run", *common, "--trials", "3", "--epochs", "2", "--subset", "400", "--seed", "1",
+        "run",
+        *common,
+        "--trials",
+        "3",
+        "--epochs",
+        "2",
+        "--subset",
+        "400",
+        "--seed",
+        "1",
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr + result.stdout
@@ -80,7 +88,16 @@ def test_run_show_plot_and_resume(tmp_path):
     assert (folder / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     frame = pd.read_csv(folder / "trials.csv")
-    for column in ("number", "state", "feasible", "accuracy", "params", "size_kb", "macs", "seconds"):
+    for column in (
+        "number",
+        "state",
+        "feasible",
+        "accuracy",
+        "params",
+        "size_kb",
+        "macs",
+        "seconds",
+    ):
         assert column in frame.columns
     assert "param_precision" in frame.columns and "param_stage1_width" in frame.columns
     trained = frame[frame["trained"]]
@@ -94,7 +111,9 @@ def test_run_show_plot_and_resume(tmp_path):
     assert (feasible["size_kb"] <= budget_kb).all()
     rejected = frame[~frame["trained"]]
     assert len(rejected) > 0, "this seed and budget sample over-budget configs"
-    over = (rejected["estimated_params"] > budget_params) | (rejected["estimated_size_kb"] > budget_kb)
+    over = (rejected["estimated_params"] > budget_params) | (
+        rejected["estimated_size_kb"] > budget_kb
+    )
     assert over.all()
     assert rejected["reason"].str.startswith("over budget before training").all()
     assert rejected["accuracy"].isna().all()
@@ -123,7 +142,16 @@ def test_run_show_plot_and_resume(tmp_path):
 
     # Continuing the study adds trained trials and keeps the old ones.
     again = compsearch(
-        "run", *common, "--trials", "1", "--epochs", "2", "--subset", "400", "--seed", "1",
+        "run",
+        *common,
+        "--trials",
+        "1",
+        "--epochs",
+        "2",
+        "--subset",
+        "400",
+        "--seed",
+        "1",
         cwd=tmp_path,
     )
     assert again.returncode == 0, again.stderr

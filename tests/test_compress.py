@@ -6,14 +6,13 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import sampled_configs
-
 from compsearch.objectives.compress import export
 from compsearch.objectives.measure import file_size_kb, onnx_session
 from compsearch.spaces.builder import build
 from compsearch.spaces.config import ArchConfig, StageConfig
 from compsearch.spaces.estimate import count_layers, onnx_bytes
 from compsearch.spaces.space import SearchSpace
+from conftest import sampled_configs
 
 CONV_HEAVY = ArchConfig(
     in_channels=3,
@@ -48,7 +47,9 @@ def test_fp32_onnx_matches_torch(tmp_path):
     model = trained_like(CONV_HEAVY)
     x = torch.randn(6, 3, 16, 16)
     path = export(model, "fp32", 16, 3, tmp_path / "m.onnx")
-    np.testing.assert_allclose(run(path, x.numpy()), model(x).detach().numpy(), atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(
+        run(path, x.numpy()), model(x).detach().numpy(), atol=1e-4, rtol=1e-4
+    )
 
 
 def test_fp16_onnx_is_half_the_size_and_close(tmp_path):
@@ -57,7 +58,9 @@ def test_fp16_onnx_is_half_the_size_and_close(tmp_path):
     fp32 = export(model, "fp32", 16, 3, tmp_path / "fp32.onnx")
     fp16 = export(model, "fp16", 16, 3, tmp_path / "fp16.onnx")
     assert 0.45 < fp16.stat().st_size / fp32.stat().st_size < 0.55
-    np.testing.assert_allclose(run(fp16, x.numpy()), model(x).detach().numpy(), atol=0.05, rtol=0.05)
+    np.testing.assert_allclose(
+        run(fp16, x.numpy()), model(x).detach().numpy(), atol=0.05, rtol=0.05
+    )
 
 
 def test_int8_file_holds_int8_weights_and_is_near_a_quarter(tmp_path):
@@ -84,7 +87,9 @@ def test_size_kb_is_the_files_bytes_over_1000(tmp_path):
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
 def test_byte_estimate_within_two_percent(tmp_path, precision):
-    space = SearchSpace(in_channels=1, num_classes=10, test_resolution=8, width=(4, 48), stem_width=(4, 24))
+    space = SearchSpace(
+        in_channels=1, num_classes=10, test_resolution=8, width=(4, 48), stem_width=(4, 24)
+    )
     calibration = np.random.default_rng(0).normal(size=(32, 1, 8, 8)).astype(np.float32)
     for config in sampled_configs(space, 8, seed=11):
         model = trained_like(config.arch)
