@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import optuna
 import torch
+
 from compsearch.objectives.compress import export, prune
 from compsearch.spaces.blocks import ACTIVATIONS, BLOCKS
 from compsearch.spaces.builder import build

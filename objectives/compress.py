@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
+from torch import nn
+
 from compsearch.spaces.builder import Network, read_widths
 from compsearch.spaces.config import ArchConfig, with_widths
-from torch import nn
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"

@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
+from torch import nn
+
 from compsearch.objectives.compress import INPUT_NAME
 from compsearch.objectives.data import Dataset, Split, normalize
-from torch import nn
 
 
 def count_params(model: nn.Module) -> int:

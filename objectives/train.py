@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from compsearch.objectives.data import Dataset, Split, augment, normalize
 from torch import nn
+
+from compsearch.objectives.data import Dataset, Split, augment, normalize
 
 EpochCallback = Callable[[int, int, int], None]  # (epoch done, epochs in phase, resolution)
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
 from compsearch.objectives.compress import export, prune
 from compsearch.objectives.data import Dataset
 from compsearch.objectives.measure import (

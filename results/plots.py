@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pandas as pd
+
 from compsearch.results.table import compact_amount, pareto_front
 from compsearch.spaces.budgets import Budgets, amount
 

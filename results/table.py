@@ -6,8 +6,9 @@ import math
 
 import optuna
 import pandas as pd
-from compsearch.spaces.budgets import Budgets
 from rich.table import Table
+
+from compsearch.spaces.budgets import Budgets
 
 COLUMNS = [
     "number",

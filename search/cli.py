@@ -10,6 +10,9 @@ import time
 from pathlib import Path
 from typing import NoReturn
 
+from rich.console import Console
+
+from compsearch import __version__
 from compsearch.search.study import (
     SAMPLERS,
     SETTINGS_KEY,
@@ -17,9 +20,6 @@ from compsearch.search.study import (
     redact,
     storage_url,
 )
-from rich.console import Console
-
-from compsearch import __version__
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -150,9 +150,10 @@ def command_run(args: argparse.Namespace, console: Console) -> int:
     import json
 
     import optuna
+
     from compsearch.objectives.data import DataError, load_dataset
     from compsearch.search.run import SearchSettings, retry_interrupted, search
-    from compsearch.search.study import make_sampler, open_storage, open_study
+    from compsearch.search.study import existing_trials, make_sampler, open_storage, open_study
     from compsearch.spaces.config import TrainConfig
     from compsearch.spaces.space import space_for
 
@@ -175,9 +176,9 @@ def command_run(args: argparse.Namespace, console: Console) -> int:
         "space": space.to_dict(),
         "version": __version__,
     }
-    existing = len(optuna.get_all_study_summaries(storage))
     # A resumed study gets a fresh sampler seed so it does not repeat its first proposals.
-    study = open_study(storage, study_name, settings, make_sampler(args.sampler, seed + existing))
+    sampler = make_sampler(args.sampler, seed + existing_trials(storage, study_name))
+    study = open_study(storage, study_name, settings, sampler)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "space.json").write_text(json.dumps(space.to_dict(), indent=2) + "\n")
     retried = retry_interrupted(study)

@@ -2,21 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
 import torch
-from compsearch.objectives.data import Dataset
-from compsearch.objectives.train import TrainingDiverged
-from compsearch.objectives.trial import TrialResult, run_trial
-from compsearch.spaces.budgets import Budgets
-from compsearch.spaces.config import TrainConfig
-from compsearch.spaces.estimate import estimate
-from compsearch.spaces.space import SearchSpace, sample
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -26,6 +17,14 @@ from rich.progress import (
     TextColumn,
     TimeElapsedColumn,
 )
+
+from compsearch.objectives.data import Dataset
+from compsearch.objectives.train import TrainingDiverged
+from compsearch.objectives.trial import TrialResult, run_trial
+from compsearch.spaces.budgets import Budgets
+from compsearch.spaces.config import TrainConfig
+from compsearch.spaces.estimate import estimate
+from compsearch.spaces.space import SearchSpace, sample
 
 # Stop asking when this many configs in a row break the budgets: the space is then
 # almost all infeasible and the user should narrow it or relax the budgets.
@@ -67,6 +66,7 @@ class Display:
         self.epochs: TaskID = self.progress.add_task("epochs", total=1, visible=False)
         self.best = "none yet"
         self.best_accuracy = -1.0
+        self.trial_number = -1
 
     def __enter__(self) -> Display:
         self.progress.__enter__()
@@ -76,15 +76,13 @@ class Display:
         self.progress.__exit__(*exc)
 
     def start_trial(self, number: int, epochs: int) -> None:
+        self.trial_number = number
         self.progress.reset(self.epochs, total=epochs, visible=True)
         self.progress.update(self.epochs, description=f"trial {number} epochs")
 
     def epoch_done(self, epoch: int, epochs: int, resolution: int) -> None:
-        self.progress.advance(self.epochs)
-        task = self.progress.tasks[self.epochs]
-        self.progress.update(
-            self.epochs, description=f"{task.description.split(' @')[0]} @ {resolution}px"
-        )
+        description = f"trial {self.trial_number} epochs @ {resolution}px"
+        self.progress.update(self.epochs, advance=1, description=description)
 
     def trial_done(self, counts: SearchCounts, result: TrialResult | None, feasible: bool) -> None:
         if result is not None and feasible and result.accuracy > self.best_accuracy:
@@ -208,4 +206,4 @@ def record_result(trial: optuna.Trial, result: TrialResult, folder: Path) -> Non
     trial.set_user_attr("accuracy_before_compression", result.accuracy_before_compression)
     trial.set_user_attr("onnx_path", str(result.onnx_path.relative_to(folder)))
     # The deployed config (widths after pruning), from which the model rebuilds.
-    trial.set_user_attr("config", json.loads(json.dumps(dataclasses.asdict(result.config))))
+    trial.set_user_attr("config", result.config.to_dict())

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+
 from compsearch.spaces.budgets import Budgets
 
 SAMPLERS = ("tpe", "nsga2", "gp", "random")
@@ -73,6 +74,15 @@ def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     raise UsageError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+
+
+def existing_trials(storage: optuna.storages.BaseStorage, name: str) -> int:
+    """Trials already in study `name`, 0 when there is no such study."""
+    try:
+        study_id = storage.get_study_id_from_name(name)
+    except KeyError:
+        return 0
+    return len(storage.get_all_trials(study_id, deepcopy=False))
 
 
 def open_study(

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
+
 from compsearch.spaces.blocks import conv_bn, get_block, make_activation
 from compsearch.spaces.config import ArchConfig
-from torch import nn
 
 
 class Network(nn.Module):

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import optuna
 import pytest
+
 from compsearch.spaces.config import TrainConfig
 from compsearch.spaces.space import SearchSpace, sample
 

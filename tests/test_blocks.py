@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from compsearch.objectives.measure import count_macs, count_params
 from compsearch.spaces.blocks import BLOCKS, get_block, make_activation
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import torch
+from conftest import sampled_configs
+
 from compsearch.objectives.compress import prune
 from compsearch.objectives.measure import count_macs, count_params
 from compsearch.spaces.builder import build
 from compsearch.spaces.config import TrialConfig
 from compsearch.spaces.estimate import count_layers, estimate, pruned_arch
 from compsearch.spaces.space import SearchSpace
-from conftest import sampled_configs
 
 SMALL = SearchSpace(
     in_channels=1, num_classes=10, test_resolution=8, width=(4, 48), stem_width=(4, 24)

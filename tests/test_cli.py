@@ -11,6 +11,7 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import pytest
+
 from compsearch.search.cli import parse_amount
 from compsearch.search.study import UsageError
 
@@ -180,3 +181,16 @@ def test_budgets_reject_non_finite_values():
 
     with pytest.raises(ValueError):
         Budgets(params=math.nan, size_kb=300)
+
+
+def test_a_resumed_study_seeds_its_sampler_past_the_trials_it_has(tmp_path):
+    from compsearch.search.study import existing_trials, open_storage
+
+    storage = open_storage(f"sqlite:///{tmp_path / 'study.db'}")
+    assert existing_trials(storage, "digits") == 0
+    study = optuna.create_study(storage=storage, study_name="digits")
+    for _ in range(3):
+        study.tell(study.ask(), 1.0)
+    optuna.create_study(storage=storage, study_name="other")
+    assert existing_trials(storage, "digits") == 3
+    assert existing_trials(storage, "other") == 0

@@ -6,13 +6,14 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import sampled_configs
+
 from compsearch.objectives.compress import export
 from compsearch.objectives.measure import file_size_kb, onnx_session
 from compsearch.spaces.builder import build
 from compsearch.spaces.config import ArchConfig, StageConfig
 from compsearch.spaces.estimate import count_layers, onnx_bytes
 from compsearch.spaces.space import SearchSpace
-from conftest import sampled_configs
 
 CONV_HEAVY = ArchConfig(
     in_channels=3,
