@@ -185,7 +185,7 @@ def command_run(args: argparse.Namespace, console: Console) -> int:
     before = len(study.trials)
     console.print(
         f"study [bold]{study_name}[/] in {redact(url)}: {before} trials so far"
-        + (f", {retried} interrupted ones queued again" if retried else "")
+        + (f", {retried} interrupted trial(s) queued to run again" if retried else "")
         + f"; dataset {data.name} ({len(data.train)} train, {len(data.val)} validation images,"
         f" {data.resolution}x{data.resolution}x{data.channels}); device {device}"
     )
