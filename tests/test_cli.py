@@ -67,20 +67,9 @@ def test_bad_input_exits_2_with_one_line_before_any_training(tmp_path, args):
 def test_run_show_plot_and_resume(tmp_path):
     out = tmp_path / "runs"
     budget_params, budget_kb = 60_000, 60.0
-    common = ["--budget-params", "60k", "--budget-kb", str(budget_kb), "--out", str(out)]
-    result = compsearch(
-        "run",
-        *common,
-        "--trials",
-        "3",
-        "--epochs",
-        "2",
-        "--subset",
-        "400",
-        "--seed",
-        "1",
-        cwd=tmp_path,
-    )
+    budget_args = ["--budget-params", "60k", "--budget-kb", str(budget_kb), "--out", str(out)]
+    common = [*budget_args, "--epochs", "2", "--subset", "400", "--seed", "1"]
+    result = compsearch("run", *common, "--trials", "3", cwd=tmp_path)
     assert result.returncode == 0, result.stderr + result.stdout
     folder = out / "digits"
     for name in ("study.db", "trials.csv", "pareto.png", "pareto.html", "space.json"):
@@ -142,19 +131,7 @@ def test_run_show_plot_and_resume(tmp_path):
     assert (folder / "pareto.png").stat().st_size > 10_000
 
     # Continuing the study adds trained trials and keeps the old ones.
-    again = compsearch(
-        "run",
-        *common,
-        "--trials",
-        "1",
-        "--epochs",
-        "2",
-        "--subset",
-        "400",
-        "--seed",
-        "1",
-        cwd=tmp_path,
-    )
+    again = compsearch("run", *common, "--trials", "1", cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     after = pd.read_csv(folder / "trials.csv")
     assert after["trained"].sum() == 4
