@@ -178,10 +178,10 @@ def search(
                 display.trial_done(counts, None, False)
                 continue
             record_constraints(trial, settings.budgets, result.params, result.size_kb, result.macs)
-            feasible = not settings.budgets.excess(result.params, result.size_kb, result.macs)
+            over = settings.budgets.excess(result.params, result.size_kb, result.macs)
+            feasible = not over
             record_result(trial, result, settings.folder)
-            if not feasible:
-                over = settings.budgets.excess(result.params, result.size_kb, result.macs)
+            if over:
                 trial.set_user_attr("reason", "over budget as measured: " + ", ".join(over))
                 counts.infeasible_after_training += 1
             study.tell(trial, [result.accuracy, result.size_kb])
