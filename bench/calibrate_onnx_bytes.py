@@ -20,10 +20,10 @@ import optuna
 import torch
 
 from compsearch.objectives.compress import export, prune
-from compsearch.spaces.blocks import ACTIVATIONS, BLOCKS
+from compsearch.spaces.blocks import ACTIVATIONS
 from compsearch.spaces.builder import build
 from compsearch.spaces.config import PRECISIONS, TrainConfig
-from compsearch.spaces.estimate import count_layers, onnx_bytes, weight_bytes
+from compsearch.spaces.estimate import count_layers, node_features, onnx_bytes, weight_bytes
 from compsearch.spaces.space import SearchSpace, sample
 
 
@@ -31,9 +31,7 @@ def exported_sizes(configs: int, folder: Path) -> list[dict]:
     schedule = TrainConfig(0, 0, 0, 0, 64, 0.1, 0.0, 0.0)
     rows = []
     for resolution, channels in ((8, 1), (28, 1), (32, 3)):
-        space = SearchSpace(
-            channels, 10, resolution, width=(4, 64), stem_width=(4, 32), blocks=tuple(BLOCKS)
-        )
+        space = SearchSpace(channels, 10, resolution, width=(4, 64), stem_width=(4, 32))
         study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=resolution))
         for _ in range(configs):
             config = sample(study.ask(), space, schedule)
@@ -61,7 +59,7 @@ def exported_sizes(configs: int, folder: Path) -> list[dict]:
                         activation=arch.activation,
                         counts=counts,
                         real=path.stat().st_size,
-                        estimate=onnx_bytes(counts, 10, precision, arch.activation),
+                        estimate=onnx_bytes(counts, precision, arch.activation),
                     )
                 )
     return rows
@@ -84,18 +82,14 @@ def main() -> None:
             f"{precision}: {len(subset)} files, {real.min():.0f}..{real.max():.0f} bytes; "
             f"current estimate error {error.mean():+.3f}% mean, {np.abs(error).max():.3f}% max"
         )
-        features = {
-            "fixed": [1.0] * len(subset),
-            "per convolution": [row["counts"].convolutions for row in subset],
-            "per addition": [row["counts"].additions for row in subset],
-        }
+        features = {"fixed": [1.0] * len(subset)}
+        for name in node_features(subset[0]["counts"]):
+            features[f"per {name}"] = [node_features(row["counts"])[name] for row in subset]
         for activation in ACTIVATIONS:
             features[f"per {activation}"] = [
                 row["counts"].activations * (row["activation"] == activation) for row in subset
             ]
-        weights = np.array(
-            [weight_bytes(row["counts"], 10, precision) for row in subset], dtype=float
-        )
+        weights = np.array([weight_bytes(row["counts"], precision) for row in subset], dtype=float)
         matrix = np.array(list(features.values()), dtype=float).T
         coefficients, *_ = np.linalg.lstsq(matrix, real - weights, rcond=None)
         fitted = weights + matrix @ coefficients

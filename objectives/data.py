@@ -8,7 +8,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-DATASETS = ("digits",)
+from compsearch.objectives.catalog import SHAPES
+
+DATASETS = tuple(SHAPES)
 
 
 class DataError(ValueError):

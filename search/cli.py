@@ -26,6 +26,7 @@ EXIT_INTERRUPTED = 130
 DEFAULT_OUT = Path("runs")
 DEFAULT_TRIALS = 40
 DEFAULT_EPOCHS = 12
+SPACE_FILE = "space.toml"  # the space searched, beside the study
 _SUFFIXES = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}
 
 
@@ -78,6 +79,7 @@ def build_parser() -> Parser:
     run.add_argument("--timeout", help="seconds after which no new trial starts")
     run.add_argument("--sampler", default="tpe", help=f"one of {', '.join(SAMPLERS)}")
     run.add_argument("--subset", help="train each trial on this many training images")
+    run.add_argument("--space", help="TOML file narrowing or widening the search space")
     run.add_argument("--epochs", default=str(DEFAULT_EPOCHS), help="epochs per trial")
     run.add_argument("--seed", default="0", help="seed of the sampler, splits and training")
     run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:K")
@@ -145,29 +147,45 @@ def command_run(args: argparse.Namespace, console: Console) -> int:
     seed = int(args.seed)
     if args.sampler not in SAMPLERS:
         raise UsageError(f"unknown sampler {args.sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    device = resolve_device(args.device)
-
-    import json
+    space = requested_space(args)
+    study_name = args.study or args.dataset
+    folder = args.out / study_name
+    url = storage_url(args.storage, folder)
 
     import optuna
 
+    from compsearch.search.study import open_storage, stored_settings
+    from compsearch.spaces.space import SearchSpace
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    stored = stored_settings(url, study_name)
+    if stored is not None and "space" in stored:
+        # A study goes on in the space it was created with.
+        stored_space = SearchSpace.from_dict(stored["space"])
+        if args.space and space is not None and space != stored_space:
+            raise UsageError(
+                f"study {study_name!r} was created with another search space (see "
+                f"{folder / SPACE_FILE}); pass that file to --space, leave --space out, or "
+                "start a new --study"
+            )
+        space = stored_space
+    if space is not None:
+        check_reachable(space, budgets, console)
+
     from compsearch.objectives.data import DataError, load_dataset
     from compsearch.search.run import SearchSettings, retry_interrupted, search
-    from compsearch.search.study import existing_trials, make_sampler, open_storage, open_study
+    from compsearch.search.study import existing_trials, make_sampler, open_study
     from compsearch.spaces.config import TrainConfig
-    from compsearch.spaces.space import space_for
 
+    storage = open_storage(url)
+    device = resolve_device(args.device)
     try:
         data = load_dataset(args.dataset, seed=seed, subset=subset)
     except DataError as error:
         raise UsageError(str(error)) from None
-    study_name = args.study or data.name
-    folder = args.out / study_name
-    space = space_for(data.channels, data.num_classes, data.resolution)
-    check_reachable(space, budgets)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    url = storage_url(args.storage, folder)
-    storage = open_storage(url)
+    if space is None:  # a dataset whose shape is known only once loaded
+        space = space_for_data(args, data.channels, data.num_classes, data.resolution)
+        check_reachable(space, budgets, console)
     settings = {
         "dataset": data.name,
         "budgets": budgets.to_dict(),
@@ -180,7 +198,7 @@ def command_run(args: argparse.Namespace, console: Console) -> int:
     sampler = make_sampler(args.sampler, seed + existing_trials(storage, study_name))
     study = open_study(storage, study_name, settings, sampler)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "space.json").write_text(json.dumps(space.to_dict(), indent=2) + "\n")
+    (folder / SPACE_FILE).write_text(space.to_toml())
     retried = retry_interrupted(study)
     before = len(study.trials)
     console.print(
@@ -225,18 +243,60 @@ def command_run(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-def check_reachable(space, budgets) -> None:
-    """Exit before any work when nothing in the space can meet the budgets."""
-    from compsearch.spaces.estimate import smallest_estimate
+def requested_space(args: argparse.Namespace):
+    """The space the user asked for, when the dataset's shape is known without loading it;
+    None for datasets that must be read first."""
+    from compsearch.objectives.catalog import SHAPES
 
-    smallest = smallest_estimate(space)
+    shape = SHAPES.get(args.dataset)
+    if shape is None:
+        if not args.dataset.startswith("folder:"):
+            raise UsageError(f"unknown dataset {args.dataset!r}; available: {', '.join(SHAPES)}")
+        return None
+    return space_for_data(args, shape.channels, shape.num_classes, shape.resolution)
+
+
+def space_for_data(args: argparse.Namespace, channels: int, num_classes: int, resolution: int):
+    from compsearch.spaces.space import SpaceError, load_space, space_for
+
+    space = space_for(channels, num_classes, resolution)
+    if not args.space:
+        return space
+    try:
+        return load_space(Path(args.space), space)
+    except SpaceError as error:
+        raise UsageError(f"{error}; see the README's 'Search space' section") from None
+
+
+def check_reachable(space, budgets, console: Console) -> None:
+    """Exit before any work when nothing in the space can meet the budgets, and say so
+    when a budget is above everything the space holds (it then constrains nothing)."""
+    from compsearch.spaces.budgets import amount
+    from compsearch.spaces.estimate import extreme_estimate
+
+    smallest = extreme_estimate(space, smallest=True)
     over = budgets.excess(smallest.params, smallest.size_kb, smallest.macs)
     if over:
         raise UsageError(
-            "no model in the search space meets the budgets: the smallest has "
+            "no model in the search space meets the budgets: the smallest reachable has "
             f"{smallest.params:,} params, {smallest.size_kb:.1f} KB, {smallest.macs:,} MACs "
-            f"({'; '.join(over)}); raise the budgets or narrow the space to smaller models"
+            f"({'; '.join(over)}); raise the budgets, or widen the space to smaller models "
+            "with --space (lower width, stem_width and depth, higher prune_ratio, int8 in "
+            "precisions)"
         )
+    largest = extreme_estimate(space, smallest=False)
+    slack = [
+        f"--{flag} {amount(limit)} is above the largest model the space holds "
+        f"({amount(reached)}{unit})"
+        for flag, limit, reached, unit in (
+            ("budget-params", budgets.params, largest.params, " params"),
+            ("budget-kb", budgets.size_kb, largest.size_kb, " KB"),
+            ("budget-macs", budgets.macs, largest.macs, " MACs"),
+        )
+        if limit is not None and limit >= reached
+    ]
+    if slack:
+        console.print("note: " + "; ".join(slack) + ": it does not constrain this search")
 
 
 def write_results(study, folder: Path, console: Console) -> list[Path]:
@@ -273,7 +333,7 @@ def print_paths(console: Console, url: str, folder: Path, written: list[Path]) -
         console.print(f"  {url.removeprefix('sqlite:///')}  (the Optuna study)")
     else:
         console.print(f"  {redact(url)}  (the Optuna study)")
-    for path in [*written, folder / "space.json", folder / "trials"]:
+    for path in [*written, folder / SPACE_FILE, folder / "trials"]:
         if path.exists():
             console.print(f"  {path}")
 

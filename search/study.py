@@ -85,6 +85,23 @@ def existing_trials(storage: optuna.storages.BaseStorage, name: str) -> int:
     return len(storage.get_all_trials(study_id, deepcopy=False))
 
 
+def stored_settings(url: str, name: str) -> dict[str, Any] | None:
+    """What study `name` was created with, or None when it does not exist yet.
+
+    A local SQLite or journal file that does not exist is not created here: a run that
+    stops at a usage error leaves no empty study behind.
+    """
+    local = url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else url
+    if ("://" not in url or url.startswith("sqlite:///")) and not Path(local).exists():
+        return None
+    storage = open_storage(url)
+    try:
+        study_id = storage.get_study_id_from_name(name)
+    except KeyError:
+        return None
+    return storage.get_study_user_attrs(study_id).get(SETTINGS_KEY)
+
+
 def open_study(
     storage: optuna.storages.BaseStorage,
     name: str,

@@ -1,10 +1,12 @@
-"""Activations and blocks by name.
+"""Block types by name: how each is built, what it holds and costs, how pruning narrows it.
 
-A block type is one class and one `@register_block` line. Each class also states its
-parameter and MAC counts analytically, so budgets are checked before anything is built;
-the contract tests hold the formulas to the real modules.
+A block type is one class and one `@register_block` line. The class states its parameter
+and MAC counts analytically, so budgets are checked before anything is built; the
+contract tests hold the formulas to the real modules. This module imports no torch: the
+budget checks that run before any training stay fast. `build` imports the layers lazily.
 
-MACs follow ptflops' aten backend: a convolution costs out_elements * in/groups * k * k.
+MACs follow ptflops' aten backend: a convolution costs out_elements * in/groups * k * k,
+plus out_elements when it has a bias.
 """
 
 from __future__ import annotations
@@ -12,51 +14,53 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import astuple, dataclass
+from typing import TYPE_CHECKING, ClassVar
 
-import torch
-from torch import nn
+if TYPE_CHECKING:
+    from torch import nn
 
-ActivationFactory = Callable[[], nn.Module]
-
-
-def make_activation(name: str, leaky_relu_slope: float = 0.01) -> ActivationFactory:
-    factories: dict[str, ActivationFactory] = {
-        "relu": lambda: nn.ReLU(inplace=True),
-        "leaky_relu": lambda: nn.LeakyReLU(leaky_relu_slope, inplace=True),
-        "silu": lambda: nn.SiLU(inplace=True),
-        "hardswish": lambda: nn.Hardswish(inplace=True),
-    }
-    if name not in factories:
-        raise ValueError(f"unknown activation {name!r}; valid names: {', '.join(factories)}")
-    return factories[name]
-
+    from compsearch.spaces.layers import ActivationFactory
 
 ACTIVATIONS = ("relu", "leaky_relu", "silu", "hardswish")
 
 
 @dataclass(frozen=True)
 class LayerCounts:
-    """What a part of a network holds and costs, counted from its shapes."""
+    """What a part of a network holds and costs, counted from its shapes.
+
+    The node counts (convolutions, activations, ...) let the ONNX file's bytes beyond
+    its weights be estimated: each node costs its name, inputs and attributes.
+    """
 
     params: int = 0
     macs: int = 0  # per image
     batchnorm_channels: int = 0  # folded into convolution biases by ONNX export
+    biases: int = 0  # bias values of layers that have their own (not from a batch norm)
     convolutions: int = 0
     activations: int = 0
     additions: int = 0  # residual sums
+    # Squeeze-and-excitation modules: each adds a pool, a sigmoid and a product beyond
+    # its two convolutions and activation.
+    squeeze_excitations: int = 0
 
     def __add__(self, other: LayerCounts) -> LayerCounts:
         return LayerCounts(*(a + b for a, b in zip(astuple(self), astuple(other), strict=True)))
 
 
-def conv_bn_counts(in_width: int, out_width: int, kernel_size: int, out_side: int) -> LayerCounts:
-    """A bias-free convolution followed by a batch norm."""
-    return LayerCounts(
-        params=in_width * out_width * kernel_size * kernel_size + 2 * out_width,
-        macs=out_side * out_side * out_width * in_width * kernel_size * kernel_size,
-        batchnorm_channels=out_width,
-        convolutions=1,
-    )
+@dataclass(frozen=True)
+class BlockShape:
+    """The widths and options of one block, as the builder and the counts need them."""
+
+    in_width: int
+    out_width: int
+    hidden_width: int  # the block's inner width; see each block for what it means
+    kernel_size: int
+    stride: int
+    # A 1x1 convolution shortcut (residual blocks); for the inverted residual block, no
+    # shortcut at all, as in MobileNet v2 when the shapes differ.
+    projection: bool
+    groups: int = 1  # groups of the grouped block's k x k convolution
+    squeeze_width: int = 0  # inner width of squeeze-and-excitation; 0 means none
 
 
 def out_resolution(resolution: int, stride: int) -> int:
@@ -64,48 +68,100 @@ def out_resolution(resolution: int, stride: int) -> int:
     return math.ceil(resolution / stride)
 
 
-def conv_bn(in_width: int, out_width: int, kernel_size: int, stride: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(in_width, out_width, kernel_size, stride, padding=kernel_size // 2, bias=False),
-        nn.BatchNorm2d(out_width),
+def conv_bn_counts(
+    in_width: int, out_width: int, kernel_size: int, out_side: int, groups: int = 1
+) -> LayerCounts:
+    """A bias-free convolution followed by a batch norm."""
+    weights = out_width * (in_width // groups) * kernel_size * kernel_size
+    return LayerCounts(
+        params=weights + 2 * out_width,
+        macs=out_side * out_side * weights,
+        batchnorm_channels=out_width,
+        convolutions=1,
     )
 
 
-class Block(nn.Module):
-    """Interface of a block: constructor arguments and analytic counts.
+def squeeze_excite_counts(channels: int, squeeze_width: int) -> LayerCounts:
+    """Global pool, 1x1 conv (with bias) to `squeeze_width`, activation, 1x1 conv back,
+    sigmoid, and the product with the input."""
+    if squeeze_width == 0:
+        return LayerCounts()
+    weights = 2 * channels * squeeze_width
+    biases = channels + squeeze_width
+    return LayerCounts(
+        params=weights + biases,
+        macs=weights + biases,
+        biases=biases,
+        convolutions=2,
+        activations=1,
+        squeeze_excitations=1,
+    )
 
-    `hidden_width` is the block's inner width (the channels pruning may remove without
-    touching the stage's output); `projection` asks for a 1x1 shortcut projection.
+
+def squeeze_width_for(channels: int) -> int:
+    """Squeeze-and-excitation inner width: a quarter of the gated channels."""
+    return max(1, channels // 4)
+
+
+def kept_channels(channels: int, prune_ratio: float, groups: int = 1) -> int:
+    """Channels torch-pruning keeps in a group it prunes locally at `prune_ratio`.
+
+    The same rules as torch-pruning's, so estimates match pruned models: it keeps
+    int(n * (1 - ratio)) of each of `groups` equal parts, and leaves a group alone when
+    that would keep nothing or when it has a single channel.
     """
+    if prune_ratio <= 0 or channels <= 1:
+        return channels
+    per_group = channels // groups
+    kept = int(per_group * (1 - prune_ratio))
+    return channels if kept < 1 else kept * groups
 
-    def __init__(
-        self,
-        in_width: int,
-        out_width: int,
-        hidden_width: int,
-        kernel_size: int,
-        stride: int,
-        projection: bool,
-        activation: ActivationFactory,
-    ) -> None:
-        super().__init__()
 
-    def widths(self) -> tuple[int, int]:
-        """(hidden width, out width) as the modules hold them now, after any pruning."""
+class Block:
+    """Interface of a block type. Subclasses are never instantiated: they describe."""
+
+    # Which searched options the block uses; the others do not change it.
+    uses_expansion: ClassVar[bool] = False
+    uses_groups: ClassVar[bool] = False
+
+    @staticmethod
+    def hidden_width(in_width: int, out_width: int, expansion: float, groups: int) -> int:
+        """The inner width of a freshly sampled block."""
+        return out_width
+
+    @staticmethod
+    def gated_width(shape: BlockShape) -> int:
+        """Channels that squeeze-and-excitation gates."""
+        return shape.out_width
+
+    @staticmethod
+    def count(shape: BlockShape, in_side: int) -> LayerCounts:
+        """What the block holds and costs for an `in_side` x `in_side` input."""
         raise NotImplementedError
 
     @staticmethod
-    def count(
-        in_width: int,
-        out_width: int,
-        hidden_width: int,
-        kernel_size: int,
-        stride: int,
-        projection: bool,
-        in_side: int,
-    ) -> LayerCounts:
-        """What the block holds and costs for an `in_side` x `in_side` input."""
+    def build(shape: BlockShape, activation: ActivationFactory) -> nn.Module:
         raise NotImplementedError
+
+    @staticmethod
+    def widths(module: nn.Module) -> tuple[int, int, int]:
+        """(hidden, out, squeeze) widths as the module holds them now, after any pruning."""
+        raise NotImplementedError
+
+    @classmethod
+    def pruned(cls, shape: BlockShape, prune_ratio: float) -> BlockShape:
+        """The shape torch-pruning leaves at `prune_ratio` (inner widths only; the stage's
+        in and out widths are pruned with the whole network's channel groups)."""
+        return BlockShape(
+            kept_channels(shape.in_width, prune_ratio),
+            kept_channels(shape.out_width, prune_ratio),
+            kept_channels(shape.hidden_width, prune_ratio, shape.groups),
+            shape.kernel_size,
+            shape.stride,
+            shape.projection,
+            shape.groups,
+            kept_channels(shape.squeeze_width, prune_ratio),
+        )
 
 
 BLOCKS: dict[str, type[Block]] = {}
@@ -127,77 +183,241 @@ def get_block(name: str) -> type[Block]:
     return BLOCKS[name]
 
 
-@register_block("basic")
-class BasicBlock(Block):
-    """ResNet basic block: two k x k convolutions and a shortcut."""
+def _squeeze_excite(shape: BlockShape, channels: int, activation: ActivationFactory) -> list:
+    from compsearch.spaces.layers import SqueezeExcite
 
-    def __init__(
-        self,
-        in_width: int,
-        out_width: int,
-        hidden_width: int,
-        kernel_size: int,
-        stride: int,
-        projection: bool,
-        activation: ActivationFactory,
-    ) -> None:
-        super().__init__(
-            in_width, out_width, hidden_width, kernel_size, stride, projection, activation
-        )
-        if not projection and (stride != 1 or in_width != out_width):
-            raise ValueError(
-                "an identity shortcut needs stride 1 and in_width == out_width, but got "
-                f"(stride={stride}, in_width={in_width}, out_width={out_width})"
-            )
-        self.conv1 = conv_bn(in_width, hidden_width, kernel_size, stride)
-        self.act1 = activation()
-        self.conv2 = conv_bn(hidden_width, out_width, kernel_size, 1)
-        self.shortcut = conv_bn(in_width, out_width, 1, stride) if projection else nn.Identity()
-        self.act2 = activation()
+    return [SqueezeExcite(channels, shape.squeeze_width, activation)] if shape.squeeze_width else []
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act2(self.conv2(self.act1(self.conv1(x))) + self.shortcut(x))
 
-    def widths(self) -> tuple[int, int]:
-        return self.conv1[0].out_channels, self.conv2[0].out_channels
+def _squeeze_width(module: nn.Module) -> int:
+    from compsearch.spaces.layers import SqueezeExcite
 
-    @staticmethod
-    def count(in_width, out_width, hidden_width, kernel_size, stride, projection, in_side):
-        side = out_resolution(in_side, stride)
-        counts = conv_bn_counts(in_width, hidden_width, kernel_size, side)
-        counts += conv_bn_counts(hidden_width, out_width, kernel_size, side)
-        if projection:
-            counts += conv_bn_counts(in_width, out_width, 1, side)
-        return counts + LayerCounts(activations=2, additions=1)
+    for child in module.modules():
+        if isinstance(child, SqueezeExcite):
+            return child.reduce.out_channels
+    return 0
 
 
 @register_block("plain")
 class PlainBlock(Block):
-    """conv-BN-activation, no shortcut; `hidden_width` is unused and must equal out_width."""
-
-    def __init__(
-        self,
-        in_width: int,
-        out_width: int,
-        hidden_width: int,
-        kernel_size: int,
-        stride: int,
-        projection: bool,
-        activation: ActivationFactory,
-    ) -> None:
-        super().__init__(
-            in_width, out_width, hidden_width, kernel_size, stride, projection, activation
-        )
-        self.conv = conv_bn(in_width, out_width, kernel_size, stride)
-        self.act = activation()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.conv(x))
-
-    def widths(self) -> tuple[int, int]:
-        return self.conv[0].out_channels, self.conv[0].out_channels
+    """conv-BN-activation [-SE], no shortcut. `hidden_width` is unused and equals out_width."""
 
     @staticmethod
-    def count(in_width, out_width, hidden_width, kernel_size, stride, projection, in_side):
-        side = out_resolution(in_side, stride)
-        return conv_bn_counts(in_width, out_width, kernel_size, side) + LayerCounts(activations=1)
+    def count(shape, in_side):
+        side = out_resolution(in_side, shape.stride)
+        counts = conv_bn_counts(shape.in_width, shape.out_width, shape.kernel_size, side)
+        counts += LayerCounts(activations=1)
+        return counts + squeeze_excite_counts(shape.out_width, shape.squeeze_width)
+
+    @staticmethod
+    def build(shape, activation):
+        from torch import nn
+
+        from compsearch.spaces.layers import conv_bn
+
+        return nn.Sequential(
+            conv_bn(shape.in_width, shape.out_width, shape.kernel_size, shape.stride),
+            activation(),
+            *_squeeze_excite(shape, shape.out_width, activation),
+        )
+
+    @staticmethod
+    def widths(module):
+        out = module[0][0].out_channels
+        return out, out, _squeeze_width(module)
+
+
+@register_block("basic")
+class BasicBlock(Block):
+    """ResNet basic block: k x k conv to `hidden_width`, k x k conv back [-SE], shortcut."""
+
+    @staticmethod
+    def count(shape, in_side):
+        side = out_resolution(in_side, shape.stride)
+        counts = conv_bn_counts(shape.in_width, shape.hidden_width, shape.kernel_size, side)
+        counts += conv_bn_counts(shape.hidden_width, shape.out_width, shape.kernel_size, side)
+        counts += squeeze_excite_counts(shape.out_width, shape.squeeze_width)
+        if shape.projection:
+            counts += conv_bn_counts(shape.in_width, shape.out_width, 1, side)
+        return counts + LayerCounts(activations=2, additions=1)
+
+    @staticmethod
+    def build(shape, activation):
+        from torch import nn
+
+        from compsearch.spaces.layers import Residual, conv_bn
+
+        _check_identity(shape)
+        branch = nn.Sequential(
+            conv_bn(shape.in_width, shape.hidden_width, shape.kernel_size, shape.stride),
+            activation(),
+            conv_bn(shape.hidden_width, shape.out_width, shape.kernel_size, 1),
+            *_squeeze_excite(shape, shape.out_width, activation),
+        )
+        shortcut = conv_bn(shape.in_width, shape.out_width, 1, shape.stride)
+        return Residual(branch, shortcut if shape.projection else None, activation())
+
+    @staticmethod
+    def widths(module):
+        return (
+            module.branch[0][0].out_channels,
+            module.branch[2][0].out_channels,
+            (_squeeze_width(module)),
+        )
+
+
+@register_block("grouped")
+class GroupedBlock(Block):
+    """ResNeXt bottleneck: 1x1 conv to `hidden_width`, grouped k x k conv, 1x1 conv back
+    [-SE], shortcut. `hidden_width` is a multiple of `groups`, at least two channels per
+    group (with one, torch-pruning would take the convolution for a depthwise one)."""
+
+    uses_groups = True
+
+    @staticmethod
+    def hidden_width(in_width, out_width, expansion, groups):
+        return max(2 * groups, round(out_width / groups) * groups)
+
+    @staticmethod
+    def count(shape, in_side):
+        side = out_resolution(in_side, shape.stride)
+        hidden = shape.hidden_width
+        counts = conv_bn_counts(shape.in_width, hidden, 1, in_side)
+        counts += conv_bn_counts(hidden, hidden, shape.kernel_size, side, shape.groups)
+        counts += conv_bn_counts(hidden, shape.out_width, 1, side)
+        counts += squeeze_excite_counts(shape.out_width, shape.squeeze_width)
+        if shape.projection:
+            counts += conv_bn_counts(shape.in_width, shape.out_width, 1, side)
+        return counts + LayerCounts(activations=3, additions=1)
+
+    @staticmethod
+    def build(shape, activation):
+        from torch import nn
+
+        from compsearch.spaces.layers import Residual, conv_bn
+
+        _check_identity(shape)
+        if shape.hidden_width % shape.groups:
+            raise ValueError(
+                "hidden_width % groups == 0 must hold, but got "
+                f"(hidden_width={shape.hidden_width}, groups={shape.groups})"
+            )
+        hidden = shape.hidden_width
+        branch = nn.Sequential(
+            conv_bn(shape.in_width, hidden, 1, 1),
+            activation(),
+            conv_bn(hidden, hidden, shape.kernel_size, shape.stride, shape.groups),
+            activation(),
+            conv_bn(hidden, shape.out_width, 1, 1),
+            *_squeeze_excite(shape, shape.out_width, activation),
+        )
+        shortcut = conv_bn(shape.in_width, shape.out_width, 1, shape.stride)
+        return Residual(branch, shortcut if shape.projection else None, activation())
+
+    @staticmethod
+    def widths(module):
+        return (
+            module.branch[0][0].out_channels,
+            module.branch[4][0].out_channels,
+            (_squeeze_width(module)),
+        )
+
+
+@register_block("dwsep")
+class DepthwiseSeparableBlock(Block):
+    """MobileNet v1: depthwise k x k conv [-SE], then 1x1 conv to the output width.
+
+    `hidden_width` is unused and equals out_width; SE gates the depthwise output.
+    """
+
+    @staticmethod
+    def gated_width(shape):
+        return shape.in_width
+
+    @staticmethod
+    def count(shape, in_side):
+        side = out_resolution(in_side, shape.stride)
+        width = shape.in_width
+        counts = conv_bn_counts(width, width, shape.kernel_size, side, groups=width)
+        counts += squeeze_excite_counts(width, shape.squeeze_width)
+        counts += conv_bn_counts(width, shape.out_width, 1, side)
+        return counts + LayerCounts(activations=2)
+
+    @staticmethod
+    def build(shape, activation):
+        from torch import nn
+
+        from compsearch.spaces.layers import conv_bn
+
+        width = shape.in_width
+        return nn.Sequential(
+            conv_bn(width, width, shape.kernel_size, shape.stride, groups=width),
+            activation(),
+            *_squeeze_excite(shape, width, activation),
+            conv_bn(width, shape.out_width, 1, 1),
+            activation(),
+        )
+
+    @staticmethod
+    def widths(module):
+        out = module[-2][0].out_channels
+        return out, out, _squeeze_width(module)
+
+
+@register_block("inverted")
+class InvertedResidualBlock(Block):
+    """MobileNet v2: 1x1 conv expanding to `hidden_width` (in_width x expansion), depthwise
+    k x k conv [-SE], linear 1x1 conv to the output; an identity shortcut when the shapes
+    allow one (`projection` False), none otherwise."""
+
+    uses_expansion = True
+
+    @staticmethod
+    def hidden_width(in_width, out_width, expansion, groups):
+        return max(1, round(in_width * expansion))
+
+    @staticmethod
+    def gated_width(shape):
+        return shape.hidden_width
+
+    @staticmethod
+    def count(shape, in_side):
+        side = out_resolution(in_side, shape.stride)
+        hidden = shape.hidden_width
+        counts = conv_bn_counts(shape.in_width, hidden, 1, in_side)
+        counts += conv_bn_counts(hidden, hidden, shape.kernel_size, side, groups=hidden)
+        counts += squeeze_excite_counts(hidden, shape.squeeze_width)
+        counts += conv_bn_counts(hidden, shape.out_width, 1, side)
+        counts += LayerCounts(activations=2)
+        return counts if shape.projection else counts + LayerCounts(additions=1)
+
+    @staticmethod
+    def build(shape, activation):
+        from torch import nn
+
+        from compsearch.spaces.layers import Residual, conv_bn
+
+        _check_identity(shape)
+        hidden = shape.hidden_width
+        branch = nn.Sequential(
+            conv_bn(shape.in_width, hidden, 1, 1),
+            activation(),
+            conv_bn(hidden, hidden, shape.kernel_size, shape.stride, groups=hidden),
+            activation(),
+            *_squeeze_excite(shape, hidden, activation),
+            conv_bn(hidden, shape.out_width, 1, 1),
+        )
+        return branch if shape.projection else Residual(branch, None, None)
+
+    @staticmethod
+    def widths(module):
+        branch = module if module.__class__.__name__ == "Sequential" else module.branch
+        return branch[0][0].out_channels, branch[-1][0].out_channels, _squeeze_width(module)
+
+
+def _check_identity(shape: BlockShape) -> None:
+    if not shape.projection and (shape.stride != 1 or shape.in_width != shape.out_width):
+        raise ValueError(
+            "an identity shortcut needs stride 1 and in_width == out_width, but got "
+            f"(stride={shape.stride}, in_width={shape.in_width}, out_width={shape.out_width})"
+        )

@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from compsearch.spaces.blocks import conv_bn, get_block, make_activation
-from compsearch.spaces.config import ArchConfig
+from compsearch.spaces.blocks import get_block
+from compsearch.spaces.config import ArchConfig, StageWidths, block_shapes
+from compsearch.spaces.layers import conv_bn, make_activation
 
 
 class Network(nn.Module):
@@ -19,27 +20,14 @@ class Network(nn.Module):
             conv_bn(arch.in_channels, arch.stem_width, arch.stem_kernel_size, 1),
             activation(),
         )
-        blocks: list[nn.Module] = []
-        in_width = arch.stem_width
-        for stage in arch.stages:
-            block_class = get_block(stage.block)
-            for index in range(stage.depth):
-                first = index == 0
-                blocks.append(
-                    block_class(
-                        in_width=in_width,
-                        out_width=stage.width,
-                        hidden_width=stage.hidden_widths[index],
-                        kernel_size=stage.kernel_size,
-                        stride=stage.stride if first else 1,
-                        projection=stage.projection and first,
-                        activation=activation,
-                    )
-                )
-                in_width = stage.width
-        self.blocks = nn.Sequential(*blocks)
+        self.blocks = nn.Sequential(
+            *(
+                get_block(stage.block).build(shape, activation)
+                for stage, shape in block_shapes(arch)
+            )
+        )
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Linear(in_width, arch.num_classes)
+        self.classifier = nn.Linear(arch.final_width, arch.num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pool(self.blocks(self.stem(x)))
@@ -50,8 +38,8 @@ def build(arch: ArchConfig) -> Network:
     return Network(arch)
 
 
-def read_widths(model: Network, arch: ArchConfig) -> tuple[int, list[tuple[int, tuple[int, ...]]]]:
-    """The stem width and each stage's (width, hidden widths) as the modules have them.
+def read_widths(model: Network, arch: ArchConfig) -> tuple[int, list[StageWidths]]:
+    """The stem width and each stage's widths as the modules have them.
 
     Used after pruning, which changes the modules' channel counts in place.
     """
@@ -59,7 +47,9 @@ def read_widths(model: Network, arch: ArchConfig) -> tuple[int, list[tuple[int, 
     blocks = iter(model.blocks)
     stages = []
     for stage in arch.stages:
-        stage_blocks = [next(blocks) for _ in range(stage.depth)]
-        hidden = tuple(block.widths()[0] for block in stage_blocks)
-        stages.append((stage_blocks[-1].widths()[1], hidden))
+        block = get_block(stage.block)
+        widths = [block.widths(next(blocks)) for _ in range(stage.depth)]
+        hidden = tuple(hidden for hidden, _, _ in widths)
+        squeeze = tuple(squeeze for _, _, squeeze in widths) if stage.squeeze_widths else ()
+        stages.append((widths[-1][1], hidden, squeeze))
     return stem_width, stages

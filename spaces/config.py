@@ -10,6 +10,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from compsearch.spaces.blocks import BlockShape
+
 PRECISIONS = ("fp32", "fp16", "int8")
 
 
@@ -25,6 +27,9 @@ class StageConfig:
     # Whether the first block's shortcut is a 1x1 projection. Fixed when sampled, so a
     # pruned model whose widths happen to line up still rebuilds with the same structure.
     projection: bool
+    groups: int = 1  # groups of the k x k convolution of "grouped" blocks
+    # Squeeze-and-excitation inner width of each block; empty when the stage has none.
+    squeeze_widths: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,7 @@ class TrialConfig:
         for stage in arch.pop("stages"):
             stage = dict(stage)
             stage["hidden_widths"] = tuple(stage["hidden_widths"])
+            stage["squeeze_widths"] = tuple(stage.get("squeeze_widths", ()))
             stages.append(StageConfig(**stage))
         return cls(
             arch=ArchConfig(**arch, stages=tuple(stages)),
@@ -84,12 +90,35 @@ class TrialConfig:
         )
 
 
-def with_widths(
-    arch: ArchConfig, stem_width: int, stage_widths: list[tuple[int, tuple[int, ...]]]
-) -> ArchConfig:
+StageWidths = tuple[int, tuple[int, ...], tuple[int, ...]]  # width, hidden, squeeze widths
+
+
+def with_widths(arch: ArchConfig, stem_width: int, stage_widths: list[StageWidths]) -> ArchConfig:
     """The same architecture with other widths: what pruning leaves behind."""
     stages = tuple(
-        dataclasses.replace(stage, width=width, hidden_widths=hidden)
-        for stage, (width, hidden) in zip(arch.stages, stage_widths, strict=True)
+        dataclasses.replace(stage, width=width, hidden_widths=hidden, squeeze_widths=squeeze)
+        for stage, (width, hidden, squeeze) in zip(arch.stages, stage_widths, strict=True)
     )
     return dataclasses.replace(arch, stem_width=stem_width, stages=stages)
+
+
+def block_shapes(arch: ArchConfig) -> list[tuple[StageConfig, BlockShape]]:
+    """Every block of the network in order, with the stage it belongs to."""
+    shapes = []
+    in_width = arch.stem_width
+    for stage in arch.stages:
+        for index in range(stage.depth):
+            first = index == 0
+            shape = BlockShape(
+                in_width=in_width,
+                out_width=stage.width,
+                hidden_width=stage.hidden_widths[index],
+                kernel_size=stage.kernel_size,
+                stride=stage.stride if first else 1,
+                projection=stage.projection and first,
+                groups=stage.groups,
+                squeeze_width=stage.squeeze_widths[index] if stage.squeeze_widths else 0,
+            )
+            shapes.append((stage, shape))
+            in_width = stage.width
+    return shapes

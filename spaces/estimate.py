@@ -6,11 +6,25 @@ cannot meet the budgets costs microseconds, not a training run.
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 from dataclasses import dataclass
 
-from compsearch.spaces.blocks import LayerCounts, conv_bn_counts, get_block, out_resolution
-from compsearch.spaces.config import ArchConfig, StageConfig, TrialConfig, with_widths
-from compsearch.spaces.space import SearchSpace
+from compsearch.spaces.blocks import (
+    LayerCounts,
+    conv_bn_counts,
+    get_block,
+    kept_channels,
+    out_resolution,
+)
+from compsearch.spaces.config import (
+    PRECISIONS,
+    ArchConfig,
+    TrialConfig,
+    block_shapes,
+    with_widths,
+)
+from compsearch.spaces.space import SearchSpace, make_stage
 
 
 @dataclass(frozen=True)
@@ -24,67 +38,66 @@ class Estimate:
         return self.onnx_bytes / 1000
 
 
-def kept_channels(channels: int, prune_ratio: float) -> int:
-    """Channels torch-pruning keeps in a group under local pruning at `prune_ratio`.
-
-    The same expression as torch-pruning's, so the estimate matches the pruned model.
-    """
-    return int(channels * (1 - prune_ratio))
-
-
 def pruned_arch(arch: ArchConfig, prune_ratio: float) -> ArchConfig:
+    """The widths torch-pruning leaves when it prunes `arch` at `prune_ratio`."""
     if prune_ratio <= 0:
         return arch
-    stage_widths = [
-        (
-            kept_channels(stage.width, prune_ratio),
-            tuple(kept_channels(hidden, prune_ratio) for hidden in stage.hidden_widths),
+    stage_widths = []
+    for stage in arch.stages:
+        block = get_block(stage.block)
+        shapes = [shape for owner, shape in block_shapes(arch) if owner is stage]
+        pruned = [block.pruned(shape, prune_ratio) for shape in shapes]
+        stage_widths.append(
+            (
+                kept_channels(stage.width, prune_ratio),
+                tuple(shape.hidden_width for shape in pruned),
+                tuple(shape.squeeze_width for shape in pruned) if stage.squeeze_widths else (),
+            )
         )
-        for stage in arch.stages
-    ]
     return with_widths(arch, kept_channels(arch.stem_width, prune_ratio), stage_widths)
+
+
+def stem_counts(arch: ArchConfig, resolution: int) -> LayerCounts:
+    counts = conv_bn_counts(arch.in_channels, arch.stem_width, arch.stem_kernel_size, resolution)
+    return counts + LayerCounts(activations=1)
+
+
+def classifier_counts(in_width: int, num_classes: int) -> LayerCounts:
+    params = in_width * num_classes + num_classes
+    return LayerCounts(params=params, macs=params, biases=num_classes)
 
 
 def count_layers(arch: ArchConfig, resolution: int) -> LayerCounts:
     """Counts of the whole network for `resolution` x `resolution` inputs."""
-    counts = conv_bn_counts(arch.in_channels, arch.stem_width, arch.stem_kernel_size, resolution)
-    counts += LayerCounts(activations=1)
+    counts = stem_counts(arch, resolution)
     side = resolution
-    in_width = arch.stem_width
-    for stage in arch.stages:
-        block = get_block(stage.block)
-        for index in range(stage.depth):
-            stride = stage.stride if index == 0 else 1
-            counts += block.count(
-                in_width,
-                stage.width,
-                stage.hidden_widths[index],
-                stage.kernel_size,
-                stride,
-                stage.projection and index == 0,
-                side,
-            )
-            side = out_resolution(side, stride)
-            in_width = stage.width
-    classifier = in_width * arch.num_classes + arch.num_classes
-    return counts + LayerCounts(params=classifier, macs=classifier)
+    for stage, shape in block_shapes(arch):
+        counts += get_block(stage.block).count(shape, side)
+        side = out_resolution(side, shape.stride)
+    return counts + classifier_counts(arch.final_width, arch.num_classes)
 
 
-# Bytes of an ONNX file beyond its weights: graph structure and, for int8, quantization
-# parameters. Fitted to exported files by bench/calibrate_onnx_bytes.py, which prints the
-# constants and the estimate's error; rerun it when the export changes.
-FIXED_BYTES = {"fp32": 256, "fp16": 318, "int8": 877}
-BYTES_PER_CONVOLUTION = {"fp32": 160, "fp16": 159, "int8": 416}
-BYTES_PER_ADDITION = {"fp32": 22, "fp16": 22, "int8": 152}
+# Bytes of an ONNX file beyond its weights: graph structure (each node's name, inputs and
+# attributes) and, for int8, quantization parameters. Fitted to exported files by
+# bench/calibrate_onnx_bytes.py, which prints the constants and the estimate's error as it
+# stands; rerun it when the export changes.
+FIXED_BYTES = {"fp32": 266, "fp16": 323, "int8": 531}
+BYTES_PER_NODE = {
+    "fp32": {"convolution": 164, "addition": 20, "squeeze_excitation": 75},
+    "fp16": {"convolution": 163, "addition": 20, "squeeze_excitation": 75},
+    "int8": {"convolution": 482, "addition": 129, "squeeze_excitation": 408},
+}
 BYTES_PER_ACTIVATION = {
-    "fp32": {"relu": 19, "leaky_relu": 41, "silu": 45, "hardswish": 24},
-    "fp16": {"relu": 20, "leaky_relu": 42, "silu": 46, "hardswish": 25},
-    "int8": {"relu": 17, "leaky_relu": 172, "silu": 292, "hardswish": 356},
+    "fp32": {"relu": 14, "leaky_relu": 36, "silu": 40, "hardswish": 19},
+    "fp16": {"relu": 15, "leaky_relu": 37, "silu": 41, "hardswish": 20},
+    # Negative for relu: QDQ fuses a relu into the convolution before it, saving bytes
+    # that the per-convolution figure counts.
+    "int8": {"relu": -30, "leaky_relu": 128, "silu": 250, "hardswish": 319},
 }
 INT8_BYTES_PER_BIAS = 17  # int32 bias, its scale and the weight's scale and zero point
 
 
-def weight_bytes(counts: LayerCounts, num_classes: int, precision: str) -> int:
+def weight_bytes(counts: LayerCounts, precision: str) -> int:
     # ONNX export folds each batch norm into the convolution before it: the norm's two
     # parameters per channel become one convolution bias per channel.
     stored = counts.params - counts.batchnorm_channels
@@ -93,19 +106,29 @@ def weight_bytes(counts: LayerCounts, num_classes: int, precision: str) -> int:
     if precision == "fp16":
         return 2 * stored
     if precision == "int8":
-        biases = counts.batchnorm_channels + num_classes
+        biases = counts.batchnorm_channels + counts.biases
         return (stored - biases) + INT8_BYTES_PER_BIAS * biases
-    raise ValueError(f"unknown precision {precision!r}; valid: fp32, fp16, int8")
+    raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
 
 
-def onnx_bytes(counts: LayerCounts, num_classes: int, precision: str, activation: str) -> int:
-    overhead = (
-        FIXED_BYTES[precision]
-        + BYTES_PER_CONVOLUTION[precision] * counts.convolutions
-        + BYTES_PER_ADDITION[precision] * counts.additions
-        + BYTES_PER_ACTIVATION[precision][activation] * counts.activations
-    )
-    return weight_bytes(counts, num_classes, precision) + overhead
+def node_features(counts: LayerCounts) -> dict[str, int]:
+    return {
+        "convolution": counts.convolutions,
+        "addition": counts.additions,
+        "squeeze_excitation": counts.squeeze_excitations,
+    }
+
+
+def variable_bytes(counts: LayerCounts, precision: str, activation: str) -> int:
+    """Bytes that grow with the layers: weights and per-node overhead (linear in counts)."""
+    per_node = BYTES_PER_NODE[precision]
+    structure = sum(per_node[name] * n for name, n in node_features(counts).items())
+    structure += BYTES_PER_ACTIVATION[precision][activation] * counts.activations
+    return weight_bytes(counts, precision) + structure
+
+
+def onnx_bytes(counts: LayerCounts, precision: str, activation: str) -> int:
+    return FIXED_BYTES[precision] + variable_bytes(counts, precision, activation)
 
 
 def estimate(config: TrialConfig) -> Estimate:
@@ -114,57 +137,69 @@ def estimate(config: TrialConfig) -> Estimate:
     return Estimate(
         params=counts.params,
         macs=counts.macs,
-        onnx_bytes=onnx_bytes(counts, arch.num_classes, config.compress.precision, arch.activation),
+        onnx_bytes=onnx_bytes(counts, config.compress.precision, arch.activation),
     )
 
 
-def smallest_estimate(space: SearchSpace) -> Estimate:
-    """The smallest params, bytes and MACs any config of `space` reaches (each on its own).
+def stage_options(space: SearchSpace, in_width: int, width: int, depth: int):
+    """Every stage the space can sample with these widths and depth, one per choice."""
+    for block_name in space.blocks:
+        block = get_block(block_name)
+        expansions = space.expansions if block.uses_expansion else (1.0,)
+        groups_choices = space.groups if block.uses_groups else (1,)
+        for kernel_size, stride, squeeze, expansion, groups in itertools.product(
+            space.kernel_sizes, space.strides, space.squeeze_excitation, expansions, groups_choices
+        ):
+            yield make_stage(
+                block_name, depth, in_width, width, kernel_size, stride, expansion, groups, squeeze
+            )
 
-    Narrowest widths, shallowest stages, most pruning, largest strides and smallest
-    kernels give the smallest model; blocks, activations and precisions are compared.
+
+def extreme_estimate(space: SearchSpace, smallest: bool) -> Estimate:
+    """The smallest (or largest) params, bytes and MACs any config of `space` reaches,
+    each figure on its own.
+
+    Stages are independent once their input width is fixed, so each stage's extreme is
+    found among its own choices; the network's is the sum. Smallest: narrowest widths,
+    fewest blocks, most pruning; largest: widest, deepest, no pruning.
     """
-    candidates = []
-    for block in space.blocks:
-        stages = []
-        in_width = space.stem_width[0]
-        for _ in range(space.stages):
-            width = space.width[0]
-            stride = max(space.strides)
-            stages.append(
-                StageConfig(
-                    block=block,
-                    depth=space.depth[0],
-                    width=width,
-                    kernel_size=min(space.kernel_sizes),
-                    stride=stride,
-                    hidden_widths=(width,) * space.depth[0],
-                    projection=stride != 1 or in_width != width,
-                )
+    pick = min if smallest else max
+    index = 0 if smallest else 1
+    ratio = space.prune_ratio[1] if smallest else space.prune_ratio[0]
+    stem_width = space.stem_width[index]
+    width = space.width[index]
+    side = space.test_resolution
+    stem = ArchConfig(space.in_channels, space.num_classes, stem_width, 3, "relu", 0.1, stages=())
+    parts = [[stem_counts(pruned_arch(stem, ratio), side)]]
+    in_width = stem_width
+    for _ in range(space.stages):
+        options = []
+        for stage in stage_options(space, in_width, width, space.depth[index]):
+            arch = pruned_arch(
+                dataclasses.replace(stem, stem_width=in_width, stages=(stage,)), ratio
             )
-            in_width = width
-        for activation in space.activations:
-            arch = ArchConfig(
-                in_channels=space.in_channels,
-                num_classes=space.num_classes,
-                stem_width=space.stem_width[0],
-                stem_kernel_size=3,
-                activation=activation,
-                leaky_relu_slope=0.1,
-                stages=tuple(stages),
-            )
-            arch = pruned_arch(arch, space.prune_ratio[1])
-            counts = count_layers(arch, space.test_resolution)
-            for precision in space.precisions:
-                candidates.append(
-                    Estimate(
-                        counts.params,
-                        counts.macs,
-                        onnx_bytes(counts, arch.num_classes, precision, activation),
-                    )
-                )
+            counts, block_side = LayerCounts(), side
+            for owner, shape in block_shapes(arch):
+                counts += get_block(owner.block).count(shape, block_side)
+                block_side = out_resolution(block_side, shape.stride)
+            options.append(counts)
+        parts.append(options)
+        # MACs: the extreme model takes the largest (smallest) strides everywhere.
+        side = out_resolution(side, max(space.strides) if smallest else min(space.strides))
+        in_width = width
+    last = kept_channels(width, ratio)
+    parts.append([classifier_counts(last, space.num_classes)])
+    sizes = [
+        FIXED_BYTES[precision]
+        + sum(
+            pick(variable_bytes(counts, precision, activation) for counts in options)
+            for options in parts
+        )
+        for precision in space.precisions
+        for activation in space.activations
+    ]
     return Estimate(
-        params=min(c.params for c in candidates),
-        macs=min(c.macs for c in candidates),
-        onnx_bytes=min(c.onnx_bytes for c in candidates),
+        params=sum(pick(counts.params for counts in options) for options in parts),
+        macs=sum(pick(counts.macs for counts in options) for options in parts),
+        onnx_bytes=pick(sizes),
     )

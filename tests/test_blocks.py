@@ -2,68 +2,120 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
+from compsearch.objectives.compress import prune
 from compsearch.objectives.measure import count_macs, count_params
-from compsearch.spaces.blocks import BLOCKS, get_block, make_activation
+from compsearch.spaces.blocks import (
+    BLOCKS,
+    BlockShape,
+    get_block,
+    kept_channels,
+    squeeze_width_for,
+)
+from compsearch.spaces.builder import build
+from compsearch.spaces.config import ArchConfig
+from compsearch.spaces.estimate import count_layers, pruned_arch
+from compsearch.spaces.layers import make_activation
+from compsearch.spaces.space import make_stage
 
-# (in_width, out_width, hidden_width, kernel_size, stride, projection)
-SHAPES = [
-    (8, 8, 8, 3, 1, False),
-    (8, 16, 12, 3, 2, True),
-    (6, 6, 4, 5, 1, False),
-    (4, 10, 10, 5, 2, True),
-    (12, 12, 7, 3, 1, True),
+# (in_width, out_width, kernel_size, stride, projection, expansion, groups, squeeze-excite)
+OPTIONS = [
+    (8, 8, 3, 1, False, 2, 2, False),
+    (8, 16, 3, 2, True, 4, 4, True),
+    (6, 6, 5, 1, False, 3, 2, True),
+    (4, 10, 5, 2, True, 6, 2, False),
+    (12, 12, 3, 1, True, 1, 4, True),
 ]
 
 
-def make(name, shape, activation="silu"):
-    in_width, out_width, hidden, kernel, stride, projection = shape
-    if name == "plain":
-        hidden = out_width
-        if not projection and (in_width != out_width or stride != 1):
-            pytest.skip("not a valid plain shape")
-    return get_block(name)(
-        in_width, out_width, hidden, kernel, stride, projection, make_activation(activation)
-    ), (in_width, out_width, hidden, kernel, stride, projection)
+def shape_for(name: str, options: tuple) -> BlockShape:
+    in_width, out_width, kernel, stride, projection, expansion, groups, se = options
+    block = get_block(name)
+    groups = groups if block.uses_groups else 1
+    hidden = block.hidden_width(in_width, out_width, expansion, groups)
+    shape = BlockShape(in_width, out_width, hidden, kernel, stride, projection, groups)
+    if se:
+        shape = dataclasses.replace(
+            shape, squeeze_width=squeeze_width_for(block.gated_width(shape))
+        )
+    return shape
+
+
+def make(name: str, options: tuple, activation: str = "silu"):
+    shape = shape_for(name, options)
+    return get_block(name).build(shape, make_activation(activation)), shape
 
 
 @pytest.mark.parametrize("name", sorted(BLOCKS))
-@pytest.mark.parametrize("shape", SHAPES)
-def test_output_shape_and_finite(name, shape):
+@pytest.mark.parametrize("options", OPTIONS)
+def test_output_shape_and_finite(name, options):
     torch.manual_seed(0)
-    block, (in_width, out_width, _, _, stride, _) = make(name, shape)
-    x = torch.randn(3, in_width, 9, 9)
-    y = block(x)
-    side = -(-9 // stride)
-    assert y.shape == (3, out_width, side, side)
+    block, shape = make(name, options)
+    y = block(torch.randn(3, shape.in_width, 9, 9))
+    side = -(-9 // shape.stride)
+    assert y.shape == (3, shape.out_width, side, side)
     assert torch.isfinite(y).all()
 
 
 @pytest.mark.parametrize("name", sorted(BLOCKS))
-@pytest.mark.parametrize("shape", SHAPES)
-def test_every_parameter_gets_a_gradient(name, shape):
+@pytest.mark.parametrize("options", OPTIONS)
+def test_every_parameter_gets_a_gradient(name, options):
     torch.manual_seed(0)
-    block, (in_width, *_rest) = make(name, shape)
-    block(torch.randn(4, in_width, 8, 8)).square().mean().backward()
+    block, shape = make(name, options)
+    block(torch.randn(4, shape.in_width, 8, 8)).square().mean().backward()
     for parameter_name, parameter in block.named_parameters():
         assert parameter.grad is not None, parameter_name
         assert parameter.grad.abs().sum() > 0, parameter_name
 
 
 @pytest.mark.parametrize("name", sorted(BLOCKS))
-@pytest.mark.parametrize("shape", SHAPES)
-def test_analytic_counts_equal_real_ones(name, shape):
-    block, shape = make(name, shape)
-    counts = get_block(name).count(*shape, 8)
+@pytest.mark.parametrize("options", OPTIONS)
+def test_analytic_counts_equal_real_ones(name, options):
+    block, shape = make(name, options)
+    counts = get_block(name).count(shape, 8)
     assert counts.params == count_params(block)
-    assert counts.macs == count_macs(block, shape[0], 8)
-    assert block.widths() == (shape[2], shape[1])
+    assert counts.macs == count_macs(block, shape.in_width, 8)
+    assert get_block(name).widths(block) == (
+        shape.hidden_width,
+        shape.out_width,
+        shape.squeeze_width,
+    )
+
+
+@pytest.mark.parametrize("name", sorted(BLOCKS))
+@pytest.mark.parametrize("squeeze_excitation", [False, True])
+@pytest.mark.parametrize("ratio", [0.3, 0.5])
+def test_pruning_keeps_the_block_valid(name, squeeze_excitation, ratio):
+    """Pruned inside a network: fewer params as estimated, and it rebuilds from config."""
+    stage = make_stage(name, 2, 12, 16, 3, 2, 4, 4, squeeze_excitation)
+    arch = ArchConfig(3, 5, 12, 3, "relu", 0.1, stages=(stage,))
+    torch.manual_seed(0)
+    model = build(arch).eval()
+    before = count_params(model)
+    pruned = prune(model, arch, ratio, torch.zeros(1, 3, 8, 8))
+    assert pruned == pruned_arch(arch, ratio)
+    assert count_params(model) == count_layers(pruned, 8).params < before
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.isfinite(model(x)).all()
+    rebuilt = build(pruned).eval()
+    rebuilt.load_state_dict(model.state_dict())
+    torch.testing.assert_close(rebuilt(x), model(x))
+
+
+def test_kept_channels_follows_torch_pruning_rules():
+    assert kept_channels(64, 0.1) == 57  # int(57.6)
+    assert kept_channels(24, 0.1, groups=4) == 20  # int(6 * 0.9) per group
+    assert kept_channels(1, 0.5) == 1  # a single channel is never pruned
+    assert kept_channels(3, 0.7) == 3  # a group pruned to nothing is left alone
+    assert kept_channels(10, 0.0) == 10
 
 
 def test_unknown_block_lists_the_valid_names():
-    with pytest.raises(ValueError, match="valid names: basic, plain"):
+    with pytest.raises(ValueError, match="valid names: basic, dwsep, grouped, inverted, plain"):
         get_block("resnext")
 
 

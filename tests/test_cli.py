@@ -72,7 +72,7 @@ def test_run_show_plot_and_resume(tmp_path):
     result = compsearch("run", *common, "--trials", "3", cwd=tmp_path)
     assert result.returncode == 0, result.stderr + result.stdout
     folder = out / "digits"
-    for name in ("study.db", "trials.csv", "pareto.png", "pareto.html", "space.json"):
+    for name in ("study.db", "trials.csv", "pareto.png", "pareto.html", "space.toml"):
         assert (folder / name).is_file(), name
         assert str(folder / name) in result.stdout.replace("\n", "")
     assert (folder / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -171,3 +171,48 @@ def test_a_resumed_study_seeds_its_sampler_past_the_trials_it_has(tmp_path):
     optuna.create_study(storage=storage, study_name="other")
     assert existing_trials(storage, "digits") == 3
     assert existing_trials(storage, "other") == 0
+
+
+def test_a_space_file_is_searched_written_beside_the_study_and_kept(tmp_path):
+    out = tmp_path / "runs"
+    space_file = tmp_path / "narrow.toml"
+    space_file.write_text('blocks = ["dwsep"]\nprecisions = ["int8"]\nwidth = [8, 16]\n')
+    # Budgets above anything this space holds: reported, and the run goes on.
+    common = ["--budget-params", "1e9", "--budget-kb", "1e6", "--out", str(out)]
+    common += ["--epochs", "2", "--subset", "200", "--trials", "2"]
+    result = compsearch("run", *common, "--space", str(space_file), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr + result.stdout
+    stdout = result.stdout.replace("\n", " ")
+    assert "--budget-params 1,000,000,000 is above the largest model the space holds" in stdout
+    assert "does not constrain this search" in stdout
+    written = (out / "digits" / "space.toml").read_text()
+    assert 'blocks = ["dwsep"]' in written and 'precisions = ["int8"]' in written
+    frame = pd.read_csv(out / "digits" / "trials.csv")
+    assert (frame["param_stage1_block"] == "dwsep").all()
+    assert (frame["param_precision"] == "int8").all()
+
+    # The study keeps its space: another one is refused, the written one is accepted.
+    space_file.write_text('blocks = ["basic"]\n')
+    clash = compsearch("run", *common, "--space", str(space_file), cwd=tmp_path)
+    assert clash.returncode == 2 and "another search space" in clash.stderr
+    again = compsearch(
+        "run",
+        *common,
+        "--space",
+        str(out / "digits" / "space.toml"),
+        "--trials",
+        "1",
+        cwd=tmp_path,
+    )
+    assert again.returncode == 0, again.stderr
+    assert pd.read_csv(out / "digits" / "trials.csv")["trained"].sum() == 3
+
+
+def test_budgets_below_the_smallest_model_name_it_and_how_to_widen_the_space(tmp_path):
+    result = compsearch(
+        "run", "--budget-params", "2e6", "--budget-kb", "1", "--out", str(tmp_path), cwd=tmp_path
+    )
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert "the smallest reachable has" in line and "KB" in line and "--space" in line
+    assert list(tmp_path.iterdir()) == []

@@ -96,5 +96,5 @@ def test_byte_estimate_within_two_percent(tmp_path, precision):
         model = trained_like(config.arch)
         path = export(model, precision, 8, 1, tmp_path / "m.onnx", calibration)
         counts = count_layers(config.arch, 8)
-        expected = onnx_bytes(counts, 10, precision, config.arch.activation)
+        expected = onnx_bytes(counts, precision, config.arch.activation)
         assert abs(expected / path.stat().st_size - 1) < 0.02, (precision, config.arch)

@@ -1,0 +1,18 @@
+"""What each named dataset looks like, known without loading it (and without torch), so
+the budgets can be checked against the search space before anything is read."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DatasetShape:
+    channels: int
+    resolution: int  # pixels, side of the square images
+    num_classes: int
+
+
+SHAPES = {
+    "digits": DatasetShape(channels=1, resolution=8, num_classes=10),
+}
