@@ -5,7 +5,9 @@ measure. The result's figures all come from the deployed ONNX file or the pruned
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +24,9 @@ from compsearch.objectives.measure import (
 )
 from compsearch.objectives.train import EpochCallback, Phase, accuracy, fit, predict
 from compsearch.spaces.builder import build
-from compsearch.spaces.config import TrialConfig
+from compsearch.spaces.config import TrainConfig, TrialConfig
+
+EarlyCheck = Callable[[float], str | None]  # validation accuracy -> why to stop, or None
 
 CALIBRATION_IMAGES = 256  # training images that calibrate int8 activation ranges
 FINETUNE_LEARNING_RATE_FACTOR = 0.2  # fine-tune peak learning rate / training peak
@@ -38,6 +42,24 @@ class TrialResult:
     size_kb: float  # ONNX file bytes / 1000
     onnx_path: Path
     seconds: float
+    # Validation top-1 (torch, at the training resolution) after the first
+    # `check_epoch(...)` epochs: what early stopping judges a trial by.
+    early_accuracy: float
+
+
+class StoppedEarly(Exception):
+    """An early check found the trial cannot reach the Pareto front; says why."""
+
+    def __init__(self, reason: str, early_accuracy: float, epochs_done: int) -> None:
+        super().__init__(reason)
+        self.early_accuracy = early_accuracy
+        self.epochs_done = epochs_done
+
+
+def check_epoch(train: TrainConfig) -> int:
+    """The epoch after which a trial's accuracy is checked: a third of the low-resolution
+    phase, at least one epoch."""
+    return max(1, (train.epochs - train.finetune_epochs) // 3)
 
 
 def run_trial(
@@ -47,7 +69,13 @@ def run_trial(
     seed: int,
     device: torch.device | str = "cpu",
     on_epoch: EpochCallback | None = None,
+    early_check: EarlyCheck | None = None,
 ) -> TrialResult:
+    """Train, compress and measure one config.
+
+    After `check_epoch` epochs the validation accuracy is measured and recorded; when
+    `early_check` gives a reason to stop, StoppedEarly is raised with it.
+    """
     started = time.perf_counter()
     train = config.train
     torch.manual_seed(seed)
@@ -63,7 +91,21 @@ def run_trial(
         weight_decay=train.weight_decay,
         label_smoothing=train.label_smoothing,
     )
-    fit(model, data, low_resolution, generator, on_epoch)
+    early_accuracy = math.nan
+
+    def after_epoch(epoch: int, epochs: int, resolution: int) -> None:
+        nonlocal early_accuracy
+        if on_epoch is not None:
+            on_epoch(epoch, epochs, resolution)
+        if epoch != check_epoch(train):
+            return
+        early_accuracy = accuracy(predict(model, data.val, data, resolution), data.val.labels)
+        model.train()
+        reason = early_check(early_accuracy) if early_check is not None else None
+        if reason:
+            raise StoppedEarly(reason, early_accuracy, epoch)
+
+    fit(model, data, low_resolution, generator, after_epoch)
 
     example = torch.zeros(1, data.channels, train.test_resolution, train.test_resolution)
     arch = prune(model, config.arch, config.compress.prune_ratio, example.to(device))
@@ -102,4 +144,5 @@ def run_trial(
         size_kb=file_size_kb(path),
         onnx_path=path,
         seconds=time.perf_counter() - started,
+        early_accuracy=early_accuracy,
     )

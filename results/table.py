@@ -25,6 +25,8 @@ COLUMNS = [
     "estimated_params",
     "estimated_size_kb",
     "estimated_macs",
+    "early_accuracy",
+    "fitted_from",
     "onnx_path",
 ]
 
@@ -72,6 +74,27 @@ def pareto_front(frame: pd.DataFrame) -> pd.DataFrame:
         if not dominated:
             keep.append(index)
     return feasible.loc[keep].sort_values(["accuracy", "size_kb"], ascending=[False, True])
+
+
+def study_counts(frame: pd.DataFrame) -> str:
+    """How the study's trials went, with the fraction of sampled configs over budget."""
+    total = len(frame)
+    if total == 0:
+        return "no trials yet"
+    rejected = int(frame["reason"].str.startswith("over budget before training").sum())
+    stopped = int(frame["reason"].str.startswith("stopped early").sum())
+    trained = int(frame["trained"].sum())
+    failed = int((frame["state"] == "FAIL").sum())
+    text = (
+        f"{total} trials: {trained} trained ({int(frame['feasible'].sum())} feasible), "
+        f"{rejected} infeasible before training ({rejected / total:.0%} of sampled configs, "
+        f"never trained)"
+    )
+    if stopped:
+        text += f", {stopped} stopped early"
+    if failed:
+        text += f", {failed} failed"
+    return text
 
 
 def compact_amount(value: float) -> str:

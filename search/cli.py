@@ -232,13 +232,25 @@ def command_run(args: argparse.Namespace, console: Console) -> int:
             f"stopped by Ctrl-C after {elapsed:.0f} s; every finished trial is kept in the study"
         )
         return EXIT_INTERRUPTED
-    tried = counts.trained + counts.rejected + counts.failed
-    console.print(
-        f"{counts.trained} trials trained in {elapsed:.0f} s; {counts.rejected} of {tried} "
-        f"sampled configs rejected before training (over budget by estimate), "
-        f"{counts.infeasible_after_training} over budget as measured, {counts.failed} failed"
-        + (f"; stopped early: {counts.stopped_reason}" if counts.stopped_reason else "")
+    asked = counts.trained + counts.rejected + counts.failed + counts.stopped_early
+    summary = (
+        f"{counts.trained} trials trained in {elapsed:.0f} s; {counts.rejected} of {asked} "
+        f"sampled configs ({counts.rejected / max(1, asked):.0%}) over budget by estimate and "
+        "never trained"
     )
+    if counts.fitted:
+        summary += f" ({counts.fitted} shrunk copies of them queued to fit the budgets)"
+    if counts.stopped_early:
+        summary += (
+            f"; {counts.stopped_early} stopped early, saving {counts.epochs_saved} of "
+            f"{counts.epochs_trained + counts.epochs_saved} epochs"
+        )
+    summary += (
+        f"; {counts.infeasible_after_training} over budget as measured, {counts.failed} failed"
+    )
+    if counts.stopped_reason:
+        summary += f"; stopped: {counts.stopped_reason}"
+    console.print(summary)
     print_paths(console, url, folder, written)
     return 0
 
@@ -367,6 +379,7 @@ def command_show(args: argparse.Namespace, console: Console) -> int:
         all_trials_table,
         front_table,
         pareto_front,
+        study_counts,
         trials_frame,
     )
     from compsearch.search.study import study_budgets
@@ -375,6 +388,7 @@ def command_show(args: argparse.Namespace, console: Console) -> int:
     budgets = study_budgets(study)
     frame = trials_frame(study, budgets)
     title = f"{study.study_name} ({describe_budgets(budgets)})"
+    console.print(study_counts(frame))
     if args.all:
         console.print(all_trials_table(frame, f"All trials of {title}"))
         return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +21,9 @@ from rich.progress import (
 
 from compsearch.objectives.data import Dataset
 from compsearch.objectives.train import TrainingDiverged
-from compsearch.objectives.trial import TrialResult, run_trial
+from compsearch.objectives.trial import StoppedEarly, TrialResult, run_trial
 from compsearch.spaces.budgets import Budgets
-from compsearch.spaces.config import TrainConfig
+from compsearch.spaces.config import TrainConfig, TrialConfig
 from compsearch.spaces.estimate import estimate
 from compsearch.spaces.space import SearchSpace, sample
 
@@ -30,6 +31,16 @@ from compsearch.spaces.space import SearchSpace, sample
 # almost all infeasible and the user should narrow it or relax the budgets.
 MAX_REJECTIONS_IN_A_ROW = 500
 INTERRUPTED = "interrupted before it finished"
+
+# Measured by bench/search_efficiency.py (see the README): whether to queue a shrunk copy
+# of each over-budget proposal, and whether to stop trials that cannot reach the front.
+FIT_TO_BUDGET = True
+EARLY_STOPPING = True
+# Early stopping needs this many finished trials to know how much accuracy can still
+# grow after the check, and stops a trial only when even the largest growth seen, plus
+# this margin, leaves it short of a smaller trial's accuracy.
+EARLY_STOPPING_MIN_TRIALS = 8
+EARLY_STOPPING_MARGIN = 0.01  # accuracy, as a fraction
 
 
 @dataclass(frozen=True)
@@ -40,12 +51,18 @@ class SearchSettings:
     seed: int
     device: str
     folder: Path  # the study's folder: trial files go below it
+    fit_to_budget: bool = FIT_TO_BUDGET
+    early_stopping: bool = EARLY_STOPPING
 
 
 @dataclass
 class SearchCounts:
     trained: int = 0
     rejected: int = 0  # over budget by estimate, never trained
+    fitted: int = 0  # shrunk copies of rejected configs queued to fit the budgets
+    stopped_early: int = 0
+    epochs_trained: int = 0
+    epochs_saved: int = 0  # by early stopping
     failed: int = 0
     infeasible_after_training: int = 0
     stopped_reason: str = ""
@@ -90,7 +107,7 @@ class Display:
             self.best = f"{result.accuracy:.2%} @ {result.size_kb:.1f} KB"
         self.progress.update(
             self.trials,
-            completed=counts.trained,
+            completed=counts.trained + counts.stopped_early,
             description=f"trials · best {self.best} · {counts.rejected} rejected",
         )
         self.progress.update(self.epochs, visible=False)
@@ -117,14 +134,19 @@ def search(
     schedule: TrainConfig,
     data: Dataset,
     settings: SearchSettings,
-    console: Console,
+    console: Console | None,
 ) -> SearchCounts:
-    """Add `settings.trials` trained trials to `study` (fewer on timeout or Ctrl-C)."""
+    """Add `settings.trials` finished trials to `study` (fewer on timeout or Ctrl-C).
+
+    A finished trial was trained to the end or stopped early; configs over the budgets by
+    estimate are recorded but never trained and do not count.
+    """
     counts = SearchCounts()
     started = time.monotonic()
     rejections_in_a_row = 0
-    with Display(console, settings.trials) as display:
-        while counts.trained < settings.trials:
+    display = Display(console, settings.trials) if console is not None else None
+    with display or contextlib.nullcontext():
+        while counts.trained + counts.stopped_early < settings.trials:
             if settings.timeout is not None and time.monotonic() - started > settings.timeout:
                 counts.stopped_reason = f"--timeout {settings.timeout:g} s reached"
                 break
@@ -142,21 +164,26 @@ def search(
             trial.set_user_attr("estimated_macs", expected.macs)
             over = settings.budgets.excess(expected.params, expected.size_kb, expected.macs)
             if over:
-                # Never trained: the constraint values teach the sampler where the
-                # infeasible region is; accuracy 0 is a placeholder that no plot shows.
-                record_constraints(
-                    trial, settings.budgets, expected.params, expected.size_kb, expected.macs
-                )
-                trial.set_user_attr("trained", False)
-                trial.set_user_attr("reason", "over budget before training: " + ", ".join(over))
-                study.tell(trial, [0.0, expected.size_kb])
+                reject(study, trial, settings.budgets, expected, over)
                 counts.rejected += 1
                 rejections_in_a_row += 1
-                display.trial_done(counts, None, False)
+                if settings.fit_to_budget and "fitted_from" not in trial.user_attrs:
+                    fitted = fit_to_budget(trial.params, space, schedule, settings.budgets)
+                    if fitted is not None:
+                        study.enqueue_trial(fitted, user_attrs={"fitted_from": trial.number})
+                        counts.fitted += 1
+                if display:
+                    display.trial_done(counts, None, False)
                 continue
             rejections_in_a_row = 0
-            display.start_trial(trial.number, config.train.epochs)
+            if display:
+                display.start_trial(trial.number, config.train.epochs)
             folder = settings.folder / "trials" / f"{trial.number:05d}"
+            stopper = (
+                EarlyStopper(study, expected.size_kb, settings.budgets)
+                if settings.early_stopping
+                else None
+            )
             try:
                 result = run_trial(
                     config,
@@ -164,18 +191,31 @@ def search(
                     folder,
                     seed=settings.seed + trial.number,
                     device=settings.device,
-                    on_epoch=display.epoch_done,
+                    on_epoch=display.epoch_done if display else None,
+                    early_check=stopper,
                 )
             except KeyboardInterrupt:
                 trial.set_user_attr("reason", INTERRUPTED)
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
                 raise
+            except StoppedEarly as stop:
+                trial.set_user_attr("trained", False)
+                trial.set_user_attr("early_accuracy", stop.early_accuracy)
+                trial.set_user_attr("reason", f"stopped early: {stop}")
+                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                counts.stopped_early += 1
+                counts.epochs_trained += stop.epochs_done
+                counts.epochs_saved += config.train.epochs - stop.epochs_done
+                if display:
+                    display.trial_done(counts, None, False)
+                continue
             except (TrainingDiverged, torch.OutOfMemoryError) as error:
                 trial.set_user_attr("trained", True)
                 trial.set_user_attr("reason", f"{type(error).__name__}: {error}")
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
                 counts.failed += 1
-                display.trial_done(counts, None, False)
+                if display:
+                    display.trial_done(counts, None, False)
                 continue
             record_constraints(trial, settings.budgets, result.params, result.size_kb, result.macs)
             over = settings.budgets.excess(result.params, result.size_kb, result.macs)
@@ -186,8 +226,107 @@ def search(
                 counts.infeasible_after_training += 1
             study.tell(trial, [result.accuracy, result.size_kb])
             counts.trained += 1
-            display.trial_done(counts, result, feasible)
+            counts.epochs_trained += config.train.epochs
+            if display:
+                display.trial_done(counts, result, feasible)
     return counts
+
+
+def reject(
+    study: optuna.Study, trial: optuna.Trial, budgets: Budgets, expected, over: list[str]
+) -> None:
+    """Record a config that breaks the budgets by estimate; it is never trained.
+
+    The constraint values teach the sampler where the infeasible region is; accuracy 0
+    is a placeholder that no table or plot shows.
+    """
+    record_constraints(trial, budgets, expected.params, expected.size_kb, expected.macs)
+    trial.set_user_attr("trained", False)
+    trial.set_user_attr("reason", "over budget before training: " + ", ".join(over))
+    study.tell(trial, [0.0, expected.size_kb])
+
+
+def fit_to_budget(
+    params: dict, space: SearchSpace, schedule: TrainConfig, budgets: Budgets
+) -> dict | None:
+    """The proposal's parameters with every width scaled down by the largest common factor
+    that meets the budgets (by estimate), after making stages shallower when even the
+    narrowest widths do not; None when nothing short of other choices fits."""
+
+    def scaled(base: dict, factor: float) -> tuple[dict, TrialConfig]:
+        fitted = dict(base)
+        for name, value in base.items():
+            if name.endswith("_width"):
+                low, _ = space.stem_width if name == "stem_width" else space.width
+                fitted[name] = max(low, int(value * factor))
+        return fitted, sample(optuna.trial.FixedTrial(fitted), space, schedule)
+
+    def fits(config: TrialConfig) -> bool:
+        expected = estimate(config)
+        return not budgets.excess(expected.params, expected.size_kb, expected.macs)
+
+    base = dict(params)
+    if not fits(scaled(base, 0.0)[1]):
+        # One block per stage; kept only when the narrowest widths then fit.
+        for name in base:
+            if name.endswith("_depth"):
+                base[name] = space.depth[0]
+        if not fits(scaled(base, 0.0)[1]):
+            return None
+    low, high = 0.0, 1.0  # low fits, high may not
+    if fits(scaled(base, high)[1]):
+        return base
+    for _ in range(12):
+        middle = (low + high) / 2
+        if fits(scaled(base, middle)[1]):
+            low = middle
+        else:
+            high = middle
+    return scaled(base, low)[0]
+
+
+class EarlyStopper:
+    """Stops a trial whose early accuracy cannot make it Pareto-optimal at its size.
+
+    Optuna's pruners compare one objective; here the front has two. A trial is stopped
+    when finished feasible trials no larger than it reached an accuracy that it could not
+    reach even if it gained the most any finished trial gained after the check, plus a
+    margin. Until enough trials have finished, nothing is stopped.
+    """
+
+    def __init__(self, study: optuna.Study, size_kb: float, budgets: Budgets) -> None:
+        self.size_kb = size_kb
+        finished = []
+        for trial in study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.COMPLETE]):
+            attrs = trial.user_attrs
+            if not attrs.get("trained") or "early_accuracy" not in attrs:
+                continue
+            early = attrs["early_accuracy"]
+            if early is None or early != early:  # NaN: no check was made
+                continue
+            feasible = not budgets.excess(attrs["params"], attrs["size_kb"], attrs["macs"])
+            finished.append((early, trial.values[0], attrs["size_kb"], feasible))
+        self.finished = finished
+
+    def __call__(self, early_accuracy: float) -> str | None:
+        if len(self.finished) < EARLY_STOPPING_MIN_TRIALS:
+            return None
+        largest_gain = max(final - early for early, final, _, _ in self.finished)
+        smaller = [
+            final
+            for _, final, size_kb, feasible in self.finished
+            if feasible and size_kb <= self.size_kb
+        ]
+        if not smaller:
+            return None
+        reachable = early_accuracy + largest_gain + EARLY_STOPPING_MARGIN
+        best = max(smaller)
+        if reachable >= best:
+            return None
+        return (
+            f"validation accuracy {early_accuracy:.2%} after the check could reach at most "
+            f"{reachable:.2%}, below {best:.2%} of a finished trial no larger than it"
+        )
 
 
 def record_constraints(
@@ -204,6 +343,7 @@ def record_result(trial: optuna.Trial, result: TrialResult, folder: Path) -> Non
     trial.set_user_attr("macs", result.macs)
     trial.set_user_attr("seconds", round(result.seconds, 3))
     trial.set_user_attr("accuracy_before_compression", result.accuracy_before_compression)
+    trial.set_user_attr("early_accuracy", result.early_accuracy)
     trial.set_user_attr("onnx_path", str(result.onnx_path.relative_to(folder)))
     # The deployed config (widths after pruning), from which the model rebuilds.
     trial.set_user_attr("config", result.config.to_dict())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import sampled_configs
 
@@ -40,14 +41,32 @@ def test_output_shape_finite_and_gradients_for_sampled_configs():
             assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
 
 
-def test_analytic_macs_equal_ptflops():
-    for config in sampled_configs(COLOUR, 20, seed=4):
+def check_macs(configs):
+    for config in configs:
         counts = count_layers(config.arch, 12)
         assert counts.macs == count_macs(build(config.arch), 3, 12)
 
 
+def test_analytic_macs_equal_ptflops():
+    check_macs(sampled_configs(COLOUR, 40, seed=4))
+
+
+@pytest.mark.slow
+def test_analytic_macs_equal_ptflops_for_hundreds_of_configs():
+    check_macs(sampled_configs(COLOUR, 300, seed=40))
+
+
 def test_pruning_removes_channels_as_estimated_and_rebuilds_from_config():
-    for config in sampled_configs(SMALL, 25, seed=5):
+    check_pruning(sampled_configs(SMALL, 25, seed=5))
+
+
+@pytest.mark.slow
+def test_pruning_matches_the_estimate_for_hundreds_of_configs():
+    check_pruning(sampled_configs(SMALL, 300, seed=50))
+
+
+def check_pruning(configs):
+    for config in configs:
         ratio = config.compress.prune_ratio
         torch.manual_seed(0)
         model = build(config.arch).eval()

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx
 import pytest
 import torch
 from conftest import sampled_configs
 
-from compsearch.objectives.compress import export
+from compsearch.objectives.compress import export, prune
 from compsearch.objectives.measure import file_size_kb, onnx_session
 from compsearch.spaces.builder import build
-from compsearch.spaces.config import ArchConfig, StageConfig
-from compsearch.spaces.estimate import count_layers, onnx_bytes
+from compsearch.spaces.config import ArchConfig, CompressConfig, StageConfig
+from compsearch.spaces.estimate import count_layers, estimate, onnx_bytes
 from compsearch.spaces.space import SearchSpace
 
 CONV_HEAVY = ArchConfig(
@@ -86,15 +88,36 @@ def test_size_kb_is_the_files_bytes_over_1000(tmp_path):
     assert file_size_kb(path) == path.stat().st_size / 1000
 
 
+def check_byte_estimates(folder, precision: str, configs: list) -> None:
+    """The estimate from the config alone is within 2% of the exported file, pruned or not."""
+    calibration = np.random.default_rng(0).normal(size=(32, 1, 8, 8)).astype(np.float32)
+    for config in configs:
+        model = trained_like(config.arch)
+        arch = prune(model, config.arch, config.compress.prune_ratio, torch.zeros(1, 1, 8, 8))
+        path = export(model, precision, 8, 1, folder / "m.onnx", calibration)
+        expected = onnx_bytes(count_layers(arch, 8), precision, arch.activation)
+        assert (
+            estimate(
+                dataclasses.replace(
+                    config, compress=CompressConfig(precision, config.compress.prune_ratio)
+                )
+            ).onnx_bytes
+            == expected
+        )
+        assert abs(expected / path.stat().st_size - 1) < 0.02, (precision, config.arch)
+
+
+BYTES_SPACE = SearchSpace(
+    in_channels=1, num_classes=10, test_resolution=8, width=(4, 48), stem_width=(4, 24)
+)
+
+
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
 def test_byte_estimate_within_two_percent(tmp_path, precision):
-    space = SearchSpace(
-        in_channels=1, num_classes=10, test_resolution=8, width=(4, 48), stem_width=(4, 24)
-    )
-    calibration = np.random.default_rng(0).normal(size=(32, 1, 8, 8)).astype(np.float32)
-    for config in sampled_configs(space, 8, seed=11):
-        model = trained_like(config.arch)
-        path = export(model, precision, 8, 1, tmp_path / "m.onnx", calibration)
-        counts = count_layers(config.arch, 8)
-        expected = onnx_bytes(counts, precision, config.arch.activation)
-        assert abs(expected / path.stat().st_size - 1) < 0.02, (precision, config.arch)
+    check_byte_estimates(tmp_path, precision, sampled_configs(BYTES_SPACE, 10, seed=11))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_byte_estimate_within_two_percent_for_hundreds_of_configs(tmp_path, precision):
+    check_byte_estimates(tmp_path, precision, sampled_configs(BYTES_SPACE, 200, seed=12))

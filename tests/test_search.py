@@ -1,0 +1,106 @@
+"""The search loop's budget handling: fitting rejected proposals, early stopping."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+from conftest import SCHEDULE
+
+from compsearch.objectives.data import load_dataset
+from compsearch.search.run import (
+    EARLY_STOPPING_MIN_TRIALS,
+    EarlyStopper,
+    SearchSettings,
+    fit_to_budget,
+    search,
+)
+from compsearch.search.study import DIRECTIONS
+from compsearch.spaces.budgets import Budgets
+from compsearch.spaces.estimate import estimate
+from compsearch.spaces.space import sample, space_for
+
+SPACE = space_for(1, 10, 8)
+TIGHT = Budgets(params=5_000, size_kb=8.0)
+LOOSE = Budgets(params=1e6, size_kb=100.0)
+
+
+def over_budget_proposals(count: int):
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    found = []
+    while len(found) < count:
+        trial = study.ask()
+        config = sample(trial, SPACE, SCHEDULE)
+        expected = estimate(config)
+        if TIGHT.excess(expected.params, expected.size_kb, expected.macs):
+            found.append((trial.params, config))
+    return found
+
+
+def test_fitting_shrinks_only_widths_and_depths_until_the_budgets_hold():
+    fitted_any = 0
+    for params, _config in over_budget_proposals(30):
+        fitted = fit_to_budget(params, SPACE, SCHEDULE, TIGHT)
+        if fitted is None:
+            continue
+        fitted_any += 1
+        new = sample(optuna.trial.FixedTrial(fitted), SPACE, SCHEDULE)
+        expected = estimate(new)
+        assert not TIGHT.excess(expected.params, expected.size_kb, expected.macs)
+        for name, value in params.items():
+            if name.endswith(("_width", "_depth")):
+                assert fitted[name] <= value, name
+            else:
+                assert fitted[name] == value, name
+    assert fitted_any >= 10
+
+
+def test_fitting_gives_up_when_the_narrowest_widths_break_the_budgets():
+    params, _ = over_budget_proposals(1)[0]
+    assert fit_to_budget(params, SPACE, SCHEDULE, Budgets(params=50, size_kb=0.5)) is None
+
+
+def finished_study(results):
+    """A study of trained trials given as (early accuracy, final accuracy, size_kb)."""
+    study = optuna.create_study(directions=list(DIRECTIONS))
+    for early, final, size_kb in results:
+        trial = study.ask()
+        for name, value in dict(
+            trained=True, early_accuracy=early, params=1000, size_kb=size_kb, macs=1e5
+        ).items():
+            trial.set_user_attr(name, value)
+        study.tell(trial, [final, size_kb])
+    return study
+
+
+def test_early_stopping_stops_only_trials_that_cannot_reach_the_front():
+    # Finished trials gained at most 0.10 between the check and the end.
+    results = [(0.80, 0.90, 10.0 + i) for i in range(EARLY_STOPPING_MIN_TRIALS)]
+    stopper = EarlyStopper(finished_study(results), size_kb=20.0, budgets=LOOSE)
+    assert stopper(0.50) is not None  # at most 0.61 < 0.90 of a smaller trial
+    assert stopper(0.79) is None  # could reach 0.90
+    # Nothing smaller has finished: even a poor trial may be on the front at its size.
+    assert EarlyStopper(finished_study(results), size_kb=5.0, budgets=LOOSE)(0.1) is None
+    # Too few finished trials to know how much accuracy can still grow.
+    few = finished_study(results[: EARLY_STOPPING_MIN_TRIALS - 1])
+    assert EarlyStopper(few, size_kb=20.0, budgets=LOOSE)(0.1) is None
+
+
+@pytest.mark.parametrize("fit", [True, False])
+def test_the_search_trains_only_configs_within_the_budgets(tmp_path, fit):
+    data = load_dataset("digits", seed=0, subset=200)
+    study = optuna.create_study(
+        directions=list(DIRECTIONS), sampler=optuna.samplers.RandomSampler(seed=3)
+    )
+    budgets = Budgets(params=20_000, size_kb=20.0)
+    settings = SearchSettings(
+        budgets, 3, None, 0, "cpu", tmp_path, fit_to_budget=fit, early_stopping=False
+    )
+    counts = search(study, SPACE, SCHEDULE, data, settings, console=None)
+    assert counts.trained == 3 and counts.rejected > 0
+    fitted = [t for t in study.trials if "fitted_from" in t.user_attrs]
+    assert (len(fitted) > 0) == fit
+    for trial in study.trials:
+        trained = trial.user_attrs["trained"]
+        estimated = (trial.user_attrs["estimated_params"], trial.user_attrs["estimated_size_kb"])
+        assert trained == (not budgets.excess(*estimated, None))
+        assert all(value <= 0 for value in trial.constraints.values()) == trained
