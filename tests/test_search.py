@@ -85,20 +85,29 @@ def test_early_stopping_stops_only_trials_that_cannot_reach_the_front():
     assert EarlyStopper(few, size_kb=20.0, budgets=LOOSE)(0.1) is None
 
 
-@pytest.mark.parametrize("fit", [True, False])
-def test_the_search_trains_only_configs_within_the_budgets(tmp_path, fit):
+@pytest.mark.parametrize(
+    ("budgets", "fit_after", "fitted_expected"),
+    [
+        (Budgets(params=20_000, size_kb=20.0), 1, True),  # a copy after every rejection
+        (Budgets(params=20_000, size_kb=20.0), 0, False),  # never
+        # Random proposals almost never fit these: copies are queued once it is stuck.
+        (TIGHT, 50, True),
+    ],
+)
+def test_the_search_trains_only_configs_within_the_budgets(
+    tmp_path, budgets, fit_after, fitted_expected
+):
     data = load_dataset("digits", seed=0, subset=200)
     study = optuna.create_study(
         directions=list(DIRECTIONS), sampler=optuna.samplers.RandomSampler(seed=3)
     )
-    budgets = Budgets(params=20_000, size_kb=20.0)
     settings = SearchSettings(
-        budgets, 3, None, 0, "cpu", tmp_path, fit_to_budget=fit, early_stopping=False
+        budgets, 3, None, 0, "cpu", tmp_path, fit_after_rejections=fit_after, early_stopping=False
     )
     counts = search(study, SPACE, SCHEDULE, data, settings, console=None)
     assert counts.trained == 3 and counts.rejected > 0
     fitted = [t for t in study.trials if "fitted_from" in t.user_attrs]
-    assert (len(fitted) > 0) == fit
+    assert (len(fitted) > 0) == fitted_expected
     for trial in study.trials:
         trained = trial.user_attrs["trained"]
         estimated = (trial.user_attrs["estimated_params"], trial.user_attrs["estimated_size_kb"])
