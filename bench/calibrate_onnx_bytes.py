@@ -1,9 +1,9 @@
 """Fit the ONNX byte estimate's overhead constants to real exported files.
 
 Exports many sampled (untrained) configs at every precision, fits the bytes beyond the
-weights by least squares and prints the constants for spaces/estimate.py together with
-the estimate's error as it stands. File sizes do not depend on training, so untrained
-weights (with realistic batch-norm statistics) suffice.
+weights by least squares on relative error and prints the constants for
+spaces/estimate.py together with the estimate's error as it stands. File sizes do not
+depend on training, so untrained weights (with realistic batch-norm statistics) suffice.
 
     python bench/calibrate_onnx_bytes.py [--configs 30]
 """
@@ -31,9 +31,15 @@ def exported_sizes(configs: int, folder: Path) -> list[dict]:
     schedule = TrainConfig(0, 0, 0, 0, 64, 0.1, 0.0, 0.0)
     rows = []
     for resolution, channels in ((8, 1), (28, 1), (32, 3)):
-        space = SearchSpace(channels, 10, resolution, width=(4, 64), stem_width=(4, 32))
+        # One to four stages: networks with few convolutions separate the fixed bytes
+        # from the per-convolution bytes.
+        spaces = [
+            SearchSpace(channels, 10, resolution, stages=stages, width=(4, 64), stem_width=(4, 32))
+            for stages in (1, 2, 3, 4)
+        ]
         study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=resolution))
-        for _ in range(configs):
+        for index in range(configs):
+            space = spaces[index % len(spaces)]
             config = sample(study.ask(), space, schedule)
             torch.manual_seed(0)
             model = build(config.arch).eval()
@@ -78,9 +84,12 @@ def main() -> None:
         real = np.array([row["real"] for row in subset], dtype=float)
         current = np.array([row["estimate"] for row in subset], dtype=float)
         error = (current / real - 1) * 100
+        worst = int(np.abs(error).argmax())
         print(
             f"{precision}: {len(subset)} files, {real.min():.0f}..{real.max():.0f} bytes; "
-            f"current estimate error {error.mean():+.3f}% mean, {np.abs(error).max():.3f}% max"
+            f"current estimate error {error.mean():+.3f}% mean, {np.abs(error).max():.3f}% max "
+            f"(a {real[worst]:.0f}-byte file), {int((np.abs(error) > 2).sum())} files off by "
+            "more than 2%"
         )
         features = {"fixed": [1.0] * len(subset)}
         for name in node_features(subset[0]["counts"]):
@@ -91,7 +100,10 @@ def main() -> None:
             ]
         weights = np.array([weight_bytes(row["counts"], precision) for row in subset], dtype=float)
         matrix = np.array(list(features.values()), dtype=float).T
-        coefficients, *_ = np.linalg.lstsq(matrix, real - weights, rcond=None)
+        # Relative errors matter: weigh each file by 1 / its size, so small files count.
+        coefficients, *_ = np.linalg.lstsq(
+            matrix / real[:, None], (real - weights) / real, rcond=None
+        )
         fitted = weights + matrix @ coefficients
         fit_error = np.abs(fitted / real - 1).max() * 100
         constants = ", ".join(f"{k} {v:.0f}" for k, v in zip(features, coefficients, strict=True))

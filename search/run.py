@@ -86,7 +86,7 @@ class Display:
         self.trials = self.progress.add_task("trials", total=trials)
         self.epochs: TaskID = self.progress.add_task("epochs", total=1, visible=False)
         self.best = "none yet"
-        self.best_accuracy = -1.0
+        self.best_key = (-1.0, 0.0)
         self.trial_number = -1
 
     def __enter__(self) -> Display:
@@ -106,9 +106,11 @@ class Display:
         self.progress.update(self.epochs, advance=1, description=description)
 
     def trial_done(self, counts: SearchCounts, result: TrialResult | None, feasible: bool) -> None:
-        if result is not None and feasible and result.accuracy > self.best_accuracy:
-            self.best_accuracy = result.accuracy
-            self.best = f"{result.accuracy:.2%} @ {result.size_kb:.1f} KB"
+        if result is not None and feasible:
+            key = (result.accuracy, -result.size_kb)  # on a tie in accuracy, the smaller
+            if key > self.best_key:
+                self.best_key = key
+                self.best = f"{result.accuracy:.2%} @ {result.size_kb:.1f} KB"
         self.progress.update(
             self.trials,
             completed=counts.trained + counts.stopped_early,
