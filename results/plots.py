@@ -24,7 +24,9 @@ def write_png(frame: pd.DataFrame, budgets: Budgets, path: Path, title: str) -> 
     feasible = trained[trained["feasible"].astype(bool)]
     infeasible = trained[~trained["feasible"].astype(bool)]
     front = pareto_front(frame)
-    rejected = int((~frame["trained"].astype(bool)).sum())
+    reasons = frame["reason"].fillna("").astype(str)
+    rejected = int(reasons.str.startswith("over budget before training").sum())
+    stopped = int(reasons.str.startswith("stopped early").sum())
     figure, axes = plt.subplots(1, 2, figsize=(12, 5), constrained_layout=True)
     compact = FuncFormatter(lambda value, _: compact_amount(value))
     for axis, (column, label, budget_name) in zip(axes, AXES, strict=True):
@@ -89,7 +91,8 @@ def write_png(frame: pd.DataFrame, budgets: Budgets, path: Path, title: str) -> 
         axis.set_ylabel("validation accuracy (%)")
         axis.grid(True, which="both", alpha=0.3)
         axis.legend(loc="best", fontsize=9)
-    figure.suptitle(f"{title}: {len(trained)} trained trials, {rejected} rejected before training")
+    counts = f"{len(trained)} trained trials, {rejected} over budget before training"
+    figure.suptitle(f"{title}: {counts}" + (f", {stopped} stopped early" if stopped else ""))
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
     plt.close(figure)
