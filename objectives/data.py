@@ -9,12 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from compsearch.objectives.catalog import SHAPES
+from compsearch.objectives.formats import DataError
 
 DATASETS = tuple(SHAPES)
-
-
-class DataError(ValueError):
-    """The data cannot be used as given; the message says what is wrong and what to do."""
 
 
 @dataclass(frozen=True)
