@@ -15,4 +15,6 @@ class DatasetShape:
 
 SHAPES = {
     "digits": DatasetShape(channels=1, resolution=8, num_classes=10),
+    "mnist": DatasetShape(channels=1, resolution=28, num_classes=10),
+    "fashion-mnist": DatasetShape(channels=1, resolution=28, num_classes=10),
 }

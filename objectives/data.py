@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -64,13 +65,103 @@ def stratified_split(
     return np.sort(np.concatenate(kept)), np.sort(np.concatenate(held))
 
 
-def load_digits_arrays() -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+@dataclass(frozen=True)
+class Source:
+    """A dataset as read from its files: official train and test splits, uint8 NCHW."""
+
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    class_names: tuple[str, ...]
+    flip: bool  # whether a horizontal flip keeps the label
+
+
+def read_digits() -> Source:
     from sklearn.datasets import load_digits
 
     digits = load_digits()
     # Pixel values are 0..16; scale to the usual 0..255.
-    images = np.clip(np.rint(digits.images * (255 / 16)), 0, 255).astype(np.uint8)
-    return images[:, None], digits.target.astype(np.int64), tuple(str(n) for n in range(10))
+    images = np.clip(np.rint(digits.images * (255 / 16)), 0, 255).astype(np.uint8)[:, None]
+    labels = digits.target.astype(np.int64)
+    # digits has no official test split: a stratified 20% chosen once, with its own fixed
+    # seed, serves as one, so every study on digits is tested on the same images.
+    train, test = stratified_split(labels, 0.2, seed=20240101)
+    names = tuple(str(n) for n in range(10))
+    return Source(images[train], labels[train], images[test], labels[test], names, False)
+
+
+IDX_FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+
+
+def find_idx_folder(data_dir: Path, fashion: bool) -> Path | None:
+    """The folder under `data_dir` (itself or up to three levels down) holding the IDX
+    files. MNIST and Fashion-MNIST share file names; a path naming "fashion" tells them
+    apart when both are present."""
+    candidates: list[Path] = []
+    for depth in range(4):
+        pattern = "/".join(["*"] * depth + [IDX_FILES["train_images"] + "*"])
+        candidates += sorted({path.parent for path in data_dir.glob(pattern)})
+    matching = [
+        c for c in candidates if ("fashion" in str(c.relative_to(data_dir)).lower()) == fashion
+    ]
+    if matching:
+        return matching[0]
+    return candidates[0] if len(candidates) == 1 else None
+
+
+def read_mnist_like(name: str, data_dir: Path) -> Source:
+    """MNIST or Fashion-MNIST from their IDX files, gzipped or not."""
+    from compsearch.objectives.formats import read_idx
+
+    fashion = name == "fashion-mnist"
+    folder = find_idx_folder(data_dir, fashion) if data_dir.is_dir() else None
+    if folder is None:
+        raise DataError(
+            f"no {name} IDX files under {data_dir} (looked for {IDX_FILES['train_images']}"
+            "[.gz] up to three folders down); set --data-dir to the folder that holds them"
+        )
+    arrays = {}
+    for key, stem in IDX_FILES.items():
+        found = [folder / (stem + ext) for ext in (".gz", "") if (folder / (stem + ext)).exists()]
+        if not found:
+            raise DataError(f"{folder / stem}[.gz] is missing; {name} needs all four IDX files")
+        arrays[key] = read_idx(found[0])
+    for split in ("train", "test"):
+        images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            raise DataError(
+                f"{name} {split} files in {folder} do not match: images of shape "
+                f"{images.shape} and labels of shape {labels.shape}; expected (N, H, W) and (N,)"
+            )
+        if labels.size and labels.max() > 9:
+            raise DataError(f"{name} {split} labels in {folder} go up to {labels.max()}, not 9")
+    names = FASHION_MNIST_CLASSES if fashion else tuple(str(n) for n in range(10))
+    return Source(
+        arrays["train_images"][:, None],
+        arrays["train_labels"].astype(np.int64),
+        arrays["test_images"][:, None],
+        arrays["test_labels"].astype(np.int64),
+        names,
+        flip=fashion,
+    )
 
 
 def load_dataset(
@@ -78,40 +169,48 @@ def load_dataset(
     seed: int = 0,
     val_fraction: float = 0.2,
     subset: int | None = None,
+    data_dir: Path = Path("data"),
 ) -> Dataset:
-    if name != "digits":
+    """The dataset split into train, validation (stratified, fixed by `seed`) and test."""
+    if name == "digits":
+        source = read_digits()
+    elif name in ("mnist", "fashion-mnist"):
+        source = read_mnist_like(name, Path(data_dir))
+    else:
         raise DataError(f"unknown dataset {name!r}; available: {', '.join(DATASETS)}")
-    images, labels, class_names = load_digits_arrays()
-    # digits has no official test split: a stratified 20% chosen once, with its own fixed
-    # seed, serves as one, so every study on digits is tested on the same images.
-    train_index, test_index = stratified_split(labels, 0.2, seed=20240101)
-    fit_index, val_index = stratified_split(labels[train_index], val_fraction, seed)
-    fit_index = train_index[fit_index]
-    val_index = train_index[val_index]
+    labels = source.train_labels
+    present = np.unique(labels)
+    if len(present) < 2:
+        raise DataError(f"{name} has {len(present)} class in its training split; it needs two")
+    fit_index, val_index = stratified_split(labels, val_fraction, seed)
     if subset is not None:
-        if subset < len(class_names):
+        if subset < len(source.class_names):
             raise DataError(
-                f"--subset {subset} is smaller than the {len(class_names)} classes; "
+                f"--subset {subset} is smaller than the {len(source.class_names)} classes; "
                 "give at least one image per class"
             )
         if subset < len(fit_index):
             keep, _ = stratified_split(labels[fit_index], 1 - subset / len(fit_index), seed)
             fit_index = fit_index[keep]
 
-    def split(index: np.ndarray) -> Split:
-        return Split(torch.from_numpy(images[index]), torch.from_numpy(labels[index]))
+    def split(images: np.ndarray, labels: np.ndarray) -> Split:
+        return Split(
+            # Writable, C-ordered copies: arrays read from files may be read-only views.
+            torch.from_numpy(np.require(images, requirements=["C", "W"])),
+            torch.from_numpy(labels.copy()),
+        )
 
-    train = split(fit_index)
+    train = split(source.train_images[fit_index], labels[fit_index])
     scaled = train.images.float() / 255
     return Dataset(
         name=name,
         train=train,
-        val=split(val_index),
-        test=split(test_index),
-        class_names=class_names,
+        val=split(source.train_images[val_index], labels[val_index]),
+        test=split(source.test_images, source.test_labels),
+        class_names=source.class_names,
         mean=tuple(scaled.mean(dim=(0, 2, 3)).tolist()),
         std=tuple(scaled.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()),
-        flip=False,
+        flip=source.flip,
     )
 
 

@@ -74,7 +74,13 @@ def build_parser() -> Parser:
     run.add_argument("--budget-params", required=True, help="max parameters, e.g. 2e6 or 2M")
     run.add_argument("--budget-kb", required=True, help="max ONNX file size in KB (1000 bytes)")
     run.add_argument("--budget-macs", help="max multiply-accumulates per image")
-    run.add_argument("--dataset", default="digits", help="dataset name (default: digits)")
+    run.add_argument("--dataset", default="digits", help="digits (default), mnist or fashion-mnist")
+    run.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path("data"),
+        help="folder holding the dataset's files, or a parent of it (default: ./data)",
+    )
     run.add_argument("--trials", default=str(DEFAULT_TRIALS), help="trained trials to add")
     run.add_argument("--timeout", help="seconds after which no new trial starts")
     run.add_argument("--sampler", default="tpe", help=f"one of {', '.join(SAMPLERS)}")
@@ -177,12 +183,12 @@ def command_run(args: argparse.Namespace, console: Console) -> int:
     from compsearch.search.study import existing_trials, make_sampler, open_study
     from compsearch.spaces.config import TrainConfig
 
-    storage = open_storage(url)
     device = resolve_device(args.device)
     try:
-        data = load_dataset(args.dataset, seed=seed, subset=subset)
+        data = load_dataset(args.dataset, seed=seed, subset=subset, data_dir=args.data_dir)
     except DataError as error:
         raise UsageError(str(error)) from None
+    storage = open_storage(url)  # only now: bad data leaves no empty study behind
     if space is None:  # a dataset whose shape is known only once loaded
         space = space_for_data(args, data.channels, data.num_classes, data.resolution)
         check_reachable(space, budgets, console)

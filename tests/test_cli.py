@@ -54,6 +54,7 @@ def test_bad_amounts_are_usage_errors(text):
         ["--budget-params", "2e6", "--budget-kb", "300", "--sampler", "annealing"],
         ["--budget-params", "2e6", "--budget-kb", "300", "--dataset", "imagenet"],
         ["--budget-params", "10", "--budget-kb", "300"],
+        ["--budget-params", "2e6", "--budget-kb", "300", "--dataset", "mnist", "--data-dir", "x"],
     ],
 )
 def test_bad_input_exits_2_with_one_line_before_any_training(tmp_path, args):
