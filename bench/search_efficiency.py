@@ -66,10 +66,10 @@ def run_job(job: Job) -> dict:
     import torch
 
     from compsearch.objectives.data import load_dataset
-    from compsearch.search.run import SearchSettings, search
+    from compsearch.objectives.trial import check_epoch
+    from compsearch.search.run import SearchSettings, default_schedule, search
     from compsearch.search.study import DIRECTIONS, make_sampler
     from compsearch.spaces.budgets import Budgets
-    from compsearch.spaces.config import TrainConfig
     from compsearch.spaces.space import space_for
 
     torch.set_num_threads(1)  # one core per job; jobs run side by side
@@ -77,16 +77,7 @@ def run_job(job: Job) -> dict:
     sampler_name, multiplier, fit, stop = VARIANTS[job.variant]
     data = load_dataset("digits", seed=job.seed)
     space = space_for(data.channels, data.num_classes, data.resolution)
-    schedule = TrainConfig(
-        epochs=job.epochs,
-        finetune_epochs=max(1, round(job.epochs * 0.25)),
-        train_resolution=data.resolution,
-        test_resolution=data.resolution,
-        batch_size=64,
-        learning_rate=0.1,
-        weight_decay=5e-4,
-        label_smoothing=0.1,
-    )
+    schedule = default_schedule(job.epochs, data.resolution)
     budgets = Budgets(params=job.budget_params, size_kb=job.budget_kb)
     if sampler_name == "tpe-multivariate":  # one joint density, for comparison
         sampler = optuna.samplers.TPESampler(multivariate=True, constant_liar=True, seed=job.seed)
@@ -115,7 +106,7 @@ def run_job(job: Job) -> dict:
         if not (attrs.get("trained") and trial.state.name == "COMPLETE") and not stopped:
             continue
         if stopped:
-            epochs += max(1, (job.epochs - schedule.finetune_epochs) // 3)
+            epochs += check_epoch(schedule)
         else:
             epochs += job.epochs
             if not budgets.excess(attrs["params"], attrs["size_kb"], attrs["macs"]):

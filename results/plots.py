@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from compsearch.results.table import compact_amount, pareto_front
+from compsearch.results.table import compact_amount, outcome_counts, pareto_front
 from compsearch.spaces.budgets import Budgets, amount
 
 AXES = (("size_kb", "ONNX file size (KB)", "size_kb"), ("params", "parameters", "params"))
@@ -24,9 +24,7 @@ def write_png(frame: pd.DataFrame, budgets: Budgets, path: Path, title: str) -> 
     feasible = trained[trained["feasible"].astype(bool)]
     infeasible = trained[~trained["feasible"].astype(bool)]
     front = pareto_front(frame)
-    reasons = frame["reason"].fillna("").astype(str)
-    rejected = int(reasons.str.startswith("over budget before training").sum())
-    stopped = int(reasons.str.startswith("stopped early").sum())
+    rejected, stopped = outcome_counts(frame)
     figure, axes = plt.subplots(1, 2, figsize=(12, 5), constrained_layout=True)
     compact = FuncFormatter(lambda value, _: compact_amount(value))
     for axis, (column, label, budget_name) in zip(axes, AXES, strict=True):

@@ -76,13 +76,21 @@ def pareto_front(frame: pd.DataFrame) -> pd.DataFrame:
     return feasible.loc[keep].sort_values(["accuracy", "size_kb"], ascending=[False, True])
 
 
+def outcome_counts(frame: pd.DataFrame) -> tuple[int, int]:
+    """(trials over budget before training, trials stopped early), from their reasons."""
+    reasons = frame["reason"].fillna("").astype(str)
+    return (
+        int(reasons.str.startswith("over budget before training").sum()),
+        int(reasons.str.startswith("stopped early").sum()),
+    )
+
+
 def study_counts(frame: pd.DataFrame) -> str:
     """How the study's trials went, with the fraction of sampled configs over budget."""
     total = len(frame)
     if total == 0:
         return "no trials yet"
-    rejected = int(frame["reason"].str.startswith("over budget before training").sum())
-    stopped = int(frame["reason"].str.startswith("stopped early").sum())
+    rejected, stopped = outcome_counts(frame)
     trained = int(frame["trained"].sum())
     failed = int((frame["state"] == "FAIL").sum())
     text = (

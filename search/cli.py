@@ -179,9 +179,13 @@ def command_run(args: argparse.Namespace, console: Console) -> int:
         check_reachable(space, budgets, console)
 
     from compsearch.objectives.data import DataError, load_dataset
-    from compsearch.search.run import SearchSettings, retry_interrupted, search
+    from compsearch.search.run import (
+        SearchSettings,
+        default_schedule,
+        retry_interrupted,
+        search,
+    )
     from compsearch.search.study import existing_trials, make_sampler, open_study
-    from compsearch.spaces.config import TrainConfig
 
     device = resolve_device(args.device)
     try:
@@ -213,16 +217,7 @@ def command_run(args: argparse.Namespace, console: Console) -> int:
         + f"; dataset {data.name} ({len(data.train)} train, {len(data.val)} validation images,"
         f" {data.resolution}x{data.resolution}x{data.channels}); device {device}"
     )
-    schedule = TrainConfig(
-        epochs=epochs,
-        finetune_epochs=max(1, round(epochs * 0.25)),
-        train_resolution=data.resolution,
-        test_resolution=data.resolution,
-        batch_size=64,
-        learning_rate=0.1,
-        weight_decay=5e-4,
-        label_smoothing=0.1,
-    )
+    schedule = default_schedule(epochs, data.resolution)
     run_settings = SearchSettings(budgets, trials, timeout, seed, device, folder)
     started = time.perf_counter()
     interrupted = False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,21 @@ EARLY_STOPPING = True
 # this margin, leaves it short of a smaller trial's accuracy.
 EARLY_STOPPING_MIN_TRIALS = 8
 EARLY_STOPPING_MARGIN = 0.01  # accuracy, as a fraction
+
+
+def default_schedule(epochs: int, resolution: int) -> TrainConfig:
+    """A trial's training: a quarter of the epochs (at least one) fine-tune at the test
+    resolution; `sample` picks the low training resolution."""
+    return TrainConfig(
+        epochs=epochs,
+        finetune_epochs=max(1, round(epochs * 0.25)),
+        train_resolution=resolution,
+        test_resolution=resolution,
+        batch_size=64,
+        learning_rate=0.1,
+        weight_decay=5e-4,
+        label_smoothing=0.1,
+    )
 
 
 @dataclass(frozen=True)
@@ -312,7 +328,7 @@ class EarlyStopper:
             if not attrs.get("trained") or "early_accuracy" not in attrs:
                 continue
             early = attrs["early_accuracy"]
-            if early is None or early != early:  # NaN: no check was made
+            if early is None or math.isnan(early):  # no check was made
                 continue
             feasible = not budgets.excess(attrs["params"], attrs["size_kb"], attrs["macs"])
             finished.append((early, trial.values[0], attrs["size_kb"], feasible))

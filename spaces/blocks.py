@@ -411,7 +411,9 @@ class InvertedResidualBlock(Block):
 
     @staticmethod
     def widths(module):
-        branch = module if module.__class__.__name__ == "Sequential" else module.branch
+        from compsearch.spaces.layers import Residual
+
+        branch = module.branch if isinstance(module, Residual) else module
         return branch[0][0].out_channels, branch[-1][0].out_channels, _squeeze_width(module)
 
 

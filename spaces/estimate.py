@@ -43,10 +43,10 @@ def pruned_arch(arch: ArchConfig, prune_ratio: float) -> ArchConfig:
     if prune_ratio <= 0:
         return arch
     stage_widths = []
+    shapes = iter(block_shapes(arch))
     for stage in arch.stages:
         block = get_block(stage.block)
-        shapes = [shape for owner, shape in block_shapes(arch) if owner is stage]
-        pruned = [block.pruned(shape, prune_ratio) for shape in shapes]
+        pruned = [block.pruned(next(shapes)[1], prune_ratio) for _ in range(stage.depth)]
         stage_widths.append(
             (
                 kept_channels(stage.width, prune_ratio),
