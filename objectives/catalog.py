@@ -17,4 +17,9 @@ SHAPES = {
     "digits": DatasetShape(channels=1, resolution=8, num_classes=10),
     "mnist": DatasetShape(channels=1, resolution=28, num_classes=10),
     "fashion-mnist": DatasetShape(channels=1, resolution=28, num_classes=10),
+    "cifar10": DatasetShape(channels=3, resolution=32, num_classes=10),
+    "cifar100": DatasetShape(channels=3, resolution=32, num_classes=100),
+    "svhn": DatasetShape(channels=3, resolution=32, num_classes=10),
+    "stl10": DatasetShape(channels=3, resolution=96, num_classes=10),
 }
+# `folder:PATH` datasets are absent: their shape is known only once their images are read.

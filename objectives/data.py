@@ -1,18 +1,29 @@
-"""Datasets held as whole uint8 tensors, split once, augmented a batch at a time."""
+"""Datasets read from their standard files, held as whole uint8 tensors and split once."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from compsearch.objectives import formats
 from compsearch.objectives.catalog import SHAPES
 from compsearch.objectives.formats import DataError
 
+if TYPE_CHECKING:
+    from rich.console import Console
+
 DATASETS = tuple(SHAPES)
+FOLDER_PREFIX = "folder:"
+# digits and folders without a test/ folder have no official test split: a stratified 20%
+# chosen once, with its own fixed seed, serves as one, so every study is tested alike.
+TEST_FRACTION = 0.2
+TEST_SEED = 20240101
 
 
 @dataclass(frozen=True)
@@ -84,9 +95,7 @@ def read_digits() -> Source:
     # Pixel values are 0..16; scale to the usual 0..255.
     images = np.clip(np.rint(digits.images * (255 / 16)), 0, 255).astype(np.uint8)[:, None]
     labels = digits.target.astype(np.int64)
-    # digits has no official test split: a stratified 20% chosen once, with its own fixed
-    # seed, serves as one, so every study on digits is tested on the same images.
-    train, test = stratified_split(labels, 0.2, seed=20240101)
+    train, test = stratified_split(labels, TEST_FRACTION, seed=TEST_SEED)
     names = tuple(str(n) for n in range(10))
     return Source(images[train], labels[train], images[test], labels[test], names, False)
 
@@ -134,9 +143,17 @@ def read_mnist_like(name: str, data_dir: Path) -> Source:
     fashion = name == "fashion-mnist"
     folder = find_idx_folder(data_dir, fashion) if data_dir.is_dir() else None
     if folder is None:
-        raise DataError(
+        download(
+            name,
+            data_dir,
             f"no {name} IDX files under {data_dir} (looked for {IDX_FILES['train_images']}"
-            "[.gz] up to three folders down); set --data-dir to the folder that holds them"
+            "[.gz] up to three folders down)",
+        )
+        folder = find_idx_folder(data_dir, fashion) if data_dir.is_dir() else None
+    if folder is None:
+        raise DataError(
+            f"no {name} IDX files under {data_dir} after downloading them; set --data-dir to "
+            "the folder that holds them"
         )
     arrays = {}
     for key, stem in IDX_FILES.items():
@@ -164,24 +181,291 @@ def read_mnist_like(name: str, data_dir: Path) -> Source:
     )
 
 
+@dataclass(frozen=True)
+class Distribution:
+    """Where a dataset's standard files live and how torchvision downloads them."""
+
+    folder: str  # the folder the files come in ("" if none); preferred when several match
+    files: tuple[str, ...]  # every file the reader needs
+    markers: tuple[str, ...]  # files whose presence identifies the folder
+    downloader: str  # torchvision.datasets class
+    download_splits: tuple[dict[str, object], ...]  # keyword arguments, one call each
+
+
+DISTRIBUTIONS = {
+    # MNIST's files are found by find_idx_folder; only the download is described here.
+    "mnist": Distribution("MNIST/raw", (), (), "MNIST", ({"train": True}, {"train": False})),
+    "fashion-mnist": Distribution(
+        "FashionMNIST/raw", (), (), "FashionMNIST", ({"train": True}, {"train": False})
+    ),
+    "cifar10": Distribution(
+        "cifar-10-batches-py",
+        tuple(f"data_batch_{n}" for n in range(1, 6)) + ("test_batch", "batches.meta"),
+        ("data_batch_1",),
+        "CIFAR10",
+        ({"train": True},),  # one archive holds both splits
+    ),
+    "cifar100": Distribution(
+        "cifar-100-python",
+        ("train", "test", "meta"),
+        ("train", "meta"),
+        "CIFAR100",
+        ({"train": True},),
+    ),
+    # SVHN's files come without a folder: torchvision keeps them in its root folder.
+    "svhn": Distribution(
+        "",
+        ("train_32x32.mat", "test_32x32.mat"),
+        ("train_32x32.mat",),
+        "SVHN",
+        ({"split": "train"}, {"split": "test"}),
+    ),
+    "stl10": Distribution(
+        "stl10_binary",
+        ("train_X.bin", "train_y.bin", "test_X.bin", "test_y.bin", "class_names.txt"),
+        ("train_X.bin",),
+        "STL10",
+        ({"split": "train"},),  # one archive holds every split
+    ),
+}
+
+
+def find_folder(data_dir: Path, markers: tuple[str, ...], preferred: str) -> Path | None:
+    """The folder holding every `markers` file: `data_dir` itself or one up to three levels
+    down (hidden folders skipped); one named `preferred` first, then the shallowest."""
+    found: list[Path] = []
+    level = [data_dir]
+    for depth in range(4):
+        below: list[Path] = []
+        for folder in level:
+            if all((folder / marker).is_file() for marker in markers):
+                found.append(folder)
+            if depth == 3:
+                continue
+            try:
+                with os.scandir(folder) as entries:
+                    below += sorted(
+                        Path(entry.path)
+                        for entry in entries
+                        if not entry.name.startswith(".") and entry.is_dir()
+                    )
+            except OSError:  # unreadable or absent: nothing below it
+                continue
+        level = below
+    named = [folder for folder in found if folder.name == preferred]
+    return (named or found or [None])[0]
+
+
+def locate(name: str, data_dir: Path) -> Path:
+    """The folder holding `name`'s standard files, downloaded first when absent and
+    torchvision can; DataError naming what is missing otherwise."""
+    distribution = DISTRIBUTIONS[name]
+    folder = find_folder(data_dir, distribution.markers, distribution.folder)
+    if folder is None:
+        looked = " and ".join(distribution.markers)
+        prefix = f"{distribution.folder}/" if distribution.folder else ""
+        download(
+            name,
+            data_dir,
+            f"no {name} files under {data_dir} (looked for {prefix}{looked} in it and up to "
+            "three folders down)",
+        )
+        folder = find_folder(data_dir, distribution.markers, distribution.folder)
+        if folder is None:
+            raise DataError(
+                f"torchvision downloaded {name} into {data_dir}, but no folder there holds "
+                f"{looked}; put the files there by hand"
+            )
+    missing = [file for file in distribution.files if not (folder / file).is_file()]
+    if missing:
+        raise DataError(
+            f"{folder} lacks {', '.join(missing)} of {name}'s files "
+            f"({', '.join(distribution.files)}); download the dataset again"
+        )
+    return folder
+
+
+def download(name: str, data_dir: Path, missing: str) -> None:
+    """Download `name` into `data_dir` with torchvision, if installed; else DataError
+    starting with `missing` and saying how to get the files."""
+    distribution = DISTRIBUTIONS[name]
+    try:
+        from torchvision import datasets
+    except ModuleNotFoundError as error:
+        if error.name is not None and error.name.split(".")[0] != "torchvision":
+            raise DataError(
+                f"{missing}, and torchvision, which would download them, cannot be imported "
+                f"({formats.one_line(error)}); repair torchvision or put the files there"
+            ) from None
+        raise DataError(
+            f"{missing}; put the files there or point --data-dir at them "
+            "(`pip install compsearch[vision]` downloads them automatically)"
+        ) from None
+    except Exception as error:  # a broken torchvision raises on import
+        raise DataError(
+            f"{missing}, and torchvision, which would download them, cannot be imported "
+            f"({formats.one_line(error)}); repair torchvision or put the files there"
+        ) from None
+    try:
+        downloader = getattr(datasets, distribution.downloader)
+        for arguments in distribution.download_splits:
+            downloader(root=str(data_dir), download=True, **arguments)
+    except Exception as error:  # network, disk and archive errors alike
+        raise DataError(
+            f"{missing}, and downloading them with torchvision failed "
+            f"({type(error).__name__}: {formats.one_line(error)}); check the network or put "
+            "the files there by hand"
+        ) from None
+
+
+def check_names(names: tuple[str, ...], name: str, path: Path) -> tuple[str, ...]:
+    expected = SHAPES[name].num_classes
+    if len(names) != expected:
+        raise DataError(
+            f"{path} names {len(names)} classes, but {name} has {expected}; "
+            "download the dataset again"
+        )
+    return names
+
+
+def read_cifar(name: str, data_dir: Path) -> Source:
+    """CIFAR-10 or CIFAR-100 from their "python version" pickles."""
+    folder = locate(name, data_dir)
+    if name == "cifar10":
+        names = check_names(
+            formats.read_label_names(folder / "batches.meta", "label_names"), name, folder
+        )
+        batches = [
+            formats.read_cifar_batch(folder / f"data_batch_{n}", "labels", len(names))
+            for n in range(1, 6)
+        ]
+        train_images = np.concatenate([images for images, _ in batches])
+        train_labels = np.concatenate([labels for _, labels in batches])
+        test_images, test_labels = formats.read_cifar_batch(
+            folder / "test_batch", "labels", len(names)
+        )
+    else:
+        names = check_names(
+            formats.read_label_names(folder / "meta", "fine_label_names"), name, folder
+        )
+        train_images, train_labels = formats.read_cifar_batch(
+            folder / "train", "fine_labels", len(names)
+        )
+        test_images, test_labels = formats.read_cifar_batch(
+            folder / "test", "fine_labels", len(names)
+        )
+    return Source(train_images, train_labels, test_images, test_labels, names, flip=True)
+
+
+def read_svhn(data_dir: Path) -> Source:
+    """SVHN's cropped digits (train and test; the "extra" images are not used)."""
+    folder = locate("svhn", data_dir)
+    train_images, train_labels = formats.read_svhn_mat(folder / "train_32x32.mat")
+    test_images, test_labels = formats.read_svhn_mat(folder / "test_32x32.mat")
+    names = tuple(str(n) for n in range(10))
+    return Source(train_images, train_labels, test_images, test_labels, names, flip=False)
+
+
+def read_stl10(data_dir: Path) -> Source:
+    """STL-10's labelled splits from its binary files (the unlabelled images are not used)."""
+    folder = locate("stl10", data_dir)
+    names = check_names(formats.read_names(folder / "class_names.txt"), "stl10", folder)
+    arrays = []
+    for split in ("train", "test"):
+        images = formats.read_stl10_images(folder / f"{split}_X.bin")
+        arrays += [images, formats.read_stl10_labels(folder / f"{split}_y.bin", len(images))]
+    return Source(*arrays, names, flip=True)
+
+
+def read_folder(name: str, console: Console | None) -> Source:
+    """The user's images under `name`'s PATH; without a test/ folder, a fixed stratified
+    20% of them is the test split."""
+    from compsearch.objectives.folders import read_image_folder
+
+    path = name[len(FOLDER_PREFIX) :]
+    if not path:
+        raise DataError("folder: needs a path, as in folder:photos (one sub-folder per class)")
+    found = read_image_folder(Path(path).expanduser(), console)
+    if found.has_test:
+        # test/ images come after the train/ ones: slices, not copies.
+        first_test = int(np.argmax(found.test)) if found.test.any() else len(found.test)
+        train, test = slice(0, first_test), slice(first_test, None)
+    else:
+        train, test = stratified_split(found.labels, TEST_FRACTION, seed=TEST_SEED)
+    return Source(
+        found.images[train],
+        found.labels[train],
+        found.images[test],
+        found.labels[test],
+        found.class_names,
+        # Taken to be photographs, whose mirror images keep their class.
+        flip=True,
+    )
+
+
+def read_source(name: str, data_dir: Path, console: Console | None) -> Source:
+    if name == "digits":
+        return read_digits()
+    if name in ("mnist", "fashion-mnist"):
+        return read_mnist_like(name, data_dir)
+    if name in ("cifar10", "cifar100"):
+        return read_cifar(name, data_dir)
+    if name == "svhn":
+        return read_svhn(data_dir)
+    if name == "stl10":
+        return read_stl10(data_dir)
+    if name.startswith(FOLDER_PREFIX):
+        return read_folder(name, console)
+    raise DataError(
+        f"unknown dataset {name!r}; available: {', '.join(DATASETS)}, or folder:PATH for "
+        "a folder of images with one sub-folder per class"
+    )
+
+
+def channel_statistics(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and standard deviation of uint8 images scaled to [0, 1], exactly,
+    from a histogram of each channel: a float copy of a whole dataset can take gigabytes
+    and seconds."""
+    counts = torch.stack(
+        [
+            torch.bincount(images[:, channel].reshape(-1), minlength=256)
+            for channel in range(images.shape[1])
+        ]
+    ).to(torch.float64)
+    values = torch.arange(256, dtype=torch.float64) / 255
+    count = counts.sum(dim=1)
+    mean = counts @ values / count.clamp_min(1)
+    # Unbiased, as torch.std is by default.
+    variance = (counts @ values.square() - count * mean.square()) / (count - 1).clamp_min(1)
+    std = variance.clamp_min(0).sqrt().clamp_min(1e-3)
+    return tuple(mean.tolist()), tuple(std.tolist())
+
+
 def load_dataset(
     name: str = "digits",
     seed: int = 0,
     val_fraction: float = 0.2,
     subset: int | None = None,
     data_dir: Path = Path("data"),
+    *,
+    console: Console | None = None,
 ) -> Dataset:
-    """The dataset split into train, validation (stratified, fixed by `seed`) and test."""
-    if name == "digits":
-        source = read_digits()
-    elif name in ("mnist", "fashion-mnist"):
-        source = read_mnist_like(name, Path(data_dir))
-    else:
-        raise DataError(f"unknown dataset {name!r}; available: {', '.join(DATASETS)}")
+    """The dataset split into train, validation (stratified, fixed by `seed`) and test.
+    `console` shows the progress of decoding a folder: of images (default: stderr)."""
+    source = read_source(name, Path(data_dir), console)
     labels = source.train_labels
     present = np.unique(labels)
     if len(present) < 2:
         raise DataError(f"{name} has {len(present)} class in its training split; it needs two")
+    shape = SHAPES.get(name)
+    found = (source.train_images.shape[1], source.train_images.shape[-1], len(source.class_names))
+    if shape is not None and found != (shape.channels, shape.resolution, shape.num_classes):
+        # The search space was built from SHAPES before loading: the files must agree.
+        raise DataError(
+            f"{name} in {data_dir} has {found[0]} channels, {found[1]} pixels and {found[2]} "
+            f"classes, but {name} has {shape.channels}, {shape.resolution} and "
+            f"{shape.num_classes}; download the dataset again"
+        )
     fit_index, val_index = stratified_split(labels, val_fraction, seed)
     if subset is not None:
         if subset < len(source.class_names):
@@ -201,15 +485,15 @@ def load_dataset(
         )
 
     train = split(source.train_images[fit_index], labels[fit_index])
-    scaled = train.images.float() / 255
+    mean, std = channel_statistics(train.images)
     return Dataset(
         name=name,
         train=train,
         val=split(source.train_images[val_index], labels[val_index]),
         test=split(source.test_images, source.test_labels),
         class_names=source.class_names,
-        mean=tuple(scaled.mean(dim=(0, 2, 3)).tolist()),
-        std=tuple(scaled.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()),
+        mean=mean,
+        std=std,
         flip=source.flip,
     )
 
@@ -226,23 +510,3 @@ def normalize(
     if x.shape[-1] != resolution:
         x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", antialias=True)
     return x.contiguous(memory_format=torch.channels_last)
-
-
-def augment(images: torch.Tensor, pad: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
-    """Random translation by up to `pad` pixels (zero fill) and optional flips, per image."""
-    n, c, h, w = images.shape
-    device = images.device
-    out = images
-    if pad > 0:
-        padded = F.pad(images, (pad, pad, pad, pad))
-        dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(device)
-        dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(device)
-        rows = (dy[:, None] + torch.arange(h, device=device))[:, None, :, None]
-        cols = (dx[:, None] + torch.arange(w, device=device))[:, None, None, :]
-        batch = torch.arange(n, device=device)[:, None, None, None]
-        channel = torch.arange(c, device=device)[None, :, None, None]
-        out = padded[batch, channel, rows, cols]
-    if flip:
-        mask = (torch.rand(n, generator=generator) < 0.5).to(device)
-        out = torch.where(mask[:, None, None, None], out.flip(3), out)
-    return out

@@ -1,9 +1,16 @@
-"""The trainer: whole-tensor data, batch augmentation, FixRes phases.
+"""The trainer: whole-tensor data on the device, batch augmentation there, FixRes phases.
+
+The training and validation images live on the training device as uint8 tensors for the
+whole run (`DeviceData`, made once, shared by every trial). An epoch draws all its random
+numbers at once, then each batch is cropped, flipped, cut out, converted and normalized
+on the device in a few tensor operations: no per-image Python, no DataLoader.
 
 One phase trains at one resolution with a warm-up then a linear decay of the learning
-rate. A trial runs a long phase at the low training resolution, prunes, then a short
-phase at the test resolution, which both recovers from pruning and adapts the network to
-the resolution it will be deployed at (FixRes).
+rate (a one-cycle schedule) and Nesterov SGD on label-smoothed cross-entropy, optionally
+with a teacher's softened outputs. A trial runs a long phase at the low training
+resolution, prunes, then a short phase at the test resolution, which both recovers from
+pruning and adapts the network to the resolution it is deployed at (FixRes); the
+batch-norm statistics are then recalibrated on unaugmented images at that resolution.
 """
 
 from __future__ import annotations
@@ -16,9 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compsearch.objectives.data import Dataset, Split, augment, normalize
+from compsearch.objectives.data import Dataset, Split
 
 EpochCallback = Callable[[int, int, int], None]  # (epoch done, epochs in phase, resolution)
+
+MOMENTUM = 0.9  # SGD momentum (Nesterov)
+WARMUP_FRACTION = 0.15  # of a phase's steps spent ramping the learning rate up
+EVAL_BATCH_SIZE = 1024  # images per forward pass when predicting
 
 
 class TrainingDiverged(RuntimeError):
@@ -31,9 +42,71 @@ class Phase:
     epochs: int
     peak_learning_rate: float
     warmup_fraction: float  # of the phase's steps spent ramping the learning rate up
-    batch_size: int
-    weight_decay: float
-    label_smoothing: float
+    batch_size: int  # images
+    weight_decay: float  # L2 coefficient, applied by SGD
+    label_smoothing: float  # probability mass spread over the other classes
+    cutout: int = 0  # side in pixels of the square zeroed at a random place; 0: none
+
+
+@dataclass(frozen=True)
+class Distillation:
+    """How a student learns from a teacher's softened outputs (Hinton et al., 2015)."""
+
+    teacher: nn.Module  # on the training device, never trained here
+    weight: float  # share of the loss from the teacher; the rest from the labels
+    temperature: float  # softens both distributions; the loss is scaled by its square
+    # Pixels: the teacher sees each augmented batch at this resolution, whatever
+    # resolution the student trains at, so it teaches at its best.
+    resolution: int
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """bf16 where the hardware multiplies in it: CUDA, and CPUs with AMX or AVX-512 bf16.
+
+    Elsewhere bf16 is emulated and slower than fp32 (measured ten times slower for a
+    ResNet-20 step on an AVX2-only CPU), so training stays in fp32.
+    """
+    if device.type == "cuda":
+        return torch.bfloat16
+    if device.type == "cpu":
+        native = (
+            getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+            or getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+        )
+        return torch.bfloat16 if native else None
+    return None
+
+
+class DeviceData:
+    """A dataset's training and validation images as uint8 tensors on the training device,
+    with the statistics that normalize them; made once per run and shared by its trials."""
+
+    def __init__(
+        self, data: Dataset, device: torch.device | str, mixed_precision: bool = True
+    ) -> None:
+        self.device = torch.device(device)
+        self.train = data.train.to(self.device)
+        self.val = data.val.to(self.device)
+        shape = (1, -1, 1, 1)
+        self.mean = torch.tensor(data.mean, device=self.device).view(shape)
+        self.std = torch.tensor(data.std, device=self.device).view(shape)
+        self.flip = data.flip
+        self.resolution = data.resolution
+        self.channels = data.channels
+        self.autocast = autocast_dtype(self.device) if mixed_precision else None
+
+    def inputs(self, images: torch.Tensor, resolution: int) -> torch.Tensor:
+        """uint8 (N, C, H, W) on the device to normalized float at `resolution`,
+        channels_last."""
+        x = (images.float().div_(255) - self.mean) / self.std
+        if x.shape[-1] != resolution:
+            x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", antialias=True)
+        return x.contiguous(memory_format=torch.channels_last)
+
+    def autocast_context(self) -> torch.autocast:
+        return torch.autocast(
+            self.device.type, dtype=self.autocast or torch.bfloat16, enabled=bool(self.autocast)
+        )
 
 
 def translation_pad(resolution: int) -> int:
@@ -41,23 +114,101 @@ def translation_pad(resolution: int) -> int:
     return max(1, resolution // 8)
 
 
+@dataclass(frozen=True)
+class EpochDraws:
+    """Every random choice of one epoch's augmentation, drawn at once on the CPU generator
+    (so a seed gives the same epoch on any device) and moved to the device in one copy."""
+
+    order: torch.Tensor  # permutation of the training images
+    shift_y: torch.Tensor  # per image, 0 .. 2 * pad
+    shift_x: torch.Tensor
+    flip: torch.Tensor  # per image, bool
+    cutout_y: torch.Tensor  # per image, top-left corner of the cut-out square
+    cutout_x: torch.Tensor
+
+    @classmethod
+    def draw(
+        cls, count: int, pad: int, side: int, cutout: int, generator: torch.Generator
+    ) -> EpochDraws:
+        order = torch.randperm(count, generator=generator)
+        shifts = torch.randint(0, 2 * pad + 1, (2, count), generator=generator)
+        flip = torch.rand(count, generator=generator) < 0.5
+        # The square may hang over the border, as in DeVries & Taylor (2017).
+        corners = torch.randint(
+            -cutout // 2, side - cutout // 2 + 1, (2, count), generator=generator
+        )
+        return cls(order, shifts[0], shifts[1], flip, corners[0], corners[1])
+
+    def to(self, device: torch.device) -> EpochDraws:
+        return EpochDraws(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
+
+
+def augment(
+    images: torch.Tensor,
+    draws: EpochDraws,
+    positions: slice,
+    pad: int,
+    flip: bool,
+    cutout: int,
+) -> torch.Tensor:
+    """Translate by up to `pad` pixels (zero fill), flip if `flip`, and zero a `cutout`
+    square: a whole uint8 batch at once, on its device. `positions` are the batch's places
+    in the epoch, which pick its rows of `draws`."""
+    n, c, h, w = images.shape
+    device = images.device
+    out = images
+    if pad > 0:
+        padded = F.pad(images, (pad, pad, pad, pad))
+        rows = (draws.shift_y[positions, None] + torch.arange(h, device=device))[:, None, :, None]
+        cols = (draws.shift_x[positions, None] + torch.arange(w, device=device))[:, None, None, :]
+        batch = torch.arange(n, device=device)[:, None, None, None]
+        channel = torch.arange(c, device=device)[None, :, None, None]
+        out = padded[batch, channel, rows, cols]
+    if flip:
+        out = torch.where(draws.flip[positions, None, None, None], out.flip(3), out)
+    if cutout > 0:
+        y = torch.arange(h, device=device)[None, :] - draws.cutout_y[positions, None]
+        x = torch.arange(w, device=device)[None, :] - draws.cutout_x[positions, None]
+        inside_y = (y >= 0) & (y < cutout)
+        inside_x = (x >= 0) & (x < cutout)
+        hole = inside_y[:, :, None] & inside_x[:, None, :]
+        out = out.masked_fill(hole[:, None], 0)
+    return out
+
+
+def distillation_loss(
+    student: torch.Tensor, teacher: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """KL divergence from the teacher's softened distribution to the student's, scaled by
+    the temperature squared so its gradients keep their size as the temperature grows."""
+    return (
+        F.kl_div(
+            F.log_softmax(student.float() / temperature, dim=1),
+            F.log_softmax(teacher.float() / temperature, dim=1),
+            reduction="batchmean",
+            log_target=True,
+        )
+        * temperature**2
+    )
+
+
 def fit(
     model: nn.Module,
-    data: Dataset,
+    data: DeviceData,
     phase: Phase,
     generator: torch.Generator,
     on_epoch: EpochCallback | None = None,
+    distillation: Distillation | None = None,
 ) -> float:
     """Train `model` in place for one phase; returns the mean loss of the last epoch."""
-    device = next(model.parameters()).device
-    train = data.train.to(device)
+    train = data.train
     steps_per_epoch = math.ceil(len(train) / phase.batch_size)
     total_steps = max(1, phase.epochs * steps_per_epoch)
     warmup_steps = max(1, round(phase.warmup_fraction * total_steps))
     optimizer = torch.optim.SGD(
         model.parameters(),
         lr=phase.peak_learning_rate,
-        momentum=0.9,
+        momentum=MOMENTUM,
         nesterov=True,
         weight_decay=phase.weight_decay,
     )
@@ -69,23 +220,42 @@ def fit(
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate_factor)
     pad = translation_pad(data.resolution)
+    if distillation is not None:
+        distillation.teacher.eval()
     model.train()
     mean_loss = float("nan")
     for epoch in range(phase.epochs):
-        order = torch.randperm(len(train), generator=generator).to(device)
-        loss_sum = torch.zeros((), device=device)
+        draws = EpochDraws.draw(len(train), pad, data.resolution, phase.cutout, generator).to(
+            data.device
+        )
+        loss_sum = torch.zeros((), device=data.device)
         for start in range(0, len(train), phase.batch_size):
-            index = order[start : start + phase.batch_size]
-            images = augment(train.images[index], pad, data.flip, generator)
-            x = normalize(images, data.mean, data.std, phase.resolution)
-            loss = F.cross_entropy(
-                model(x), train.labels[index], label_smoothing=phase.label_smoothing
-            )
+            batch = slice(start, start + phase.batch_size)
+            index = draws.order[batch]
+            images = augment(train.images[index], draws, batch, pad, data.flip, phase.cutout)
+            x = data.inputs(images, phase.resolution)
+            labels = train.labels[index]
+            with data.autocast_context():
+                logits = model(x)
+                loss = F.cross_entropy(
+                    logits.float(), labels, label_smoothing=phase.label_smoothing
+                )
+                if distillation is not None:
+                    with torch.no_grad():
+                        seen = (
+                            x
+                            if distillation.resolution == phase.resolution
+                            else data.inputs(images, distillation.resolution)
+                        )
+                        taught = distillation.teacher(seen)
+                    loss = (1 - distillation.weight) * loss + distillation.weight * (
+                        distillation_loss(logits, taught, distillation.temperature)
+                    )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
-            loss_sum += loss.detach() * len(index)
+            loss_sum += loss.detach() * len(labels)
         mean_loss = loss_sum.item() / len(train)
         if not math.isfinite(mean_loss):
             raise TrainingDiverged(
@@ -99,18 +269,39 @@ def fit(
 
 
 @torch.no_grad()
-def predict(
-    model: nn.Module, split: Split, data: Dataset, resolution: int, batch_size: int = 1024
-) -> torch.Tensor:
-    """Predicted class of every image in `split` (torch, eval mode)."""
-    device = next(model.parameters()).device
+def recalibrate_batchnorm(
+    model: nn.Module, data: DeviceData, resolution: int, batch_size: int, images: int
+) -> None:
+    """Re-estimate every batch-norm layer's running statistics from unaugmented training
+    images at `resolution`: what the deployed model sees, rather than the padded crops it
+    was trained on (FixRes, Touvron et al., 2019)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # a cumulative average over every batch
+    model.train()
+    count = min(images, len(data.train))
+    for start in range(0, count, batch_size):
+        model(data.inputs(data.train.images[start : min(count, start + batch_size)], resolution))
+    for norm, momentum in zip(norms, momenta, strict=True):
+        norm.momentum = momentum
+    model.eval()
+
+
+@torch.no_grad()
+def predict(model: nn.Module, split: Split, data: DeviceData, resolution: int) -> torch.Tensor:
+    """Predicted class of every image in `split` (torch, fp32, eval mode, on `data`'s
+    device)."""
     model.eval()
     out = []
-    for start in range(0, len(split), batch_size):
-        images = split.images[start : start + batch_size].to(device)
-        out.append(model(normalize(images, data.mean, data.std, resolution)).argmax(1).cpu())
+    for start in range(0, len(split), EVAL_BATCH_SIZE):
+        images = split.images[start : start + EVAL_BATCH_SIZE].to(data.device)
+        out.append(model(data.inputs(images, resolution)).argmax(1))
     return torch.cat(out)
 
 
 def accuracy(predictions: torch.Tensor, labels: torch.Tensor) -> float:
-    return (predictions == labels.cpu()).float().mean().item()
+    return (predictions == labels.to(predictions.device)).float().mean().item()

@@ -22,13 +22,24 @@ from compsearch.objectives.measure import (
     file_size_kb,
     onnx_accuracy,
 )
-from compsearch.objectives.train import EpochCallback, Phase, accuracy, fit, predict
+from compsearch.objectives.train import (
+    WARMUP_FRACTION,
+    DeviceData,
+    Distillation,
+    EpochCallback,
+    Phase,
+    accuracy,
+    fit,
+    predict,
+    recalibrate_batchnorm,
+)
 from compsearch.spaces.builder import build
 from compsearch.spaces.config import TrainConfig, TrialConfig
 
 EarlyCheck = Callable[[float], str | None]  # validation accuracy -> why to stop, or None
 
 CALIBRATION_IMAGES = 256  # training images that calibrate int8 activation ranges
+RECALIBRATION_IMAGES = 4096  # unaugmented training images that re-estimate BN statistics
 FINETUNE_LEARNING_RATE_FACTOR = 0.2  # fine-tune peak learning rate / training peak
 
 
@@ -62,53 +73,45 @@ def check_epoch(train: TrainConfig) -> int:
     return max(1, (train.epochs - train.finetune_epochs) // 3)
 
 
-def run_trial(
+def train_model(
     config: TrialConfig,
-    data: Dataset,
-    folder: Path,
+    on_device: DeviceData,
     seed: int,
-    device: torch.device | str = "cpu",
     on_epoch: EpochCallback | None = None,
-    early_check: EarlyCheck | None = None,
-) -> TrialResult:
-    """Train, compress and measure one config.
+    after_low_resolution: Callable[[torch.nn.Module, int], None] | None = None,
+    distillation: Distillation | None = None,
+) -> tuple[torch.nn.Module, TrialConfig]:
+    """Build and train one config, FixRes: the low-resolution phase, pruning, the
+    fine-tune at the test resolution, batch-norm recalibration. Returns the trained model
+    (on the training device, eval mode) and the config with the widths pruning left.
 
-    After `check_epoch` epochs the validation accuracy is measured and recorded; when
-    `early_check` gives a reason to stop, StoppedEarly is raised with it.
+    `after_low_resolution(model, epoch)` is called after each low-resolution epoch.
     """
-    started = time.perf_counter()
     train = config.train
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    model = build(config.arch).to(device).to(memory_format=torch.channels_last)
-
+    model = build(config.arch).to(on_device.device).to(memory_format=torch.channels_last)
     low_resolution = Phase(
         resolution=train.train_resolution,
         epochs=train.epochs - train.finetune_epochs,
         peak_learning_rate=train.learning_rate,
-        warmup_fraction=0.15,
+        warmup_fraction=WARMUP_FRACTION,
         batch_size=train.batch_size,
         weight_decay=train.weight_decay,
         label_smoothing=train.label_smoothing,
+        cutout=train.cutout,
     )
-    early_accuracy = math.nan
 
-    def after_epoch(epoch: int, epochs: int, resolution: int) -> None:
-        nonlocal early_accuracy
+    def low_epoch(epoch: int, epochs: int, resolution: int) -> None:
         if on_epoch is not None:
             on_epoch(epoch, epochs, resolution)
-        if epoch != check_epoch(train):
-            return
-        early_accuracy = accuracy(predict(model, data.val, data, resolution), data.val.labels)
-        model.train()
-        reason = early_check(early_accuracy) if early_check is not None else None
-        if reason:
-            raise StoppedEarly(reason, early_accuracy, epoch)
+        if after_low_resolution is not None:
+            after_low_resolution(model, epoch)
 
-    fit(model, data, low_resolution, generator, after_epoch)
+    fit(model, on_device, low_resolution, generator, low_epoch, distillation)
 
-    example = torch.zeros(1, data.channels, train.test_resolution, train.test_resolution)
-    arch = prune(model, config.arch, config.compress.prune_ratio, example.to(device))
+    example = torch.zeros(1, on_device.channels, train.test_resolution, train.test_resolution)
+    arch = prune(model, config.arch, config.compress.prune_ratio, example.to(on_device.device))
     config = dataclasses.replace(config, arch=arch)
 
     test_resolution = dataclasses.replace(
@@ -118,12 +121,52 @@ def run_trial(
         peak_learning_rate=train.learning_rate * FINETUNE_LEARNING_RATE_FACTOR,
         warmup_fraction=0.0,
     )
-    fit(model, data, test_resolution, generator, on_epoch)
-
-    model = model.cpu().eval()
-    accuracy_torch = accuracy(
-        predict(model, data.val, data, train.test_resolution), data.val.labels
+    fit(model, on_device, test_resolution, generator, on_epoch, distillation)
+    recalibrate_batchnorm(
+        model, on_device, train.test_resolution, train.batch_size, RECALIBRATION_IMAGES
     )
+    return model, config
+
+
+def run_trial(
+    config: TrialConfig,
+    data: Dataset,
+    folder: Path,
+    seed: int,
+    on_device: DeviceData | None = None,
+    on_epoch: EpochCallback | None = None,
+    early_check: EarlyCheck | None = None,
+    distillation: Distillation | None = None,
+) -> TrialResult:
+    """Train, compress and measure one config.
+
+    `on_device` holds the data on the training device (made once per run; the CPU when
+    None). After `check_epoch` epochs the validation accuracy is measured and recorded;
+    when `early_check` gives a reason to stop, StoppedEarly is raised with it.
+    """
+    started = time.perf_counter()
+    train = config.train
+    on_device = on_device or DeviceData(data, "cpu")
+    early_accuracy = math.nan
+
+    def check(model: torch.nn.Module, epoch: int) -> None:
+        nonlocal early_accuracy
+        if epoch != check_epoch(train):
+            return
+        early_accuracy = accuracy(
+            predict(model, on_device.val, on_device, train.train_resolution),
+            on_device.val.labels,
+        )
+        model.train()
+        reason = early_check(early_accuracy) if early_check is not None else None
+        if reason:
+            raise StoppedEarly(reason, early_accuracy, epoch)
+
+    model, config = train_model(config, on_device, seed, on_epoch, check, distillation)
+    accuracy_torch = accuracy(
+        predict(model, on_device.val, on_device, train.test_resolution), on_device.val.labels
+    )
+    model = model.cpu().eval()
     calibration = None
     if config.compress.precision == "int8":
         calibration = calibration_images(data, train.test_resolution, CALIBRATION_IMAGES, seed)

@@ -26,6 +26,9 @@ EXIT_INTERRUPTED = 130
 DEFAULT_OUT = Path("runs")
 DEFAULT_TRIALS = 40
 DEFAULT_EPOCHS = 12
+# Repeated from objectives.teacher, which imports torch; the CLI checks input without it.
+DISTILL_WEIGHT = 0.5
+DISTILL_TEMPERATURE = 4.0
 SPACE_FILE = "space.toml"  # the space searched, beside the study
 _SUFFIXES = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}
 
@@ -46,6 +49,16 @@ def parse_count(text: str, what: str) -> int:
     if value != int(value):
         raise UsageError(f"{what} must be a whole number, but got {text!r}")
     return int(value)
+
+
+def parse_fraction(text: str, what: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value <= 1:
+        raise UsageError(f"{what} must be a number from 0 to 1, but got {text!r}")
+    return value
 
 
 class Parser(argparse.ArgumentParser):
@@ -74,7 +87,12 @@ def build_parser() -> Parser:
     run.add_argument("--budget-params", required=True, help="max parameters, e.g. 2e6 or 2M")
     run.add_argument("--budget-kb", required=True, help="max ONNX file size in KB (1000 bytes)")
     run.add_argument("--budget-macs", help="max multiply-accumulates per image")
-    run.add_argument("--dataset", default="digits", help="digits (default), mnist or fashion-mnist")
+    run.add_argument(
+        "--dataset",
+        default="digits",
+        help="digits (default), mnist, fashion-mnist, cifar10, cifar100, svhn, stl10 or "
+        "folder:PATH (one sub-folder of images per class)",
+    )
     run.add_argument(
         "--data-dir",
         type=Path,
@@ -89,6 +107,22 @@ def build_parser() -> Parser:
     run.add_argument("--epochs", default=str(DEFAULT_EPOCHS), help="epochs per trial")
     run.add_argument("--seed", default="0", help="seed of the sampler, splits and training")
     run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:K")
+    run.add_argument(
+        "--teacher",
+        default="none",
+        help="distil from a teacher: none (default), auto (train a large one once per "
+        "dataset and cache it under OUT/teachers) or the path of a model.pt",
+    )
+    run.add_argument(
+        "--distill-weight",
+        default=str(DISTILL_WEIGHT),
+        help=f"share of the loss from the teacher, 0 to 1 (default {DISTILL_WEIGHT})",
+    )
+    run.add_argument(
+        "--distill-temperature",
+        default=str(DISTILL_TEMPERATURE),
+        help=f"softening of the teacher's outputs (default {DISTILL_TEMPERATURE})",
+    )
     add_location(run)
 
     show = commands.add_parser("show", help="print the feasible Pareto front")
@@ -112,6 +146,13 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
+
+
+def default_study_name(dataset: str) -> str:
+    """The dataset's name; for `folder:PATH`, the name of that folder."""
+    if dataset.startswith("folder:"):
+        return Path(dataset.removeprefix("folder:")).resolve().name or "folder"
+    return dataset
 
 
 def resolve_device(name: str) -> str:
@@ -153,8 +194,14 @@ def command_run(args: argparse.Namespace, console: Console) -> int:
     seed = int(args.seed)
     if args.sampler not in SAMPLERS:
         raise UsageError(f"unknown sampler {args.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    distill_weight = parse_fraction(args.distill_weight, "--distill-weight")
+    distill_temperature = parse_amount(args.distill_temperature, "--distill-temperature")
+    if args.teacher not in ("none", "auto") and not Path(args.teacher).is_file():
+        raise UsageError(
+            f"--teacher {args.teacher!r} is not a file; give none, auto or a model.pt path"
+        )
     space = requested_space(args)
-    study_name = args.study or args.dataset
+    study_name = args.study or default_study_name(args.dataset)
     folder = args.out / study_name
     url = storage_url(args.storage, folder)
 
@@ -179,6 +226,8 @@ def command_run(args: argparse.Namespace, console: Console) -> int:
         check_reachable(space, budgets, console)
 
     from compsearch.objectives.data import DataError, load_dataset
+    from compsearch.objectives.teacher import prepare_teacher
+    from compsearch.objectives.train import DeviceData
     from compsearch.search.run import (
         SearchSettings,
         default_schedule,
@@ -189,7 +238,36 @@ def command_run(args: argparse.Namespace, console: Console) -> int:
 
     device = resolve_device(args.device)
     try:
-        data = load_dataset(args.dataset, seed=seed, subset=subset, data_dir=args.data_dir)
+        data = load_dataset(
+            args.dataset, seed=seed, subset=subset, data_dir=args.data_dir, console=console
+        )
+        schedule = default_schedule(epochs, data.resolution)
+        on_device = DeviceData(data, device)
+
+        def teacher(spec: str):
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+            columns = ("teacher epochs", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+            with Progress(*columns, console=console, transient=True) as progress:
+                task = progress.add_task("teacher", total=None)
+                return prepare_teacher(
+                    spec,
+                    data,
+                    on_device,
+                    args.out,
+                    schedule,
+                    seed,
+                    subset,
+                    distill_weight,
+                    distill_temperature,
+                    say=console.print,
+                    on_epoch=lambda done, total, _: progress.update(
+                        task, completed=done, total=total
+                    ),
+                )
+
+        # A teacher file is checked before the storage opens; one to train, after.
+        distillation = teacher(args.teacher) if args.teacher != "auto" else None
     except DataError as error:
         raise UsageError(str(error)) from None
     storage = open_storage(url)  # only now: bad data leaves no empty study behind
@@ -201,6 +279,7 @@ def command_run(args: argparse.Namespace, console: Console) -> int:
         "budgets": budgets.to_dict(),
         "seed": seed,
         "subset": subset,
+        "teacher": args.teacher,
         "space": space.to_dict(),
         "version": __version__,
     }
@@ -217,12 +296,18 @@ def command_run(args: argparse.Namespace, console: Console) -> int:
         + f"; dataset {data.name} ({len(data.train)} train, {len(data.val)} validation images,"
         f" {data.resolution}x{data.resolution}x{data.channels}); device {device}"
     )
-    schedule = default_schedule(epochs, data.resolution)
     run_settings = SearchSettings(budgets, trials, timeout, seed, device, folder)
     started = time.perf_counter()
     interrupted = False
     try:
-        counts = search(study, space, schedule, data, run_settings, console)
+        if args.teacher == "auto":
+            try:
+                distillation = teacher("auto")
+            except DataError as error:
+                raise UsageError(str(error)) from None
+        counts = search(
+            study, space, schedule, data, run_settings, console, distillation, on_device
+        )
     except KeyboardInterrupt:
         interrupted = True
         counts = None

@@ -21,7 +21,7 @@ from rich.progress import (
 )
 
 from compsearch.objectives.data import Dataset
-from compsearch.objectives.train import TrainingDiverged
+from compsearch.objectives.train import DeviceData, Distillation, TrainingDiverged
 from compsearch.objectives.trial import StoppedEarly, TrialResult, run_trial
 from compsearch.spaces.budgets import Budgets
 from compsearch.spaces.config import TrainConfig, TrialConfig
@@ -157,6 +157,8 @@ def search(
     data: Dataset,
     settings: SearchSettings,
     console: Console | None,
+    distillation: Distillation | None = None,
+    on_device: DeviceData | None = None,
 ) -> SearchCounts:
     """Add `settings.trials` finished trials to `study` (fewer on timeout or Ctrl-C).
 
@@ -165,6 +167,8 @@ def search(
     """
     counts = SearchCounts()
     started = time.monotonic()
+    # The data on the training device, once: every trial trains from it.
+    on_device = on_device or DeviceData(data, settings.device)
     rejections_in_a_row = 0
     display = Display(console, settings.trials) if console is not None else None
     with display or contextlib.nullcontext():
@@ -216,9 +220,10 @@ def search(
                     data,
                     folder,
                     seed=settings.seed + trial.number,
-                    device=settings.device,
+                    on_device=on_device,
                     on_epoch=display.epoch_done if display else None,
                     early_check=stopper,
+                    distillation=distillation,
                 )
             except KeyboardInterrupt:
                 trial.set_user_attr("reason", INTERRUPTED)

@@ -57,6 +57,7 @@ class TrainConfig:
     learning_rate: float  # peak learning rate of the low-resolution phase
     weight_decay: float
     label_smoothing: float
+    cutout: int = 0  # pixels, side of the square of each training image zeroed; 0: none
 
 
 @dataclass(frozen=True)
@@ -76,18 +77,23 @@ class TrialConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrialConfig:
-        arch = dict(data["arch"])
-        stages = []
-        for stage in arch.pop("stages"):
-            stage = dict(stage)
-            stage["hidden_widths"] = tuple(stage["hidden_widths"])
-            stage["squeeze_widths"] = tuple(stage.get("squeeze_widths", ()))
-            stages.append(StageConfig(**stage))
         return cls(
-            arch=ArchConfig(**arch, stages=tuple(stages)),
+            arch=arch_from_dict(data["arch"]),
             train=TrainConfig(**data["train"]),
             compress=CompressConfig(**data["compress"]),
         )
+
+
+def arch_from_dict(data: dict[str, Any]) -> ArchConfig:
+    """The architecture `dataclasses.asdict` wrote (lists where tuples were)."""
+    arch = dict(data)
+    stages = []
+    for stage in arch.pop("stages"):
+        stage = dict(stage)
+        stage["hidden_widths"] = tuple(stage["hidden_widths"])
+        stage["squeeze_widths"] = tuple(stage.get("squeeze_widths", ()))
+        stages.append(StageConfig(**stage))
+    return ArchConfig(**arch, stages=tuple(stages))
 
 
 StageWidths = tuple[int, tuple[int, ...], tuple[int, ...]]  # width, hidden, squeeze widths

@@ -12,8 +12,10 @@ import optuna
 import pandas as pd
 import pytest
 
+from compsearch.objectives.teacher import load_model, save_model, teacher_arch
 from compsearch.search.cli import parse_amount
 from compsearch.search.study import UsageError
+from compsearch.spaces.builder import build
 
 
 def compsearch(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -55,6 +57,10 @@ def test_bad_amounts_are_usage_errors(text):
         ["--budget-params", "2e6", "--budget-kb", "300", "--dataset", "imagenet"],
         ["--budget-params", "10", "--budget-kb", "300"],
         ["--budget-params", "2e6", "--budget-kb", "300", "--dataset", "mnist", "--data-dir", "x"],
+        ["--budget-params", "2e6", "--budget-kb", "300", "--teacher", "missing.pt"],
+        ["--budget-params", "2e6", "--budget-kb", "300", "--distill-weight", "1.5"],
+        ["--budget-params", "2e6", "--budget-kb", "300", "--distill-temperature", "0"],
+        ["--budget-params", "2e6", "--budget-kb", "300", "--dataset", "folder:nowhere"],
     ],
 )
 def test_bad_input_exits_2_with_one_line_before_any_training(tmp_path, args):
@@ -217,3 +223,33 @@ def test_budgets_below_the_smallest_model_name_it_and_how_to_widen_the_space(tmp
     (line,) = result.stderr.strip().splitlines()
     assert "the smallest reachable has" in line and "KB" in line and "--space" in line
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_teacher_file_that_does_not_fit_exits_2_before_training(tmp_path):
+    (tmp_path / "garbage.pt").write_bytes(b"not a model")
+    arch = teacher_arch(3, 100)  # CIFAR-100's shape, not digits'
+    save_model(tmp_path / "cifar100.pt", build(arch), arch)
+    for name, message in (("garbage.pt", "cannot be read"), ("cifar100.pt", "100 classes")):
+        result = compsearch(
+            "run", "--budget-params", "50k", "--budget-kb", "50", "--teacher", name,
+            "--out", "runs", cwd=tmp_path,
+        )  # fmt: skip
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+        assert not (tmp_path / "runs").exists()
+
+
+def test_teacher_auto_is_trained_once_then_reused(tmp_path):
+    common = ["--budget-params", "50k", "--budget-kb", "50", "--epochs", "2", "--subset", "200"]
+    common += ["--teacher", "auto", "--trials", "1", "--out", "runs"]
+    first = compsearch("run", *common, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr + first.stdout
+    cached = tmp_path / "runs" / "teachers" / "digits-seed0-subset200.pt"
+    assert "training one for digits" in first.stdout and cached.is_file()
+    stamp = cached.stat().st_mtime_ns
+    again = compsearch("run", *common, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr + again.stdout
+    assert "training one" not in again.stdout and "teacher:" in again.stdout
+    assert cached.stat().st_mtime_ns == stamp
+    model, arch, facts = load_model(cached)
+    assert arch == teacher_arch(1, 10) and 0 <= facts["val_accuracy"] <= 1

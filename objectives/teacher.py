@@ -1,0 +1,206 @@
+"""The teacher of knowledge distillation: a large network, trained once per dataset with
+no size budget and cached, or a model file the user gives.
+
+A model file holds the architecture as plain data beside the state dict, so it loads with
+`torch.load(..., weights_only=True)` and rebuilds without pickled modules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from compsearch.objectives.data import Dataset
+from compsearch.objectives.formats import DataError, one_line
+from compsearch.objectives.train import (
+    WARMUP_FRACTION,
+    DeviceData,
+    Distillation,
+    EpochCallback,
+    Phase,
+    accuracy,
+    fit,
+    predict,
+    recalibrate_batchnorm,
+)
+from compsearch.spaces.builder import build
+from compsearch.spaces.config import ArchConfig, StageConfig, TrainConfig, arch_from_dict
+
+# The automatic teacher: a residual network wide enough to beat any student that fits a
+# deployment budget, shallow enough to train in a few times a trial's time.
+TEACHER_WIDTHS = (64, 128, 256)  # channels of its three stages
+TEACHER_DEPTH = 2  # residual blocks per stage
+TEACHER_EPOCH_FACTOR = 2  # teacher epochs per epoch of a trial
+RECALIBRATION_IMAGES = 4096  # unaugmented training images that re-estimate BN statistics
+
+DISTILL_WEIGHT = 0.5  # share of a student's loss from the teacher
+DISTILL_TEMPERATURE = 4.0  # softening of both distributions
+
+ProgressCallback = Callable[[str], None]
+
+
+def teacher_arch(channels: int, num_classes: int) -> ArchConfig:
+    stages = tuple(
+        StageConfig(
+            block="basic",
+            depth=TEACHER_DEPTH,
+            width=width,
+            kernel_size=3,
+            stride=1 if index == 0 else 2,
+            hidden_widths=(width,) * TEACHER_DEPTH,
+            projection=index > 0,
+        )
+        for index, width in enumerate(TEACHER_WIDTHS)
+    )
+    return ArchConfig(
+        in_channels=channels,
+        num_classes=num_classes,
+        stem_width=TEACHER_WIDTHS[0],
+        stem_kernel_size=3,
+        activation="relu",
+        leaky_relu_slope=0.01,
+        stages=stages,
+    )
+
+
+def save_model(path: Path, model: nn.Module, arch: ArchConfig, **facts: object) -> None:
+    """Write `model` as its architecture (plain data), its state dict and `facts`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
+    partial = path.with_suffix(".partial")
+    torch.save({"arch": dataclasses.asdict(arch), "state_dict": state, **facts}, partial)
+    partial.replace(path)  # a crash never leaves half a file under the real name
+
+
+def load_model(path: Path) -> tuple[nn.Module, ArchConfig, dict]:
+    """The model in `path` (written by `save_model` or `compsearch export`), eval mode."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise DataError(f"teacher file {path} does not exist; give a model.pt file") from None
+    except Exception as error:  # torch raises many kinds for files it cannot unpickle
+        reason = one_line(error)
+        if reason.startswith("Weights only load failed"):
+            reason = "it holds objects other than tensors and plain data"
+        raise DataError(
+            f"teacher file {path} cannot be read as a compsearch model ({reason}); give a "
+            "model.pt written by compsearch"
+        ) from None
+    if not isinstance(saved, dict) or "state_dict" not in saved:
+        raise DataError(f"teacher file {path} holds no state_dict; give a compsearch model.pt")
+    arch_dict = saved.get("arch") or (saved.get("config") or {}).get("arch")
+    if arch_dict is None:
+        raise DataError(f"teacher file {path} holds no architecture; give a compsearch model.pt")
+    arch = arch_from_dict(arch_dict)
+    model = build(arch)
+    try:
+        model.load_state_dict(saved["state_dict"])
+    except RuntimeError as error:
+        first = str(error).splitlines()[0]
+        raise DataError(f"teacher file {path} does not match its architecture: {first}") from None
+    facts = {k: v for k, v in saved.items() if k not in ("arch", "state_dict")}
+    return model.eval(), arch, facts
+
+
+def teacher_file(out: Path, data: Dataset, seed: int, subset: int | None) -> Path:
+    """Where the automatic teacher of a dataset, split (seed) and subset is cached."""
+    name = f"{data.name.replace(':', '-').replace('/', '_')}-seed{seed}"
+    if subset is not None:
+        name += f"-subset{subset}"
+    return out / "teachers" / f"{name}.pt"
+
+
+def train_teacher(
+    data: DeviceData,
+    arch: ArchConfig,
+    schedule: TrainConfig,
+    seed: int,
+    on_epoch: EpochCallback | None = None,
+) -> nn.Module:
+    """The automatic teacher, trained at the data's own resolution for
+    TEACHER_EPOCH_FACTOR times a trial's epochs."""
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    model = build(arch).to(data.device).to(memory_format=torch.channels_last)
+    phase = Phase(
+        resolution=data.resolution,
+        epochs=schedule.epochs * TEACHER_EPOCH_FACTOR,
+        peak_learning_rate=schedule.learning_rate,
+        warmup_fraction=WARMUP_FRACTION,
+        batch_size=schedule.batch_size,
+        weight_decay=schedule.weight_decay,
+        label_smoothing=schedule.label_smoothing,
+        cutout=schedule.cutout,
+    )
+    fit(model, data, phase, generator, on_epoch)
+    recalibrate_batchnorm(model, data, data.resolution, schedule.batch_size, RECALIBRATION_IMAGES)
+    return model
+
+
+def check_teacher(arch: ArchConfig, data: Dataset, path: Path) -> None:
+    if (arch.in_channels, arch.num_classes) != (data.channels, data.num_classes):
+        raise DataError(
+            f"teacher {path} takes {arch.in_channels}-channel images and predicts "
+            f"{arch.num_classes} classes, but {data.name} has {data.channels} channels and "
+            f"{data.num_classes} classes; give a teacher trained on this dataset or --teacher auto"
+        )
+
+
+def prepare_teacher(
+    spec: str,
+    data: Dataset,
+    on_device: DeviceData,
+    out: Path,
+    schedule: TrainConfig,
+    seed: int,
+    subset: int | None,
+    weight: float = DISTILL_WEIGHT,
+    temperature: float = DISTILL_TEMPERATURE,
+    say: ProgressCallback | None = None,
+    on_epoch: EpochCallback | None = None,
+) -> Distillation | None:
+    """The distillation `--teacher` asks for: None for "none"; for "auto" the cached
+    teacher of this dataset, trained first when there is none; otherwise the model file
+    `spec`. Raises DataError when the file cannot serve as this dataset's teacher."""
+    if spec == "none":
+        return None
+    say = say or (lambda _: None)
+    if spec == "auto":
+        path = teacher_file(out, data, seed, subset)
+        if path.exists():
+            model, arch, facts = load_model(path)
+            check_teacher(arch, data, path)
+            val = facts.get("val_accuracy", float("nan"))
+            say(f"teacher: {path} (validation accuracy {val:.2%})")
+        else:
+            arch = teacher_arch(data.channels, data.num_classes)
+            say(
+                f"teacher: training one for {data.name} ({schedule.epochs * TEACHER_EPOCH_FACTOR} "
+                f"epochs), cached as {path}"
+            )
+            started = time.perf_counter()
+            model = train_teacher(on_device, arch, schedule, seed, on_epoch)
+            val = accuracy(
+                predict(model, on_device.val, on_device, data.resolution), on_device.val.labels
+            )
+            save_model(path, model, arch, val_accuracy=val, seed=seed, dataset=data.name)
+            seconds = time.perf_counter() - started
+            say(f"teacher: validation accuracy {val:.2%} after {seconds:.0f} s")
+    else:
+        path = Path(spec)
+        model, arch, _ = load_model(path)
+        check_teacher(arch, data, path)
+        val = accuracy(
+            predict(model.to(on_device.device), on_device.val, on_device, data.resolution),
+            on_device.val.labels,
+        )
+        say(f"teacher: {path} (validation accuracy {val:.2%})")
+    model = model.to(on_device.device).to(memory_format=torch.channels_last).eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return Distillation(model, weight, temperature, data.resolution)
