@@ -8,6 +8,7 @@ A model file holds the architecture as plain data beside the state dict, so it l
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -109,7 +110,11 @@ def load_model(path: Path) -> tuple[nn.Module, ArchConfig, dict]:
 
 def teacher_file(out: Path, data: Dataset, seed: int, subset: int | None) -> Path:
     """Where the automatic teacher of a dataset, split (seed) and subset is cached."""
-    name = f"{data.name.replace(':', '-').replace('/', '_')}-seed{seed}"
+    name = data.name
+    if name.startswith("folder:"):  # the folder's name and a digest of its whole path
+        path = Path(name.removeprefix("folder:")).resolve()
+        name = f"{path.name}-{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
+    name += f"-seed{seed}"
     if subset is not None:
         name += f"-subset{subset}"
     return out / "teachers" / f"{name}.pt"

@@ -1,0 +1,119 @@
+"""Distillation gain: a student's accuracy with and without the teacher, same schedule.
+
+Each seed trains the same student twice, once from the labels alone and once with the
+teacher's softened outputs, through the trial pipeline itself (FixRes, int8 ONNX export,
+accuracy measured by onnxruntime on the validation split). The teacher is trained once,
+as `--teacher auto` trains it, and cached under OUT.
+
+    python bench/distillation_gain.py                 # CIFAR-10 (JPEG copy), 3 seeds
+    python bench/distillation_gain.py --subset 5000 --epochs 6 --seeds 0 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from compsearch.objectives import teacher as teacher_module
+from compsearch.objectives.data import load_dataset
+from compsearch.objectives.teacher import prepare_teacher
+from compsearch.objectives.train import DeviceData
+from compsearch.objectives.trial import run_trial
+from compsearch.search.run import default_schedule
+from compsearch.spaces.config import ArchConfig, CompressConfig, StageConfig, TrialConfig
+
+SHARED_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg"
+
+
+def student_arch(channels: int, num_classes: int, widths: tuple[int, ...], depth: int):
+    stages = tuple(
+        StageConfig("basic", depth, width, 3, 1 if i == 0 else 2, (width,) * depth, i > 0)
+        for i, width in enumerate(widths)
+    )
+    return ArchConfig(channels, num_classes, widths[0], 3, "relu", 0.01, stages)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default=f"folder:{SHARED_CIFAR}")
+    parser.add_argument("--data-dir", type=Path, default=Path("data"))
+    parser.add_argument("--subset", type=int, default=10_000, help="training images")
+    parser.add_argument("--epochs", type=int, default=8, help="student epochs (teacher: 2x)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--student-widths", type=int, nargs="+", default=[16, 32, 48])
+    parser.add_argument("--student-depth", type=int, default=1)
+    parser.add_argument(
+        "--teacher-widths",
+        type=int,
+        nargs="+",
+        default=list(teacher_module.TEACHER_WIDTHS),
+        help="stage widths of the teacher (default: --teacher auto's)",
+    )
+    parser.add_argument("--weight", type=float, default=teacher_module.DISTILL_WEIGHT)
+    parser.add_argument("--temperature", type=float, default=teacher_module.DISTILL_TEMPERATURE)
+    parser.add_argument("--out", type=Path, default=Path("runs/bench-distillation"))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+
+    teacher_module.TEACHER_WIDTHS = tuple(args.teacher_widths)
+    # The cached teacher's file name does not say its widths: one folder per teacher.
+    out = args.out / ("teacher-" + "-".join(map(str, args.teacher_widths)))
+    data = load_dataset(args.dataset, seed=0, subset=args.subset, data_dir=args.data_dir)
+    on_device = DeviceData(data, args.device)
+    schedule = default_schedule(args.epochs, data.resolution)
+    started = time.perf_counter()
+    distillation = prepare_teacher(
+        "auto",
+        data,
+        on_device,
+        out,
+        schedule,
+        seed=0,
+        subset=args.subset,
+        weight=args.weight,
+        temperature=args.temperature,
+        say=print,
+    )
+    print(f"teacher ready after {time.perf_counter() - started:.0f} s")
+    arch = student_arch(
+        data.channels, data.num_classes, tuple(args.student_widths), args.student_depth
+    )
+    train = dataclasses.replace(schedule, train_resolution=max(8, data.resolution // 2))
+    config = TrialConfig(arch, train, CompressConfig("int8", 0.0))
+    print(
+        f"{data.name}: {len(data.train)} train, {len(data.val)} validation images; student "
+        f"widths {args.student_widths} x{args.student_depth}, {args.epochs} epochs "
+        f"({train.train_resolution} px then {train.finetune_epochs} at {train.test_resolution}"
+        f" px), int8; weight {args.weight}, temperature {args.temperature}"
+    )
+    print(f"{'seed':>4} {'labels only':>12} {'distilled':>10} {'gain':>7} {'size KB':>8}")
+    gains = []
+    for seed in args.seeds:
+        accuracies = []
+        for teacher in (None, distillation):
+            folder = out / f"seed{seed}-{'distilled' if teacher else 'labels'}"
+            result = run_trial(
+                config, data, folder, seed, on_device=on_device, distillation=teacher
+            )
+            accuracies.append(result.accuracy)
+        gain = accuracies[1] - accuracies[0]
+        gains.append(gain)
+        print(
+            f"{seed:>4} {accuracies[0]:>12.2%} {accuracies[1]:>10.2%} {gain * 100:>+6.2f}"
+            f" {result.size_kb:>8.1f}",
+            flush=True,
+        )
+    spread = statistics.stdev(gains) * 100 if len(gains) > 1 else float("nan")
+    print(
+        f"gain: {statistics.mean(gains) * 100:+.2f} ± {spread:.2f} points over "
+        f"{len(gains)} seeds; total {time.perf_counter() - started:.0f} s"
+    )
+
+
+if __name__ == "__main__":
+    main()
