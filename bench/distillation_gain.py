@@ -21,21 +21,13 @@ import torch
 
 from compsearch.objectives import teacher as teacher_module
 from compsearch.objectives.data import load_dataset
-from compsearch.objectives.teacher import prepare_teacher
+from compsearch.objectives.teacher import prepare_teacher, residual_arch
 from compsearch.objectives.train import DeviceData
 from compsearch.objectives.trial import run_trial
 from compsearch.search.run import default_schedule
-from compsearch.spaces.config import ArchConfig, CompressConfig, StageConfig, TrialConfig
+from compsearch.spaces.config import CompressConfig, TrialConfig
 
 SHARED_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg"
-
-
-def student_arch(channels: int, num_classes: int, widths: tuple[int, ...], depth: int):
-    stages = tuple(
-        StageConfig("basic", depth, width, 3, 1 if i == 0 else 2, (width,) * depth, i > 0)
-        for i, width in enumerate(widths)
-    )
-    return ArchConfig(channels, num_classes, widths[0], 3, "relu", 0.01, stages)
 
 
 def main() -> None:
@@ -80,7 +72,7 @@ def main() -> None:
         say=print,
     )
     print(f"teacher ready after {time.perf_counter() - started:.0f} s")
-    arch = student_arch(
+    arch = residual_arch(
         data.channels, data.num_classes, tuple(args.student_widths), args.student_depth
     )
     train = dataclasses.replace(schedule, train_resolution=max(8, data.resolution // 2))

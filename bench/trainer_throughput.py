@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from compsearch.objectives.data import Dataset, Split, load_dataset
+from compsearch.objectives.teacher import residual_arch
 from compsearch.objectives.train import (
     MOMENTUM,
     DeviceData,
@@ -37,21 +38,13 @@ from compsearch.objectives.train import (
     translation_pad,
 )
 from compsearch.spaces.builder import build
-from compsearch.spaces.config import ArchConfig, StageConfig
+from compsearch.spaces.config import ArchConfig
 
 SHARED_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg"
 BATCH_SIZE = 64  # the default schedule's
 LEARNING_RATE = 0.05
 WEIGHT_DECAY = 5e-4
 LABEL_SMOOTHING = 0.1
-
-
-def resnet(channels: int, num_classes: int, widths: tuple[int, ...], depth: int) -> ArchConfig:
-    stages = tuple(
-        StageConfig("basic", depth, width, 3, 1 if i == 0 else 2, (width,) * depth, i > 0)
-        for i, width in enumerate(widths)
-    )
-    return ArchConfig(channels, num_classes, widths[0], 3, "relu", 0.01, stages)
 
 
 MODELS = {
@@ -205,7 +198,7 @@ def main() -> None:
     )
     for model_name in args.models:
         widths, depth = MODELS[model_name]
-        arch = resnet(data.channels, data.num_classes, widths, depth)
+        arch = residual_arch(data.channels, data.num_classes, widths, depth)
         for resolution in args.resolutions:
             ours = our_epoch(arch, data, args.device, resolution)
             conventional = [

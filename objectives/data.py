@@ -499,14 +499,18 @@ def load_dataset(
 
 
 def normalize(
-    images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...], resolution: int
+    images: torch.Tensor,
+    mean: tuple[float, ...] | torch.Tensor,
+    std: tuple[float, ...] | torch.Tensor,
+    resolution: int,
 ) -> torch.Tensor:
-    """uint8 (N, C, H, W) to normalized float at `resolution` pixels, channels_last."""
+    """uint8 (N, C, H, W) to normalized float at `resolution` pixels, channels_last.
+    `mean` and `std` may be tensors already on the images' device (no copy is made)."""
     x = images.float().div_(255)
     shape = (1, -1, 1, 1)
-    x = (x - torch.tensor(mean, device=x.device).view(shape)) / torch.tensor(
-        std, device=x.device
-    ).view(shape)
+    mean = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(shape)
+    std = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(shape)
+    x = (x - mean) / std
     if x.shape[-1] != resolution:
         x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", antialias=True)
     return x.contiguous(memory_format=torch.channels_last)

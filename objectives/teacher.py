@@ -19,7 +19,6 @@ from torch import nn
 from compsearch.objectives.data import Dataset
 from compsearch.objectives.formats import DataError, one_line
 from compsearch.objectives.train import (
-    WARMUP_FRACTION,
     DeviceData,
     Distillation,
     EpochCallback,
@@ -37,7 +36,6 @@ from compsearch.spaces.config import ArchConfig, StageConfig, TrainConfig, arch_
 TEACHER_WIDTHS = (64, 128, 256)  # channels of its three stages
 TEACHER_DEPTH = 2  # residual blocks per stage
 TEACHER_EPOCH_FACTOR = 2  # teacher epochs per epoch of a trial
-RECALIBRATION_IMAGES = 4096  # unaugmented training images that re-estimate BN statistics
 
 DISTILL_WEIGHT = 0.5  # share of a student's loss from the teacher
 DISTILL_TEMPERATURE = 4.0  # softening of both distributions
@@ -45,28 +43,36 @@ DISTILL_TEMPERATURE = 4.0  # softening of both distributions
 ProgressCallback = Callable[[str], None]
 
 
-def teacher_arch(channels: int, num_classes: int) -> ArchConfig:
+def residual_arch(
+    channels: int, num_classes: int, widths: tuple[int, ...], depth: int
+) -> ArchConfig:
+    """A CIFAR-style ResNet: a stage of `depth` basic blocks per width, the first at full
+    resolution, each later one halving it."""
     stages = tuple(
         StageConfig(
             block="basic",
-            depth=TEACHER_DEPTH,
+            depth=depth,
             width=width,
             kernel_size=3,
             stride=1 if index == 0 else 2,
-            hidden_widths=(width,) * TEACHER_DEPTH,
+            hidden_widths=(width,) * depth,
             projection=index > 0,
         )
-        for index, width in enumerate(TEACHER_WIDTHS)
+        for index, width in enumerate(widths)
     )
     return ArchConfig(
         in_channels=channels,
         num_classes=num_classes,
-        stem_width=TEACHER_WIDTHS[0],
+        stem_width=widths[0],
         stem_kernel_size=3,
         activation="relu",
         leaky_relu_slope=0.01,
         stages=stages,
     )
+
+
+def teacher_arch(channels: int, num_classes: int) -> ArchConfig:
+    return residual_arch(channels, num_classes, TEACHER_WIDTHS, TEACHER_DEPTH)
 
 
 def save_model(path: Path, model: nn.Module, arch: ArchConfig, **facts: object) -> None:
@@ -132,18 +138,9 @@ def train_teacher(
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     model = build(arch).to(data.device).to(memory_format=torch.channels_last)
-    phase = Phase(
-        resolution=data.resolution,
-        epochs=schedule.epochs * TEACHER_EPOCH_FACTOR,
-        peak_learning_rate=schedule.learning_rate,
-        warmup_fraction=WARMUP_FRACTION,
-        batch_size=schedule.batch_size,
-        weight_decay=schedule.weight_decay,
-        label_smoothing=schedule.label_smoothing,
-        cutout=schedule.cutout,
-    )
+    phase = Phase.of(schedule, data.resolution, schedule.epochs * TEACHER_EPOCH_FACTOR)
     fit(model, data, phase, generator, on_epoch)
-    recalibrate_batchnorm(model, data, data.resolution, schedule.batch_size, RECALIBRATION_IMAGES)
+    recalibrate_batchnorm(model, data, data.resolution, schedule.batch_size)
     return model
 
 

@@ -23,13 +23,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compsearch.objectives.data import Dataset, Split
+from compsearch.objectives.data import Dataset, Split, normalize
+from compsearch.spaces.config import TrainConfig
 
 EpochCallback = Callable[[int, int, int], None]  # (epoch done, epochs in phase, resolution)
 
 MOMENTUM = 0.9  # SGD momentum (Nesterov)
 WARMUP_FRACTION = 0.15  # of a phase's steps spent ramping the learning rate up
 EVAL_BATCH_SIZE = 1024  # images per forward pass when predicting
+RECALIBRATION_IMAGES = 4096  # unaugmented training images that re-estimate BN statistics
 
 
 class TrainingDiverged(RuntimeError):
@@ -46,6 +48,20 @@ class Phase:
     weight_decay: float  # L2 coefficient, applied by SGD
     label_smoothing: float  # probability mass spread over the other classes
     cutout: int = 0  # side in pixels of the square zeroed at a random place; 0: none
+
+    @classmethod
+    def of(cls, schedule: TrainConfig, resolution: int, epochs: int) -> Phase:
+        """A phase with `schedule`'s optimizer settings, warming up for WARMUP_FRACTION."""
+        return cls(
+            resolution=resolution,
+            epochs=epochs,
+            peak_learning_rate=schedule.learning_rate,
+            warmup_fraction=WARMUP_FRACTION,
+            batch_size=schedule.batch_size,
+            weight_decay=schedule.weight_decay,
+            label_smoothing=schedule.label_smoothing,
+            cutout=schedule.cutout,
+        )
 
 
 @dataclass(frozen=True)
@@ -87,9 +103,9 @@ class DeviceData:
         self.device = torch.device(device)
         self.train = data.train.to(self.device)
         self.val = data.val.to(self.device)
-        shape = (1, -1, 1, 1)
-        self.mean = torch.tensor(data.mean, device=self.device).view(shape)
-        self.std = torch.tensor(data.std, device=self.device).view(shape)
+        # Made once here, not per batch.
+        self.mean = torch.tensor(data.mean, device=self.device)
+        self.std = torch.tensor(data.std, device=self.device)
         self.flip = data.flip
         self.resolution = data.resolution
         self.channels = data.channels
@@ -98,10 +114,7 @@ class DeviceData:
     def inputs(self, images: torch.Tensor, resolution: int) -> torch.Tensor:
         """uint8 (N, C, H, W) on the device to normalized float at `resolution`,
         channels_last."""
-        x = (images.float().div_(255) - self.mean) / self.std
-        if x.shape[-1] != resolution:
-            x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", antialias=True)
-        return x.contiguous(memory_format=torch.channels_last)
+        return normalize(images, self.mean, self.std, resolution)
 
     def autocast_context(self) -> torch.autocast:
         return torch.autocast(
@@ -270,7 +283,11 @@ def fit(
 
 @torch.no_grad()
 def recalibrate_batchnorm(
-    model: nn.Module, data: DeviceData, resolution: int, batch_size: int, images: int
+    model: nn.Module,
+    data: DeviceData,
+    resolution: int,
+    batch_size: int,
+    images: int = RECALIBRATION_IMAGES,
 ) -> None:
     """Re-estimate every batch-norm layer's running statistics from unaugmented training
     images at `resolution`: what the deployed model sees, rather than the padded crops it

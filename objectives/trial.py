@@ -23,7 +23,6 @@ from compsearch.objectives.measure import (
     onnx_accuracy,
 )
 from compsearch.objectives.train import (
-    WARMUP_FRACTION,
     DeviceData,
     Distillation,
     EpochCallback,
@@ -39,7 +38,6 @@ from compsearch.spaces.config import TrainConfig, TrialConfig
 EarlyCheck = Callable[[float], str | None]  # validation accuracy -> why to stop, or None
 
 CALIBRATION_IMAGES = 256  # training images that calibrate int8 activation ranges
-RECALIBRATION_IMAGES = 4096  # unaugmented training images that re-estimate BN statistics
 FINETUNE_LEARNING_RATE_FACTOR = 0.2  # fine-tune peak learning rate / training peak
 
 
@@ -91,16 +89,7 @@ def train_model(
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     model = build(config.arch).to(on_device.device).to(memory_format=torch.channels_last)
-    low_resolution = Phase(
-        resolution=train.train_resolution,
-        epochs=train.epochs - train.finetune_epochs,
-        peak_learning_rate=train.learning_rate,
-        warmup_fraction=WARMUP_FRACTION,
-        batch_size=train.batch_size,
-        weight_decay=train.weight_decay,
-        label_smoothing=train.label_smoothing,
-        cutout=train.cutout,
-    )
+    low_resolution = Phase.of(train, train.train_resolution, train.epochs - train.finetune_epochs)
 
     def low_epoch(epoch: int, epochs: int, resolution: int) -> None:
         if on_epoch is not None:
@@ -122,9 +111,7 @@ def train_model(
         warmup_fraction=0.0,
     )
     fit(model, on_device, test_resolution, generator, on_epoch, distillation)
-    recalibrate_batchnorm(
-        model, on_device, train.test_resolution, train.batch_size, RECALIBRATION_IMAGES
-    )
+    recalibrate_batchnorm(model, on_device, train.test_resolution, train.batch_size)
     return model, config
 
 
