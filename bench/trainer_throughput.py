@@ -128,10 +128,14 @@ def conventional_epoch(
     return seen / (time.perf_counter() - started)
 
 
-def our_epoch(arch: ArchConfig, data: Dataset, device: str, resolution: int) -> float:
+def our_epoch(
+    arch: ArchConfig, data: Dataset, device: str, resolution: int, bf16: bool = False
+) -> float:
     """Images per second of one epoch of `fit` (after a warm-up on a few batches)."""
     torch.manual_seed(0)
     on_device = DeviceData(data, device)
+    if bf16:  # forced, to measure it where the hardware has no bf16 units
+        on_device.autocast = torch.bfloat16
     model = build(arch).to(device).to(memory_format=torch.channels_last)
     phase = Phase(
         resolution=resolution,
@@ -180,6 +184,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--bf16", action="store_true", help="force bf16 autocast on ours")
     args = parser.parse_args()
 
     data, described = load(args)
@@ -200,7 +205,7 @@ def main() -> None:
         widths, depth = MODELS[model_name]
         arch = residual_arch(data.channels, data.num_classes, widths, depth)
         for resolution in args.resolutions:
-            ours = our_epoch(arch, data, args.device, resolution)
+            ours = our_epoch(arch, data, args.device, resolution, args.bf16)
             conventional = [
                 conventional_epoch(arch, data.train, data, resolution, w) for w in args.workers
             ]
