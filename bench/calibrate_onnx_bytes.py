@@ -11,6 +11,7 @@ depend on training, so untrained weights (with realistic batch-norm statistics) 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import tempfile
 import warnings
 from pathlib import Path
@@ -48,7 +49,11 @@ def exported_sizes(configs: int, folder: Path) -> list[dict]:
                     module.running_mean.normal_()
                     module.running_var.uniform_(0.5, 2.0)
             example = torch.zeros(1, channels, resolution, resolution)
-            arch = prune(model, config.arch, config.compress.prune_ratio, example)
+            # Local L2 pruning: the estimate is exact for it, so it calibrates the bytes.
+            compress = dataclasses.replace(
+                config.compress, prune_criterion="l2", prune_scope="local"
+            )
+            arch = prune(model, config.arch, compress, example)
             counts = count_layers(arch, resolution)
             calibration = (
                 np.random.default_rng(0)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -15,37 +16,125 @@ import onnx
 import torch
 from torch import nn
 
+from compsearch.spaces.blocks import get_block
 from compsearch.spaces.builder import Network, read_widths
-from compsearch.spaces.config import ArchConfig, with_widths
+from compsearch.spaces.config import (
+    PRUNE_CRITERIA,
+    PRUNE_SCOPES,
+    ArchConfig,
+    CompressConfig,
+    block_shapes,
+    with_widths,
+)
+from compsearch.spaces.estimate import channel_ratio
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 ONNX_OPSET = 17
 
 
-def prune(
-    model: Network, arch: ArchConfig, prune_ratio: float, example: torch.Tensor
-) -> ArchConfig:
-    """Remove `prune_ratio` of the channels of every prunable group, in place.
+GLOBAL_PRUNING_STEPS = 50  # global pruning removes channels in this many small steps
+# The most of one layer's channels global pruning removes: ranking across layers would
+# otherwise empty a layer whose weights happen to be small (a stem down to one channel).
+GLOBAL_MAX_LAYER_RATIO = 0.8
 
-    Channels are ranked by the L2 norm of their weights within each group and removed
-    physically (torch-pruning), so the pruned model is smaller when exported. Returns the
-    architecture with the widths that remain, from which the model rebuilds.
-    """
-    if prune_ratio <= 0:
-        return arch
+
+def importance(criterion: str):
+    """torch-pruning's importance for a criterion of PRUNE_CRITERIA."""
     import torch_pruning as tp
 
-    pruner = tp.pruner.BasePruner(
-        model,
-        example,
-        importance=tp.importance.GroupMagnitudeImportance(p=2),
-        pruning_ratio=prune_ratio,
-        ignored_layers=[model.classifier],
-    )
-    pruner.step()
+    if criterion == "l2":
+        return tp.importance.GroupMagnitudeImportance(p=2)
+    if criterion == "bn_scale":
+
+        class ScaleOrMagnitude(tp.importance.BNScaleImportance):
+            """Batch-norm scales; for a group with no batch norm (a squeeze-and-excitation
+            layer), the L2 norm of its weights, so every group local pruning counts on
+            is pruned."""
+
+            def __call__(self, group):
+                scores = super().__call__(group)
+                return scores if scores is not None else magnitude(group)
+
+        magnitude = tp.importance.GroupMagnitudeImportance(p=2)
+        return ScaleOrMagnitude()
+    if criterion == "taylor":
+        return tp.importance.GroupTaylorImportance()
+    raise ValueError(f"unknown pruning criterion {criterion!r}; valid: {', '.join(PRUNE_CRITERIA)}")
+
+
+def prune(
+    model: Network,
+    arch: ArchConfig,
+    compress: CompressConfig,
+    example: torch.Tensor,
+    loss: Callable[[nn.Module], torch.Tensor] | None = None,
+) -> ArchConfig:
+    """Remove whole channels until `compress.prune_fraction` of the parameters are gone,
+    in place, and return the architecture with the widths that remain, from which the
+    model rebuilds.
+
+    Channels are removed physically (torch-pruning), ranked by `compress.prune_criterion`:
+    "taylor" needs `loss(model)`, a loss on training images whose gradients it reads.
+    Local pruning removes the same share of every layer's channels, the share that
+    `channel_ratio` finds, so the estimates before training are exact. Global pruning
+    ranks channels across layers and removes them in small steps until the parameters
+    are down to the target (or as far as it can go); no layer loses more than
+    GLOBAL_MAX_LAYER_RATIO of its channels,
+    and widths the config ties but torch-pruning would prune apart stay whole (see
+    `Block.fixed_in_global_pruning`).
+    """
+    fraction = compress.prune_fraction
+    if fraction <= 0:
+        return arch
+    if compress.prune_scope not in PRUNE_SCOPES:
+        raise ValueError(
+            f"unknown pruning scope {compress.prune_scope!r}; valid: {', '.join(PRUNE_SCOPES)}"
+        )
+    import torch_pruning as tp
+
+    ranking = importance(compress.prune_criterion)
+    if compress.prune_criterion == "taylor":
+        if loss is None:
+            raise ValueError("Taylor pruning needs a loss to take gradients of")
+        model.zero_grad(set_to_none=True)
+        loss(model).backward()
+    if compress.prune_scope == "local":
+        tp.pruner.BasePruner(
+            model,
+            example,
+            importance=ranking,
+            pruning_ratio=channel_ratio(arch, fraction),
+            ignored_layers=[model.classifier],
+        ).step()
+    else:
+        fixed = [
+            layer
+            for (stage, _), block in zip(block_shapes(arch), model.blocks, strict=True)
+            for layer in get_block(stage.block).fixed_in_global_pruning(block, stage.depth)
+        ]
+        target = (1 - fraction) * _count_params(model)
+        pruner = tp.pruner.BasePruner(
+            model,
+            example,
+            importance=ranking,
+            global_pruning=True,
+            pruning_ratio=GLOBAL_MAX_LAYER_RATIO,
+            max_pruning_ratio=GLOBAL_MAX_LAYER_RATIO,
+            iterative_steps=GLOBAL_PRUNING_STEPS,
+            ignored_layers=[model.classifier, *fixed],
+        )
+        for _ in range(GLOBAL_PRUNING_STEPS):
+            pruner.step()
+            if _count_params(model) <= target:
+                break
+    model.zero_grad(set_to_none=True)
     stem_width, stage_widths = read_widths(model, arch)
     return with_widths(arch, stem_width, stage_widths)
+
+
+def _count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
 
 
 def export_fp32(model: nn.Module, resolution: int, channels: int) -> onnx.ModelProto:

@@ -4,6 +4,7 @@ measure. The result's figures all come from the deployed ONNX file or the pruned
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import time
@@ -12,9 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from compsearch.objectives.compress import export, prune
-from compsearch.objectives.data import Dataset
+from compsearch.objectives.data import Dataset, Split
 from compsearch.objectives.measure import (
     calibration_images,
     count_macs,
@@ -22,6 +24,7 @@ from compsearch.objectives.measure import (
     file_size_kb,
     onnx_accuracy,
 )
+from compsearch.objectives.quantize import quantization_aware_finetune
 from compsearch.objectives.train import (
     DeviceData,
     Distillation,
@@ -39,6 +42,12 @@ EarlyCheck = Callable[[float], str | None]  # validation accuracy -> why to stop
 
 CALIBRATION_IMAGES = 256  # training images that calibrate int8 activation ranges
 FINETUNE_LEARNING_RATE_FACTOR = 0.2  # fine-tune peak learning rate / training peak
+TAYLOR_IMAGES = 512  # training images whose loss gradients rank channels for Taylor pruning
+# Validation accuracy (a fraction) that post-training int8 may lose against the fp32
+# model before a quantization-aware fine-tune is tried.
+QUANTIZATION_AWARE_THRESHOLD = 0.003
+# Its learning rate against the fine-tune's: the weights only need to move to the grid.
+QUANTIZATION_AWARE_LEARNING_RATE_FACTOR = 0.5
 
 
 @dataclass(frozen=True)
@@ -46,6 +55,11 @@ class TrialResult:
     config: TrialConfig  # as deployed: widths after pruning
     accuracy: float  # validation top-1 of the ONNX file in onnxruntime
     accuracy_before_compression: float  # validation top-1 of the torch fp32 model
+    # Validation top-1 of the file as first exported: for int8, post-training quantization.
+    accuracy_post_training: float
+    # Whether the file comes from a quantization-aware fine-tune, tried when post-training
+    # int8 lost more than QUANTIZATION_AWARE_THRESHOLD and kept when it measured better.
+    quantization_aware: bool
     params: int
     macs: int
     size_kb: float  # ONNX file bytes / 1000
@@ -100,19 +114,38 @@ def train_model(
     fit(model, on_device, low_resolution, generator, low_epoch, distillation)
 
     example = torch.zeros(1, on_device.channels, train.test_resolution, train.test_resolution)
-    arch = prune(model, config.arch, config.compress.prune_ratio, example.to(on_device.device))
+    loss = taylor_loss(on_device, train.test_resolution)
+    arch = prune(model, config.arch, config.compress, example.to(on_device.device), loss)
     config = dataclasses.replace(config, arch=arch)
-
-    test_resolution = dataclasses.replace(
-        low_resolution,
-        resolution=train.test_resolution,
-        epochs=train.finetune_epochs,
-        peak_learning_rate=train.learning_rate * FINETUNE_LEARNING_RATE_FACTOR,
-        warmup_fraction=0.0,
-    )
-    fit(model, on_device, test_resolution, generator, on_epoch, distillation)
+    fit(model, on_device, finetune_phase(train), generator, on_epoch, distillation)
     recalibrate_batchnorm(model, on_device, train.test_resolution, train.batch_size)
     return model, config
+
+
+def taylor_loss(
+    on_device: DeviceData, resolution: int
+) -> Callable[[torch.nn.Module], torch.Tensor]:
+    """Cross-entropy on the first TAYLOR_IMAGES training images at `resolution`: what
+    Taylor pruning takes gradients of."""
+
+    def loss(model: torch.nn.Module) -> torch.Tensor:
+        images = on_device.train.images[:TAYLOR_IMAGES]
+        labels = on_device.train.labels[:TAYLOR_IMAGES]
+        model.eval()  # batch-norm statistics as they will be used
+        return F.cross_entropy(model(on_device.inputs(images, resolution)), labels)
+
+    return loss
+
+
+def finetune_phase(train: TrainConfig, learning_rate_factor: float = 1.0) -> Phase:
+    """The fine-tune at the test resolution after pruning (FixRes), no warm-up; its
+    learning rate scaled by `learning_rate_factor`."""
+    factor = FINETUNE_LEARNING_RATE_FACTOR * learning_rate_factor
+    return dataclasses.replace(
+        Phase.of(train, train.test_resolution, train.finetune_epochs),
+        peak_learning_rate=train.learning_rate * factor,
+        warmup_fraction=0.0,
+    )
 
 
 def run_trial(
@@ -153,26 +186,73 @@ def run_trial(
     accuracy_torch = accuracy(
         predict(model, on_device.val, on_device, train.test_resolution), on_device.val.labels
     )
-    model = model.cpu().eval()
-    calibration = None
-    if config.compress.precision == "int8":
-        calibration = calibration_images(data, train.test_resolution, CALIBRATION_IMAGES, seed)
-    path = export(
-        model,
-        config.compress.precision,
-        train.test_resolution,
-        data.channels,
-        folder / "model.onnx",
-        calibration,
+    deployed = deploy(
+        model, config, data, on_device, folder / "model.onnx", data.val, seed, accuracy_torch
     )
+    model = deployed.model.cpu().eval()
     return TrialResult(
         config=config,
-        accuracy=onnx_accuracy(path, data.val, data, train.test_resolution),
+        accuracy=deployed.accuracy,
         accuracy_before_compression=accuracy_torch,
+        accuracy_post_training=deployed.accuracy_post_training,
+        quantization_aware=deployed.quantization_aware,
         params=count_params(model),
         macs=count_macs(model, data.channels, train.test_resolution),
-        size_kb=file_size_kb(path),
-        onnx_path=path,
+        size_kb=file_size_kb(deployed.path),
+        onnx_path=deployed.path,
         seconds=time.perf_counter() - started,
         early_accuracy=early_accuracy,
     )
+
+
+@dataclass(frozen=True)
+class Deployed:
+    model: torch.nn.Module  # what the file holds: the trained model or its tuned copy
+    path: Path
+    accuracy: float  # top-1 of the file in onnxruntime on the split measured
+    accuracy_post_training: float  # of the file as first exported
+    quantization_aware: bool  # whether the file comes from the quantization-aware copy
+
+
+def deploy(
+    model: torch.nn.Module,
+    config: TrialConfig,
+    data: Dataset,
+    on_device: DeviceData,
+    path: Path,
+    split: Split,
+    seed: int,
+    accuracy_torch: float,
+) -> Deployed:
+    """Write the deployable file for `config.compress.precision` to `path` and measure it
+    on `split` in onnxruntime. An int8 file that loses more than
+    QUANTIZATION_AWARE_THRESHOLD against `accuracy_torch` (the fp32 model on `split`) is
+    tried again after a quantization-aware fine-tune, kept if it measures better."""
+    train = config.train
+    precision = config.compress.precision
+    calibration = None
+    if precision == "int8":
+        calibration = calibration_images(data, train.test_resolution, CALIBRATION_IMAGES, seed)
+
+    def write(model: torch.nn.Module, path: Path) -> float:
+        copied = copy.deepcopy(model).cpu().eval()
+        export(copied, precision, train.test_resolution, data.channels, path, calibration)
+        return onnx_accuracy(path, split, data, train.test_resolution)
+
+    measured = write(model, path)
+    first = Deployed(model, path, measured, measured, quantization_aware=False)
+    if precision != "int8" or accuracy_torch - measured <= QUANTIZATION_AWARE_THRESHOLD:
+        return first
+    tuned = quantization_aware_finetune(
+        model,
+        on_device,
+        finetune_phase(train, QUANTIZATION_AWARE_LEARNING_RATE_FACTOR),
+        torch.Generator().manual_seed(seed + 1),
+    )
+    candidate = path.with_name(path.stem + "-quantization-aware.onnx")
+    measured_tuned = write(tuned, candidate)
+    if measured_tuned <= measured:
+        candidate.unlink()
+        return first
+    candidate.replace(path)
+    return Deployed(tuned, path, measured_tuned, measured, quantization_aware=True)

@@ -17,6 +17,8 @@ COLUMNS = [
     "trained",
     "accuracy",
     "accuracy_before_compression",
+    "accuracy_post_training",
+    "quantization_aware",
     "params",
     "size_kb",
     "macs",
@@ -48,7 +50,13 @@ def trials_frame(study: optuna.Study, budgets: Budgets) -> pd.DataFrame:
             if name not in row:
                 row[name] = attrs.get(name, math.nan)
         if not trained:
-            for name in ("params", "size_kb", "macs", "accuracy_before_compression"):
+            for name in (
+                "params",
+                "size_kb",
+                "macs",
+                "accuracy_before_compression",
+                "accuracy_post_training",
+            ):
                 row[name] = math.nan
         row["feasible"] = trained and not budgets.excess(row["params"], row["size_kb"], row["macs"])
         for name, value in trial.params.items():
@@ -138,10 +146,20 @@ def front_table(front: pd.DataFrame, title: str) -> Table:
             f"{int(row['params']):,}",
             f"{row['size_kb']:.1f}",
             compact_amount(row["macs"]),
-            str(row.get("param_precision", "")),
-            f"{row.get('param_prune_ratio', 0):.0%}",
+            str(row.get("param_precision", ""))
+            + (" QAT" if row.get("quantization_aware") in (True, "True") else ""),
+            pruning_summary(row),
         )
     return table
+
+
+def pruning_summary(row: pd.Series) -> str:
+    """ "30% l2 global": the share of parameters pruned and how, or "none"."""
+    fraction = row.get("param_prune_fraction", 0)
+    if not isinstance(fraction, float | int) or math.isnan(fraction) or fraction <= 0:
+        return "none"
+    how = f"{row.get('param_prune_criterion', '')} {row.get('param_prune_scope', '')}"
+    return f"{fraction:.0%} {how}".strip()
 
 
 def all_trials_table(frame: pd.DataFrame, title: str) -> Table:

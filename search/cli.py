@@ -379,7 +379,7 @@ def check_reachable(space, budgets, console: Console) -> None:
             "no model in the search space meets the budgets: the smallest reachable has "
             f"{smallest.params:,} params, {smallest.size_kb:.1f} KB, {smallest.macs:,} MACs "
             f"({'; '.join(over)}); raise the budgets, or widen the space to smaller models "
-            "with --space (lower width, stem_width and depth, higher prune_ratio, int8 in "
+            "with --space (lower width, stem_width and depth, higher prune_fraction, int8 in "
             "precisions)"
         )
     largest = extreme_estimate(space, smallest=False)

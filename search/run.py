@@ -374,6 +374,8 @@ def record_result(trial: optuna.Trial, result: TrialResult, folder: Path) -> Non
     trial.set_user_attr("macs", result.macs)
     trial.set_user_attr("seconds", round(result.seconds, 3))
     trial.set_user_attr("accuracy_before_compression", result.accuracy_before_compression)
+    trial.set_user_attr("accuracy_post_training", result.accuracy_post_training)
+    trial.set_user_attr("quantization_aware", result.quantization_aware)
     trial.set_user_attr("early_accuracy", result.early_accuracy)
     trial.set_user_attr("onnx_path", str(result.onnx_path.relative_to(folder)))
     # The deployed config (widths after pruning), from which the model rebuilds.

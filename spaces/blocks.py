@@ -148,6 +148,13 @@ class Block:
         """(hidden, out, squeeze) widths as the module holds them now, after any pruning."""
         raise NotImplementedError
 
+    @staticmethod
+    def fixed_in_global_pruning(module: nn.Module, depth: int) -> list[nn.Module]:
+        """Layers whose output channels global pruning must leave alone, in a block of a
+        stage of `depth` blocks: the config gives them one width, but torch-pruning sees
+        separate channel groups, which global ranking would prune to different widths."""
+        return []
+
     @classmethod
     def pruned(cls, shape: BlockShape, prune_ratio: float) -> BlockShape:
         """The shape torch-pruning leaves at `prune_ratio` (inner widths only; the stage's
@@ -225,6 +232,11 @@ class PlainBlock(Block):
     def widths(module):
         out = module[0][0].out_channels
         return out, out, _squeeze_width(module)
+
+    @staticmethod
+    def fixed_in_global_pruning(module, depth):
+        # No shortcut ties the blocks of a stage, whose config gives them one width.
+        return [module[0][0]] if depth > 1 else []
 
 
 @register_block("basic")
@@ -322,6 +334,11 @@ class GroupedBlock(Block):
             (_squeeze_width(module)),
         )
 
+    @staticmethod
+    def fixed_in_global_pruning(module, depth):
+        # One hidden width for both sides of the grouped convolution.
+        return [module.branch[0][0], module.branch[2][0]]
+
 
 @register_block("dwsep")
 class DepthwiseSeparableBlock(Block):
@@ -362,6 +379,11 @@ class DepthwiseSeparableBlock(Block):
     def widths(module):
         out = module[-2][0].out_channels
         return out, out, _squeeze_width(module)
+
+    @staticmethod
+    def fixed_in_global_pruning(module, depth):
+        # No shortcut ties the blocks of a stage, whose config gives them one width.
+        return [module[-2][0]] if depth > 1 else []
 
 
 @register_block("inverted")

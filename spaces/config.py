@@ -13,6 +13,13 @@ from typing import Any
 from compsearch.spaces.blocks import BlockShape
 
 PRECISIONS = ("fp32", "fp16", "int8")
+# How pruning ranks channels: the L2 norm of their weights, their batch-norm scale, or
+# the first-order Taylor estimate of the loss change when they are removed.
+PRUNE_CRITERIA = ("l2", "bn_scale", "taylor")
+# "local": every layer loses the same share of its channels; "global": channels compete
+# across layers, so unimportant layers lose more.
+PRUNE_SCOPES = ("local", "global")
+MAX_PRUNE_FRACTION = 0.9  # beyond this a network is mostly gone
 
 
 @dataclass(frozen=True)
@@ -63,7 +70,11 @@ class TrainConfig:
 @dataclass(frozen=True)
 class CompressConfig:
     precision: str  # "fp32", "fp16" or "int8": the ONNX file's weight format
-    prune_ratio: float  # fraction of channels removed from every prunable group (0 = none)
+    # Fraction of the model's parameters that pruning removes (0 = none), whole channels
+    # at a time; see PRUNE_CRITERIA and PRUNE_SCOPES for the other two.
+    prune_fraction: float
+    prune_criterion: str = "l2"
+    prune_scope: str = "local"
 
 
 @dataclass(frozen=True)

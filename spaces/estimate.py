@@ -38,8 +38,12 @@ class Estimate:
         return self.onnx_bytes / 1000
 
 
+MAX_CHANNEL_RATIO = 0.95  # the most of each group's channels local pruning removes
+
+
 def pruned_arch(arch: ArchConfig, prune_ratio: float) -> ArchConfig:
-    """The widths torch-pruning leaves when it prunes `arch` at `prune_ratio`."""
+    """The widths torch-pruning leaves when it prunes every channel group of `arch` locally
+    at the channel ratio `prune_ratio`."""
     if prune_ratio <= 0:
         return arch
     stage_widths = []
@@ -55,6 +59,45 @@ def pruned_arch(arch: ArchConfig, prune_ratio: float) -> ArchConfig:
             )
         )
     return with_widths(arch, kept_channels(arch.stem_width, prune_ratio), stage_widths)
+
+
+def channel_ratio(arch: ArchConfig, prune_fraction: float) -> float:
+    """The channel ratio at which local pruning removes at least `prune_fraction` of the
+    parameters of `arch`: the smallest such ratio, found by bisection on exact counts.
+
+    Parameters fall roughly with the square of the kept share of channels, so a channel
+    ratio r removes about 1 - (1 - r)^2 of them; this finds the ratio exactly instead.
+    Local pruning leaves a channel group alone once the ratio would empty it, so the count
+    falls with the ratio only up to the point where the smallest group keeps one channel;
+    when that is not enough, the ratio of that point is returned.
+    """
+    if prune_fraction <= 0:
+        return 0.0
+
+    def params(ratio: float) -> int:
+        return count_layers(pruned_arch(arch, ratio), 1).params
+
+    target = (1 - prune_fraction) * params(0.0)
+    smallest = min((n for n in _channel_groups(arch) if n >= 2), default=2)
+    low, high = 0.0, min(MAX_CHANNEL_RATIO, (1 - 1 / smallest) * (1 - 1e-9))
+    if params(high) > target:
+        return high
+    for _ in range(24):  # to within 2^-24 of the step where the count drops
+        middle = (low + high) / 2
+        if params(middle) <= target:
+            high = middle
+        else:
+            low = middle
+    return high
+
+
+def _channel_groups(arch: ArchConfig) -> list[int]:
+    """The size of every group of channels local pruning shrinks, as `kept_channels`
+    sees them (a grouped convolution's width divided by its groups)."""
+    sizes = [arch.stem_width]
+    for _, shape in block_shapes(arch):
+        sizes += [shape.out_width, shape.hidden_width // shape.groups, shape.squeeze_width]
+    return sizes
 
 
 def stem_counts(arch: ArchConfig, resolution: int) -> LayerCounts:
@@ -132,7 +175,10 @@ def onnx_bytes(counts: LayerCounts, precision: str, activation: str) -> int:
 
 
 def estimate(config: TrialConfig) -> Estimate:
-    arch = pruned_arch(config.arch, config.compress.prune_ratio)
+    """Exact params and MACs, and the file's bytes, for local pruning. Global pruning
+    removes the same share of parameters but chooses where, so for it these are what
+    local pruning at that share would leave: close, not exact."""
+    arch = pruned_arch(config.arch, channel_ratio(config.arch, config.compress.prune_fraction))
     counts = count_layers(arch, config.train.test_resolution)
     return Estimate(
         params=counts.params,
@@ -165,7 +211,11 @@ def extreme_estimate(space: SearchSpace, smallest: bool) -> Estimate:
     """
     pick = min if smallest else max
     index = 0 if smallest else 1
-    ratio = space.prune_ratio[1] if smallest else space.prune_ratio[0]
+    # Bounds on what pruning a fraction f of the parameters leaves: a channel ratio of f
+    # leaves at most (1 - f) of them (quadratic terms keep (1 - f)^2), one of
+    # 1 - sqrt(1 - f) at least (linear terms keep more than 1 - f).
+    low, high = space.prune_fraction
+    ratio = high if smallest else 1 - (1 - low) ** 0.5
     stem_width = space.stem_width[index]
     width = space.width[index]
     side = space.test_resolution

@@ -15,7 +15,10 @@ else:  # the same parser, from PyPI
 
 from compsearch.spaces.blocks import ACTIVATIONS, BLOCKS, get_block, squeeze_width_for
 from compsearch.spaces.config import (
+    MAX_PRUNE_FRACTION,
     PRECISIONS,
+    PRUNE_CRITERIA,
+    PRUNE_SCOPES,
     ArchConfig,
     CompressConfig,
     StageConfig,
@@ -69,8 +72,11 @@ class SearchSpace:
     leaky_relu_slope: tuple[float, float] = (0.01, 0.3)  # sampled on a log scale
     train_resolutions: tuple[int, ...] = ()  # pixels; empty means derived from the test one
     precisions: tuple[str, ...] = PRECISIONS
-    prune_ratio: tuple[float, float] = (0.0, 0.5)  # fraction of channels removed
-    prune_ratio_step: float = 0.1
+    # Fraction of the parameters pruning removes, sampled on a grid of `prune_fraction_step`.
+    prune_fraction: tuple[float, float] = (0.0, 0.7)
+    prune_fraction_step: float = 0.1
+    prune_criteria: tuple[str, ...] = PRUNE_CRITERIA
+    prune_scopes: tuple[str, ...] = PRUNE_SCOPES
 
     def __post_init__(self) -> None:
         if not self.train_resolutions:
@@ -123,13 +129,18 @@ class SearchSpace:
         low, high = self.leaky_relu_slope
         if not 0 < low <= high < 1:
             found.append(f"leaky_relu_slope: 0 < low <= high < 1 must hold, but got {[low, high]}")
-        low, high = self.prune_ratio
-        if not 0 <= low <= high < 1:
-            found.append(f"prune_ratio: 0 <= low <= high < 1 must hold, but got {[low, high]}")
-        elif high > low and not 0 < self.prune_ratio_step <= high - low:
+        known("prune_criteria", self.prune_criteria, PRUNE_CRITERIA)
+        known("prune_scopes", self.prune_scopes, PRUNE_SCOPES)
+        low, high = self.prune_fraction
+        if not 0 <= low <= high <= MAX_PRUNE_FRACTION:
             found.append(
-                f"prune_ratio_step must be > 0 and at most high - low, but got "
-                f"{self.prune_ratio_step}"
+                f"prune_fraction: 0 <= low <= high <= {MAX_PRUNE_FRACTION} must hold, "
+                f"but got {[low, high]}"
+            )
+        elif high > low and not 0 < self.prune_fraction_step <= high - low:
+            found.append(
+                f"prune_fraction_step must be > 0 and at most high - low, but got "
+                f"{self.prune_fraction_step}"
             )
         return found
 
@@ -203,7 +214,7 @@ def load_space(path: Path, base: SearchSpace) -> SearchSpace:
                 values[name] = tuple(value)
         else:
             values[name] = value
-    for name in ("stem_width", "depth", "width", "leaky_relu_slope", "prune_ratio"):
+    for name in ("stem_width", "depth", "width", "leaky_relu_slope", "prune_fraction"):
         if name in values and len(values[name]) != 2:
             problems.append(f"{name} must be [low, high], but got {list(values[name])}")
     if not problems:
@@ -288,14 +299,17 @@ def sample(trial: Suggester, space: SearchSpace, schedule: TrainConfig) -> Trial
         ),
         test_resolution=space.test_resolution,
     )
+    low, high = space.prune_fraction
     compress = CompressConfig(
         precision=trial.suggest_categorical("precision", list(space.precisions)),
         # Rounded: Optuna's float grid yields values such as 0.30000000000000004.
-        prune_ratio=round(
-            trial.suggest_float("prune_ratio", *space.prune_ratio, step=space.prune_ratio_step)
-            if space.prune_ratio[1] > space.prune_ratio[0]
-            else trial.suggest_float("prune_ratio", *space.prune_ratio),
+        prune_fraction=round(
+            trial.suggest_float("prune_fraction", low, high, step=space.prune_fraction_step)
+            if high > low
+            else trial.suggest_float("prune_fraction", low, high),
             6,
         ),
+        prune_criterion=trial.suggest_categorical("prune_criterion", list(space.prune_criteria)),
+        prune_scope=trial.suggest_categorical("prune_scope", list(space.prune_scopes)),
     )
     return TrialConfig(arch=arch, train=train, compress=compress)

@@ -17,8 +17,8 @@ from compsearch.spaces.blocks import (
     squeeze_width_for,
 )
 from compsearch.spaces.builder import build
-from compsearch.spaces.config import ArchConfig
-from compsearch.spaces.estimate import count_layers, pruned_arch
+from compsearch.spaces.config import ArchConfig, CompressConfig
+from compsearch.spaces.estimate import channel_ratio, count_layers, pruned_arch
 from compsearch.spaces.layers import make_activation
 from compsearch.spaces.space import make_stage
 
@@ -86,19 +86,45 @@ def test_analytic_counts_equal_real_ones(name, options):
     )
 
 
+def random_loss(model: torch.nn.Module) -> torch.Tensor:
+    """A loss on random images and labels: gradients for Taylor pruning."""
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(16, 3, 8, 8, generator=generator)
+    labels = torch.randint(0, 5, (16,), generator=generator)
+    return torch.nn.functional.cross_entropy(model(x), labels)
+
+
 @pytest.mark.parametrize("name", sorted(BLOCKS))
 @pytest.mark.parametrize("squeeze_excitation", [False, True])
-@pytest.mark.parametrize("ratio", [0.3, 0.5])
-def test_pruning_keeps_the_block_valid(name, squeeze_excitation, ratio):
-    """Pruned inside a network: fewer params as estimated, and it rebuilds from config."""
+@pytest.mark.parametrize(
+    ("fraction", "criterion", "scope"),
+    [
+        (0.3, "l2", "local"),
+        (0.5, "bn_scale", "local"),
+        (0.5, "taylor", "local"),
+        (0.5, "l2", "global"),
+    ],
+)
+def test_pruning_keeps_the_block_valid(name, squeeze_excitation, fraction, criterion, scope):
+    """Pruned inside a network: at least `fraction` of the params gone (exactly as
+    estimated when local), and it rebuilds from its config."""
     stage = make_stage(name, 2, 12, 16, 3, 2, 4, 4, squeeze_excitation)
     arch = ArchConfig(3, 5, 12, 3, "relu", 0.1, stages=(stage,))
     torch.manual_seed(0)
     model = build(arch).eval()
+    for norm in model.modules():  # distinct batch-norm scales, as after training
+        if isinstance(norm, torch.nn.BatchNorm2d):
+            norm.weight.data.uniform_(0.5, 1.5)
     before = count_params(model)
-    pruned = prune(model, arch, ratio, torch.zeros(1, 3, 8, 8))
-    assert pruned == pruned_arch(arch, ratio)
-    assert count_params(model) == count_layers(pruned, 8).params < before
+    compress = CompressConfig("fp32", fraction, criterion, scope)
+    pruned = prune(model, arch, compress, torch.zeros(1, 3, 8, 8), random_loss)
+    assert count_params(model) == count_layers(pruned, 8).params
+    if scope == "local":
+        assert pruned == pruned_arch(arch, channel_ratio(arch, fraction))
+    if scope == "local" or name not in ("plain", "dwsep", "grouped"):
+        assert count_params(model) <= (1 - fraction) * before
+    else:  # global pruning leaves whole what `fixed_in_global_pruning` names: here, most
+        assert count_params(model) < before
     x = torch.randn(2, 3, 8, 8)
     assert torch.isfinite(model(x)).all()
     rebuilt = build(pruned).eval()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import sampled_configs
@@ -10,7 +12,7 @@ from compsearch.objectives.compress import prune
 from compsearch.objectives.measure import count_macs, count_params
 from compsearch.spaces.builder import build
 from compsearch.spaces.config import TrialConfig
-from compsearch.spaces.estimate import count_layers, estimate, pruned_arch
+from compsearch.spaces.estimate import channel_ratio, count_layers, estimate, pruned_arch
 from compsearch.spaces.space import SearchSpace
 
 SMALL = SearchSpace(
@@ -67,14 +69,16 @@ def test_pruning_matches_the_estimate_for_hundreds_of_configs():
 
 def check_pruning(configs):
     for config in configs:
-        ratio = config.compress.prune_ratio
+        # Local magnitude pruning, for which the estimate is exact.
+        compress = dataclasses.replace(config.compress, prune_criterion="l2", prune_scope="local")
+        config = dataclasses.replace(config, compress=compress)
         torch.manual_seed(0)
         model = build(config.arch).eval()
         before = count_params(model)
-        arch = prune(model, config.arch, ratio, torch.zeros(1, 1, 8, 8))
-        assert arch == pruned_arch(config.arch, ratio)
+        arch = prune(model, config.arch, compress, torch.zeros(1, 1, 8, 8))
+        assert arch == pruned_arch(config.arch, channel_ratio(config.arch, compress.prune_fraction))
         assert count_params(model) == estimate(config).params
-        if ratio > 0:
+        if compress.prune_fraction > 0:
             assert count_params(model) < before
         rebuilt = build(arch).eval()
         rebuilt.load_state_dict(model.state_dict())

@@ -93,17 +93,11 @@ def check_byte_estimates(folder, precision: str, configs: list) -> None:
     calibration = np.random.default_rng(0).normal(size=(32, 1, 8, 8)).astype(np.float32)
     for config in configs:
         model = trained_like(config.arch)
-        arch = prune(model, config.arch, config.compress.prune_ratio, torch.zeros(1, 1, 8, 8))
+        compress = CompressConfig(precision, config.compress.prune_fraction)  # local, L2
+        arch = prune(model, config.arch, compress, torch.zeros(1, 1, 8, 8))
         path = export(model, precision, 8, 1, folder / "m.onnx", calibration)
         expected = onnx_bytes(count_layers(arch, 8), precision, arch.activation)
-        assert (
-            estimate(
-                dataclasses.replace(
-                    config, compress=CompressConfig(precision, config.compress.prune_ratio)
-                )
-            ).onnx_bytes
-            == expected
-        )
+        assert estimate(dataclasses.replace(config, compress=compress)).onnx_bytes == expected
         assert abs(expected / path.stat().st_size - 1) < 0.02, (precision, config.arch)
 
 

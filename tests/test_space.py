@@ -43,7 +43,7 @@ def test_a_space_file_widens_a_range(tmp_path):
 
 
 def test_the_written_space_reads_back_as_the_same_space(tmp_path):
-    space = dataclasses.replace(DIGITS, blocks=("basic", "grouped"), prune_ratio=(0.1, 0.7))
+    space = dataclasses.replace(DIGITS, blocks=("basic", "grouped"), prune_fraction=(0.1, 0.7))
     assert load_space(write(tmp_path, space.to_toml()), DIGITS) == space
 
 
@@ -73,7 +73,8 @@ def test_every_problem_in_a_space_file_is_reported_at_once(tmp_path):
         ("width = [8, 16", "not valid TOML"),
         ('blocks = "basic"', "blocks must be a list"),
         ("width = [8]", "width must be [low, high]"),
-        ("prune_ratio = [0.0, 1.0]", "prune_ratio: 0 <= low <= high < 1"),
+        ("prune_fraction = [0.0, 1.0]", "prune_fraction: 0 <= low <= high <= 0.9"),
+        ('prune_criteria = ["l1"]', "prune_criteria: unknown 'l1'"),
         ("precisions = []", "precisions needs at least one choice"),
         ("train_resolutions = [16]", "train_resolutions must be <= the test resolution 8"),
     ],
@@ -102,7 +103,7 @@ def test_ranges_scale_with_the_input_size_and_class_count():
     [
         DIGITS,
         space_for(3, 10, 32),
-        SearchSpace(1, 10, 8, blocks=("dwsep", "grouped"), prune_ratio=(0.2, 0.6)),
+        SearchSpace(1, 10, 8, blocks=("dwsep", "grouped"), prune_fraction=(0.2, 0.6)),
     ],
 )
 def test_every_sampled_config_lies_between_the_space_extremes(space):
@@ -131,7 +132,7 @@ def test_a_space_of_one_config_has_that_config_as_both_extremes():
         activations=("silu",),
         train_resolutions=(8,),
         precisions=("int8",),
-        prune_ratio=(0.3, 0.3),
+        prune_fraction=(0.0, 0.0),
     )
     (config,) = sampled_configs(space, 1, seed=0)
     assert extreme_estimate(space, smallest=True) == estimate(config)

@@ -1,0 +1,166 @@
+"""Pruning to a share of parameters by each criterion, quantization-aware fine-tuning, and
+what a trial records about compression."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import SCHEDULE
+from onnx import numpy_helper
+
+from compsearch.objectives import trial as trial_module
+from compsearch.objectives.compress import export, prune
+from compsearch.objectives.data import load_dataset
+from compsearch.objectives.measure import calibration_images, count_params
+from compsearch.objectives.quantize import fold_batchnorms, quantization_aware_finetune
+from compsearch.objectives.train import DeviceData, Phase, fit
+from compsearch.objectives.trial import finetune_phase, run_trial, taylor_loss
+from compsearch.spaces.builder import build
+from compsearch.spaces.config import ArchConfig, CompressConfig, StageConfig, TrialConfig
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits", seed=0, subset=600)
+
+
+def arch() -> ArchConfig:
+    return ArchConfig(
+        1,
+        10,
+        16,
+        3,
+        "relu",
+        0.01,
+        (
+            StageConfig("basic", 1, 24, 3, 1, (24,), True),
+            StageConfig("inverted", 2, 32, 3, 2, (96, 128), True, squeeze_widths=(24, 8)),
+        ),
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(digits):
+    on_device = DeviceData(digits, "cpu")
+    torch.manual_seed(0)
+    model = build(arch())
+    phase = Phase.of(SCHEDULE, 8, 3)
+    fit(model, on_device, phase, torch.Generator().manual_seed(0))
+    return model.eval(), on_device
+
+
+@pytest.mark.parametrize("criterion", ["l2", "bn_scale", "taylor"])
+@pytest.mark.parametrize("scope", ["local", "global"])
+def test_each_criterion_removes_the_share_of_parameters_asked(trained, criterion, scope):
+    model, on_device = trained
+    model = copy.deepcopy(model)
+    before = count_params(model)
+    compress = CompressConfig("fp32", 0.4, criterion, scope)
+    pruned = prune(model, arch(), compress, torch.zeros(1, 1, 8, 8), taylor_loss(on_device, 8))
+    assert 0.4 * before <= before - count_params(model) <= 0.55 * before
+    rebuilt = build(pruned).eval()
+    rebuilt.load_state_dict(model.state_dict())
+    x = on_device.inputs(on_device.val.images[:16], 8)
+    torch.testing.assert_close(rebuilt(x), model.eval()(x))
+
+
+def test_criteria_choose_different_channels(trained):
+    """The criterion decides which channels go, not only how many."""
+    model, on_device = trained
+    kept = {}
+    for criterion in ("l2", "bn_scale", "taylor"):
+        copied = copy.deepcopy(model)
+        compress = CompressConfig("fp32", 0.4, criterion, "local")
+        prune(copied, arch(), compress, torch.zeros(1, 1, 8, 8), taylor_loss(on_device, 8))
+        kept[criterion] = copied.stem[0][0].weight.detach().clone()
+    assert kept["l2"].shape == kept["bn_scale"].shape == kept["taylor"].shape
+    assert not torch.equal(kept["l2"], kept["bn_scale"])
+    assert not torch.equal(kept["l2"], kept["taylor"])
+
+
+def test_global_pruning_shrinks_layers_unequally(trained):
+    model, on_device = trained
+    shares = {}
+    for scope in ("local", "global"):
+        copied = copy.deepcopy(model)
+        pruned = prune(
+            copied, arch(), CompressConfig("fp32", 0.5, "l2", scope), torch.zeros(1, 1, 8, 8)
+        )
+        widths = [pruned.stem_width] + [s.width for s in pruned.stages]
+        shares[scope] = [round(w / o, 2) for w, o in zip(widths, (16, 24, 32), strict=True)]
+    assert len(set(shares["local"])) <= 2  # the same ratio everywhere, up to rounding
+    assert max(shares["global"]) - min(shares["global"]) > max(shares["local"]) - min(
+        shares["local"]
+    )
+
+
+def test_folding_batch_norms_keeps_the_outputs(trained):
+    model, on_device = trained
+    x = on_device.inputs(on_device.val.images[:32], 8)
+    folded = fold_batchnorms(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    torch.testing.assert_close(folded(x), model(x), atol=1e-4, rtol=1e-4)
+
+
+def conv_weights(model: onnx.ModelProto) -> list[np.ndarray]:
+    """Each Conv's weight as the file computes it: int8 values times their scales."""
+    graph = model.graph
+    constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    producers = {out: node for node in graph.node for out in node.output}
+    weights = []
+    for node in graph.node:
+        if node.op_type != "Conv":
+            continue
+        name = node.input[1]
+        if name in constants:
+            weights.append(constants[name].astype(np.float64))
+            continue
+        dequantize = producers[name]
+        assert dequantize.op_type == "DequantizeLinear"
+        values, scale = (constants[n] for n in dequantize.input[:2])
+        assert values.dtype == np.int8
+        shape = (-1,) + (1,) * (values.ndim - 1)
+        weights.append(values.astype(np.float64) * scale.astype(np.float64).reshape(shape))
+    return weights
+
+
+def test_quantization_aware_weights_are_what_the_int8_file_holds(trained, digits, tmp_path):
+    """The fine-tune rounds weights to the grid onnxruntime uses, so the int8 file holds
+    exactly the fine-tuned weights, and the model still rebuilds from its config."""
+    model, on_device = trained
+    train = dataclasses.replace(SCHEDULE, finetune_epochs=1)
+    tuned = quantization_aware_finetune(
+        model, on_device, finetune_phase(train), torch.Generator().manual_seed(1)
+    )
+    assert not torch.equal(tuned.stem[0][0].weight, model.stem[0][0].weight)
+    rebuilt = build(arch()).eval()
+    rebuilt.load_state_dict(tuned.state_dict())
+    calibration = calibration_images(digits, 8, 128, 0)
+    fp32 = onnx.load(export(copy.deepcopy(tuned), "fp32", 8, 1, tmp_path / "a.onnx"))
+    int8 = onnx.load(export(rebuilt, "int8", 8, 1, tmp_path / "b.onnx", calibration))
+    exact, stored = conv_weights(fp32), conv_weights(int8)
+    assert len(exact) == len(stored) > 5
+    for a, b in zip(exact, stored, strict=True):
+        np.testing.assert_allclose(b, a, rtol=0, atol=1e-6 * np.abs(a).max())
+    # Without the fine-tune the rounding moves the weights.
+    untuned = conv_weights(onnx.load(export(model, "int8", 8, 1, tmp_path / "c.onnx", calibration)))
+    plain = conv_weights(onnx.load(export(model, "fp32", 8, 1, tmp_path / "d.onnx")))
+    assert max(np.abs(a - b).max() for a, b in zip(plain, untuned, strict=True)) > 1e-4
+
+
+def test_a_trial_records_accuracy_before_and_after_compression(digits, tmp_path, monkeypatch):
+    """With the threshold below any loss, a quantization-aware copy is always tried; the
+    file kept is the more accurate of the two, and the accuracies say so."""
+    monkeypatch.setattr(trial_module, "QUANTIZATION_AWARE_THRESHOLD", -1.0)
+    config = TrialConfig(arch(), SCHEDULE, CompressConfig("int8", 0.3, "taylor", "global"))
+    result = run_trial(config, digits, tmp_path, seed=0)
+    assert 0 < result.accuracy_before_compression <= 1
+    assert result.accuracy >= result.accuracy_post_training
+    assert result.quantization_aware == (result.accuracy > result.accuracy_post_training)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+    assert result.params == count_params(build(result.config.arch))
