@@ -64,6 +64,7 @@ class TrialResult:
     macs: int
     size_kb: float  # ONNX file bytes / 1000
     onnx_path: Path
+    model: torch.nn.Module  # what the file holds, on the CPU in eval mode
     seconds: float
     # Validation top-1 (torch, at the training resolution) after the first
     # `check_epoch(...)` epochs: what early stopping judges a trial by.
@@ -200,6 +201,7 @@ def run_trial(
         macs=count_macs(model, data.channels, train.test_resolution),
         size_kb=file_size_kb(deployed.path),
         onnx_path=deployed.path,
+        model=model,
         seconds=time.perf_counter() - started,
         early_accuracy=early_accuracy,
     )

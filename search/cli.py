@@ -29,6 +29,8 @@ DEFAULT_EPOCHS = 12
 # Repeated from objectives.teacher, which imports torch; the CLI checks input without it.
 DISTILL_WEIGHT = 0.5
 DISTILL_TEMPERATURE = 4.0
+# Repeated from results.export (which imports optuna and pandas), for the help text.
+EXPORT_EPOCH_FACTOR = 3
 SPACE_FILE = "space.toml"  # the space searched, beside the study
 _SUFFIXES = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}
 
@@ -129,8 +131,31 @@ def build_parser() -> Parser:
     show.add_argument("--all", action="store_true", help="list every trial with its state")
     add_location(show)
 
-    plot = commands.add_parser("plot", help="write pareto.png and pareto.html")
+    plot = commands.add_parser(
+        "plot", help="write pareto.png, pareto.html, hypervolume.png, importance.png, report.html"
+    )
     add_location(plot)
+
+    export = commands.add_parser(
+        "export", help="retrain a trial for longer, verify it and write the deployable model"
+    )
+    export.add_argument(
+        "--trial", default="best", help="best (the most accurate feasible trial) or a number"
+    )
+    export.add_argument(
+        "--epochs",
+        help=f"training epochs (default: {EXPORT_EPOCH_FACTOR} times the trial's)",
+    )
+    export.add_argument(
+        "--teacher", help="none, auto or a model.pt path (default: what the study used)"
+    )
+    export.add_argument(
+        "--data-dir",
+        type=Path,
+        help="where the dataset's files are now (default: where the study read them)",
+    )
+    export.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:K")
+    add_location(export)
     return parser
 
 
@@ -142,10 +167,21 @@ def main(argv: list[str] | None = None) -> int:
             return command_run(args, console)
         if args.command == "show":
             return command_show(args, console)
+        if args.command == "export":
+            return command_export(args, console)
         return command_plot(args, console)
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
+
+
+def data_source(dataset: str, data_dir: Path) -> list[str]:
+    """[dataset, data folder], as absolute paths, so `export` finds the same data from
+    anywhere."""
+    if dataset.startswith("folder:"):
+        path = Path(dataset.removeprefix("folder:")).resolve()
+        return [f"folder:{path}", str(path)]
+    return [dataset, str(Path(data_dir).resolve())]
 
 
 def default_study_name(dataset: str) -> str:
@@ -280,6 +316,8 @@ def command_run(args: argparse.Namespace, console: Console) -> int:
         "seed": seed,
         "subset": subset,
         "teacher": args.teacher,
+        # Where the data was read, for `export`: the folder itself for folder: datasets.
+        "data_source": data_source(args.dataset, args.data_dir),
         "space": space.to_dict(),
         "version": __version__,
     }
@@ -500,6 +538,77 @@ def command_plot(args: argparse.Namespace, console: Console) -> int:
         write_html(frame, budgets, folder / "pareto.html", title),
     ):
         console.print(f"written: {path}")
+    return 0
+
+
+def command_export(args: argparse.Namespace, console: Console) -> int:
+    if args.trial != "best" and not re.fullmatch(r"[0-9]+", args.trial.strip()):
+        raise UsageError(f"--trial must be best or a trial number, but got {args.trial!r}")
+    epochs = parse_count(args.epochs, "--epochs") if args.epochs else None
+    if epochs is not None and epochs < 2:
+        raise UsageError(f"--epochs must be at least 2 (train, then fine-tune), but got {epochs}")
+    if args.teacher not in (None, "none", "auto") and not Path(args.teacher).is_file():
+        raise UsageError(
+            f"--teacher {args.teacher!r} is not a file; give none, auto or a model.pt path"
+        )
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    from compsearch.results.export import ExportError, choose_trial, export_trial
+    from compsearch.results.table import trials_frame
+    from compsearch.search.study import study_budgets
+
+    study, folder = locate(args, console)
+    frame = trials_frame(study, study_budgets(study))
+    try:
+        trial = choose_trial(study, frame, args.trial.strip())
+    except ExportError as error:
+        raise UsageError(str(error)) from None
+    settings = study.user_attrs[SETTINGS_KEY]
+    name, stored_dir = settings.get("data_source") or [settings["dataset"], "data"]
+    data_dir = args.data_dir or Path(stored_dir)
+    if args.data_dir and name.startswith("folder:"):
+        name = f"folder:{args.data_dir}"
+    device = resolve_device(args.device)
+    folder.mkdir(parents=True, exist_ok=True)
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from compsearch.objectives.data import DataError
+
+    columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    try:
+        with Progress(*columns, console=console, transient=True) as progress:
+            task = progress.add_task("epochs", total=None)
+
+            def on_epoch(done: int, total: int, resolution: int) -> None:
+                progress.update(
+                    task, completed=done, total=total, description=f"epochs at {resolution} px"
+                )
+
+            exported = export_trial(
+                study,
+                trial,
+                folder,
+                epochs,
+                args.teacher,
+                device,
+                (name, data_dir),
+                args.out,
+                say=console.print,
+                on_epoch=on_epoch,
+            )
+    except (ExportError, DataError) as error:
+        raise UsageError(str(error)) from None
+    card = exported.card
+    console.print(
+        f"trial {card['trial']} exported: test accuracy {card['test_accuracy']:.2%}, "
+        f"validation {card['validation_accuracy']:.2%} (onnxruntime, on model.onnx); "
+        f"{card['params']:,} params, {card['size_kb']:.1f} KB, {card['precision']}, "
+        f"within {describe_budgets(study_budgets(study))}"
+    )
+    for file in ("model.onnx", "model.pt", "model.json"):
+        console.print(f"  {exported.folder / file}")
     return 0
 
 

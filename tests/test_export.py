@@ -1,0 +1,170 @@
+"""`compsearch export`: the verified model, its card, and refusing what breaks a budget."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import onnxruntime as ort
+import optuna
+import pandas as pd
+import pytest
+import torch
+from sklearn.datasets import load_digits
+from test_cli import compsearch
+
+from compsearch.objectives.data import TEST_FRACTION, TEST_SEED, stratified_split
+from compsearch.results import export as export_module
+from compsearch.search import cli
+from compsearch.search.study import SETTINGS_KEY
+from compsearch.spaces.builder import build
+from compsearch.spaces.config import TrialConfig
+
+
+@pytest.fixture(scope="module")
+def study_folder(tmp_path_factory):
+    """A small digits study, searched once for every test here."""
+    folder = tmp_path_factory.mktemp("export")
+    result = compsearch(
+        "run", "--budget-params", "2e6", "--budget-kb", "300", "--trials", "3", "--epochs", "2",
+        cwd=folder,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return folder
+
+
+@pytest.fixture(scope="module")
+def exported(study_folder):
+    result = compsearch("export", "--epochs", "3", cwd=study_folder)
+    assert result.returncode == 0, result.stderr
+    return study_folder / "runs" / "digits" / "export", result.stdout
+
+
+def by_hand(card: dict, onnx_path) -> float:
+    """Test accuracy obtained by following the card alone: raw scikit-learn digits, the
+    card's pixel scaling, mean and std, then onnxruntime on model.onnx."""
+    digits = load_digits()
+    # The card says which images the test split holds (a fixed stratified 20%).
+    assert card["images"]["test"] == round(len(digits.target) * TEST_FRACTION)
+    _, test = stratified_split(digits.target, TEST_FRACTION, seed=TEST_SEED)
+    prep = card["preprocessing"]
+    assert "round(value * 255 / 16)" in prep["source_pixels"]
+    pixels = np.clip(np.rint(digits.images[test] * 255 / 16), 0, 255)
+    x = pixels[:, None].astype(np.float32) / 255
+    mean = np.array(prep["mean"], dtype=np.float32).reshape(1, -1, 1, 1)
+    std = np.array(prep["std"], dtype=np.float32).reshape(1, -1, 1, 1)
+    x = ((x - mean) / std).astype(np.float32)
+    assert x.shape[1:] == (prep["channels"], prep["resolution"], prep["resolution"])
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    logits = session.run([prep["output_name"]], {prep["input_name"]: x})[0]
+    return float((logits.argmax(1) == digits.target[test]).mean())
+
+
+def test_export_writes_a_verified_model_and_its_card(exported, study_folder):
+    folder, stdout = exported
+    assert sorted(p.name for p in folder.iterdir()) == ["model.json", "model.onnx", "model.pt"]
+    card = json.loads((folder / "model.json").read_text())
+    for key in (
+        "config", "budgets", "validation_accuracy", "test_accuracy", "params", "size_kb",
+        "macs", "seed", "packages", "sha256", "preprocessing",
+    ):  # fmt: skip
+        assert key in card, key
+    assert card["sha256"] == hashlib.sha256((folder / "model.onnx").read_bytes()).hexdigest()
+    assert card["size_kb"] == (folder / "model.onnx").stat().st_size / 1000
+    assert card["size_kb"] <= card["budgets"]["size_kb"]
+    assert card["params"] <= card["budgets"]["params"]
+    assert card["epochs"] == 3
+    assert {"torch", "onnxruntime", "optuna"} <= set(card["packages"])
+    assert f"{card['test_accuracy']:.2%}" in stdout
+    # best: the most accurate feasible trial of the study (the smaller file on a tie).
+    trials = pd.read_csv(study_folder / "runs" / "digits" / "trials.csv")
+    feasible = trials[trials["feasible"]].sort_values(["accuracy", "size_kb"])
+    best = feasible[feasible["accuracy"] == feasible["accuracy"].max()].iloc[0]
+    assert card["trial"] == best["number"]
+
+
+def test_following_the_card_by_hand_reproduces_its_test_accuracy(exported):
+    folder, _ = exported
+    card = json.loads((folder / "model.json").read_text())
+    assert by_hand(card, folder / "model.onnx") == card["test_accuracy"]
+    assert card["test_accuracy"] > 0.5  # a trained model, not chance (10 classes)
+
+
+def test_model_pt_loads_without_unpickling_and_rebuilds_the_file(exported):
+    folder, _ = exported
+    saved = torch.load(folder / "model.pt", weights_only=True)
+    config = TrialConfig.from_dict(saved["config"])
+    model = build(config.arch).eval()
+    model.load_state_dict(saved["state_dict"])
+    card = json.loads((folder / "model.json").read_text())
+    assert sum(p.numel() for p in model.parameters()) == card["params"]
+    if config.compress.precision == "fp32":
+        x = torch.randn(4, 1, 8, 8)
+        session = ort.InferenceSession(str(folder / "model.onnx"))
+        expected = session.run(None, {"input": x.numpy()})[0]
+        np.testing.assert_allclose(model(x).detach().numpy(), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_an_export_over_budget_writes_nothing_and_exits_2(study_folder):
+    """Budgets tightened after the search: the retrained file breaks them, so export
+    refuses with the figures and leaves the previous export as it was."""
+    url = f"sqlite:///{study_folder / 'runs' / 'digits' / 'study.db'}"
+    study = optuna.load_study(study_name="digits", storage=url)
+    settings = dict(study.user_attrs[SETTINGS_KEY])
+    folder = study_folder / "runs" / "digits" / "export"
+    before = {p.name: p.read_bytes() for p in folder.iterdir()} if folder.exists() else {}
+    trials = pd.read_csv(study_folder / "runs" / "digits" / "trials.csv")
+    trained = str(trials[trials["trained"]]["number"].iloc[0])
+    try:
+        study.set_user_attr(
+            SETTINGS_KEY, {**settings, "budgets": {**settings["budgets"], "size_kb": 0.5}}
+        )
+        result = compsearch("export", "--trial", trained, "--epochs", "2", cwd=study_folder)
+    finally:
+        study.set_user_attr(SETTINGS_KEY, settings)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "breaks the budgets" in lines[0] and "nothing was written" in lines[0]
+    assert "size_kb" in lines[0] and "0.5 KB" in lines[0]
+    after = {p.name: p.read_bytes() for p in folder.iterdir()} if folder.exists() else {}
+    assert after == before
+    assert not list((study_folder / "runs" / "digits").glob(".export-*"))
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--trial", "99"], "has no trial 99"),
+        (["--trial", "first"], "--trial must be best or a trial number"),
+        (["--epochs", "1"], "--epochs must be at least 2"),
+        (["--study", "nothing"], "no study 'nothing'"),
+        (["--teacher", "missing.pt"], "is not a file"),
+    ],
+)
+def test_bad_export_requests_exit_2_with_one_line(study_folder, args, fragment):
+    result = compsearch("export", *args, cwd=study_folder)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0], result.stderr
+
+
+def test_export_of_a_study_with_no_feasible_trial_says_so(tmp_path):
+    study_dir = tmp_path / "runs" / "digits"
+    study_dir.mkdir(parents=True)
+    storage = f"sqlite:///{study_dir / 'study.db'}"
+    study = optuna.create_study(
+        study_name="digits", storage=storage, directions=["maximize", "minimize"]
+    )
+    study.set_user_attr(
+        SETTINGS_KEY,
+        {"dataset": "digits", "budgets": {"params": 1e3, "size_kb": 1.0, "macs": None}},
+    )
+    result = compsearch("export", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "no feasible trial" in result.stderr
+
+
+def test_the_command_line_repeats_the_export_epoch_factor():
+    assert cli.EXPORT_EPOCH_FACTOR == export_module.EXPORT_EPOCH_FACTOR
