@@ -131,9 +131,7 @@ def build_parser() -> Parser:
     show.add_argument("--all", action="store_true", help="list every trial with its state")
     add_location(show)
 
-    plot = commands.add_parser(
-        "plot", help="write pareto.png, pareto.html, hypervolume.png, importance.png, report.html"
-    )
+    plot = commands.add_parser("plot", help="write pareto.png and pareto.html")
     add_location(plot)
 
     export = commands.add_parser(
