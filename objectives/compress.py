@@ -93,6 +93,9 @@ def prune(
         )
     import torch_pruning as tp
 
+    # Here, not at the top: measure imports this module's input name.
+    from compsearch.objectives.measure import count_params
+
     ranking = importance(compress.prune_criterion)
     if compress.prune_criterion == "taylor":
         if loss is None:
@@ -113,7 +116,7 @@ def prune(
             for (stage, _), block in zip(block_shapes(arch), model.blocks, strict=True)
             for layer in get_block(stage.block).fixed_in_global_pruning(block, stage.depth)
         ]
-        target = (1 - fraction) * _count_params(model)
+        target = (1 - fraction) * count_params(model)
         pruner = tp.pruner.BasePruner(
             model,
             example,
@@ -126,15 +129,11 @@ def prune(
         )
         for _ in range(GLOBAL_PRUNING_STEPS):
             pruner.step()
-            if _count_params(model) <= target:
+            if count_params(model) <= target:
                 break
     model.zero_grad(set_to_none=True)
     stem_width, stage_widths = read_widths(model, arch)
     return with_widths(arch, stem_width, stage_widths)
-
-
-def _count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def export_fp32(model: nn.Module, resolution: int, channels: int) -> onnx.ModelProto:

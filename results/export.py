@@ -130,7 +130,7 @@ def export_trial(
             raise ExportError(
                 f"the exported model of trial {trial.number} breaks the budgets "
                 f"({', '.join(over)}): params {result.params:,}, size {result.size_kb:.1f} KB, "
-                f"MACs {amount(result.macs)} against {describe(budgets)}; nothing was written. "
+                f"MACs {amount(result.macs)} against {budgets.describe()}; nothing was written. "
                 "Export another trial (compsearch show) or a smaller one"
             )
         test_accuracy = onnx_accuracy(result.onnx_path, data.test, data, data.resolution)
@@ -148,11 +148,6 @@ def export_trial(
         for name in ("model.onnx", "model.pt", "model.json"):
             shutil.move(work / name, target / name)
     return Exported(target, card)
-
-
-def describe(budgets: Budgets) -> str:
-    text = f"<= {amount(budgets.params)} params, <= {amount(budgets.size_kb)} KB"
-    return text + (f", <= {amount(budgets.macs)} MACs" if budgets.macs else "")
 
 
 def sha256(path: Path) -> str:

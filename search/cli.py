@@ -443,7 +443,7 @@ def write_results(study, folder: Path, console: Console) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     csv = folder / "trials.csv"
     frame.to_csv(csv, index=False)
-    title = f"{study.study_name} ({describe_budgets(budgets)})"
+    title = f"{study.study_name} ({budgets.describe()})"
     png = write_png(frame, budgets, folder / "pareto.png", title)
     html = write_html(frame, budgets, folder / "pareto.html", title)
     front = pareto_front(frame)
@@ -452,13 +452,6 @@ def write_results(study, folder: Path, console: Console) -> list[Path]:
     else:
         console.print("no feasible trial yet")
     return [csv, png, html]
-
-
-def describe_budgets(budgets) -> str:
-    from compsearch.spaces.budgets import amount
-
-    text = f"<= {amount(budgets.params)} params, <= {amount(budgets.size_kb)} KB"
-    return text + (f", <= {amount(budgets.macs)} MACs" if budgets.macs else "")
 
 
 def print_paths(console: Console, url: str, folder: Path, written: list[Path]) -> None:
@@ -509,7 +502,7 @@ def command_show(args: argparse.Namespace, console: Console) -> int:
     study, _ = locate(args, console)
     budgets = study_budgets(study)
     frame = trials_frame(study, budgets)
-    title = f"{study.study_name} ({describe_budgets(budgets)})"
+    title = f"{study.study_name} ({budgets.describe()})"
     console.print(study_counts(frame))
     if args.all:
         console.print(all_trials_table(frame, f"All trials of {title}"))
@@ -530,7 +523,7 @@ def command_plot(args: argparse.Namespace, console: Console) -> int:
     study, folder = locate(args, console)
     budgets = study_budgets(study)
     frame = trials_frame(study, budgets)
-    title = f"{study.study_name} ({describe_budgets(budgets)})"
+    title = f"{study.study_name} ({budgets.describe()})"
     for path in (
         write_png(frame, budgets, folder / "pareto.png", title),
         write_html(frame, budgets, folder / "pareto.html", title),
@@ -603,7 +596,7 @@ def command_export(args: argparse.Namespace, console: Console) -> int:
         f"trial {card['trial']} exported: test accuracy {card['test_accuracy']:.2%}, "
         f"validation {card['validation_accuracy']:.2%} (onnxruntime, on model.onnx); "
         f"{card['params']:,} params, {card['size_kb']:.1f} KB, {card['precision']}, "
-        f"within {describe_budgets(study_budgets(study))}"
+        f"within {study_budgets(study).describe()}"
     )
     for file in ("model.onnx", "model.pt", "model.json"):
         console.print(f"  {exported.folder / file}")

@@ -19,6 +19,11 @@ class Budgets:
     size_kb: float  # bytes of the deployable ONNX file / 1000
     macs: float | None = None  # multiply-accumulates per image, when constrained
 
+    def describe(self) -> str:
+        """ "<= 2,000,000 params, <= 300 KB": the budgets as titles and messages state them."""
+        text = f"<= {amount(self.params)} params, <= {amount(self.size_kb)} KB"
+        return text + (f", <= {amount(self.macs)} MACs" if self.macs else "")
+
     def __post_init__(self) -> None:
         for name, value in (
             ("params", self.params),
