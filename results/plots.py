@@ -1,4 +1,9 @@
-"""pareto.png (matplotlib) and pareto.html (plotly): accuracy against size and params."""
+"""The study's figures.
+
+pareto.png (matplotlib) and pareto.html (plotly): accuracy against size and params.
+history.png: the best feasible accuracy and the hypervolume after each trial.
+importance.png: which searched parameters mattered most for accuracy.
+"""
 
 from __future__ import annotations
 
@@ -13,12 +18,32 @@ from compsearch.spaces.budgets import Budgets, amount
 AXES = (("size_kb", "ONNX file size (KB)", "size_kb"), ("params", "parameters", "params"))
 
 
-def write_png(frame: pd.DataFrame, budgets: Budgets, path: Path, title: str) -> Path:
+def pyplot():
+    """matplotlib's pyplot on the file-only backend: plots are written, never shown."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_png(figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    pyplot().close(figure)
+    return path
+
+
+def write_png(frame: pd.DataFrame, budgets: Budgets, path: Path, title: str) -> Path:
+    return save_png(pareto_figure(frame, budgets, title), path)
+
+
+def pareto_figure(frame: pd.DataFrame, budgets: Budgets, title: str):
+    """Two panels, accuracy against size_kb and against params, both log-scaled."""
     from matplotlib.ticker import FuncFormatter, LogLocator
+
+    plt = pyplot()
 
     trained = frame[frame["trained"].astype(bool)]
     feasible = trained[trained["feasible"].astype(bool)]
@@ -91,13 +116,18 @@ def write_png(frame: pd.DataFrame, budgets: Budgets, path: Path, title: str) -> 
         axis.legend(loc="best", fontsize=9)
     counts = f"{len(trained)} trained trials, {rejected} over budget before training"
     figure.suptitle(f"{title}: {counts}" + (f", {stopped} stopped early" if stopped else ""))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return figure
 
 
 def write_html(frame: pd.DataFrame, budgets: Budgets, path: Path, title: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Self-contained: the page must open offline.
+    pareto_plotly(frame, budgets, title).write_html(path, include_plotlyjs=True, full_html=True)
+    return path
+
+
+def pareto_plotly(frame: pd.DataFrame, budgets: Budgets, title: str):
+    """The interactive pareto figure; hovering a point shows its trial number and config."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
@@ -169,7 +199,107 @@ def write_html(frame: pd.DataFrame, budgets: Budgets, path: Path, title: str) ->
         figure.update_xaxes(title_text=label, type="log", row=1, col=col)
         figure.update_yaxes(title_text="validation accuracy (%)", row=1, col=col)
     figure.update_layout(title=title, height=520)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Self-contained: the page must open offline.
-    figure.write_html(path, include_plotlyjs=True, full_html=True)
-    return path
+    return figure
+
+
+def write_history_png(history: pd.DataFrame, frame: pd.DataFrame, path: Path, title: str) -> Path:
+    return save_png(history_figure(history, frame, title), path)
+
+
+def history_figure(history: pd.DataFrame, frame: pd.DataFrame, title: str):
+    """Left: every trained trial's accuracy and the best feasible one so far. Right: the
+    hypervolume of the feasible trials so far, the search's progress in one number."""
+    plt = pyplot()
+
+    trained = frame[frame["trained"].astype(bool)]
+    feasible = trained[trained["feasible"].astype(bool)]
+    infeasible = trained[~trained["feasible"].astype(bool)]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
+    left.scatter(
+        feasible["number"],
+        feasible["accuracy"] * 100,
+        s=18,
+        color="tab:blue",
+        alpha=0.6,
+        label="feasible trial",
+    )
+    left.scatter(
+        infeasible["number"],
+        infeasible["accuracy"] * 100,
+        s=24,
+        marker="x",
+        color="tab:red",
+        label="over budget as measured",
+    )
+    left.step(
+        history["number"],
+        history["best_accuracy"] * 100,
+        where="post",
+        color="tab:green",
+        linewidth=2,
+        label="best feasible so far",
+    )
+    if len(trained):
+        left.set_ylim(max(0.0, trained["accuracy"].min() * 100 - 2), 100.5)
+    left.set_xlabel("trial number")
+    left.set_ylabel("validation accuracy (%)")
+    left.set_title("accuracy of each trial, best feasible so far")
+    left.grid(True, alpha=0.3)
+    left.legend(loc="lower right", fontsize=9)
+    right.step(
+        history["number"], history["hypervolume"], where="post", color="tab:purple", linewidth=2
+    )
+    right.set_ylim(0, max(0.05, history["hypervolume"].max() * 1.1) if len(history) else 1)
+    right.set_xlabel("trial number")
+    right.set_ylabel("dominated share of [0, budget KB] x [0, 100%]")
+    right.set_title("hypervolume of the feasible front (accuracy, size)")
+    right.grid(True, alpha=0.3)
+    for axis in (left, right):
+        axis.set_xlim(-0.5, max(1, len(history)) - 0.5)
+    figure.suptitle(title)
+    return figure
+
+
+IMPORTANCE_SHOWN = 15  # bars drawn; the rest are summed into one
+
+
+def write_importance_png(
+    importance: pd.Series, trained: int, path: Path, title: str
+) -> Path | None:
+    """Horizontal bars, most important on top. None (and no file) when there are too few
+    trained trials to say."""
+    if importance.empty:
+        path.unlink(missing_ok=True)
+        return None
+    return save_png(importance_figure(importance, trained, title), path)
+
+
+def importance_figure(importance: pd.Series, trained: int, title: str):
+    plt = pyplot()
+    shown = importance.head(IMPORTANCE_SHOWN)
+    rest = importance.iloc[IMPORTANCE_SHOWN:].sum()
+    labels = list(shown.index)
+    values = list(shown.values)
+    if len(importance) > IMPORTANCE_SHOWN:
+        labels.append(f"{len(importance) - IMPORTANCE_SHOWN} others together")
+        values.append(rest)
+    figure, axis = plt.subplots(figsize=(8, 0.32 * len(labels) + 1.6), constrained_layout=True)
+    bars = axis.barh(range(len(labels)), [v * 100 for v in values], color="tab:blue")
+    axis.set_yticks(range(len(labels)), labels)
+    axis.invert_yaxis()
+    for bar, value in zip(bars, values, strict=True):
+        axis.annotate(
+            f"{value:.0%}",
+            xy=(bar.get_width(), bar.get_y() + bar.get_height() / 2),
+            xytext=(3, 0),
+            textcoords="offset points",
+            va="center",
+            fontsize=8,
+        )
+    axis.set_xlim(0, max(values) * 100 * 1.15)
+    axis.set_xlabel("share of accuracy variance explained (%, fANOVA)")
+    axis.set_title(
+        f"{title}\nwhich searched parameters mattered for accuracy ({trained} trained trials)"
+    )
+    axis.grid(True, axis="x", alpha=0.3)
+    return figure

@@ -177,3 +177,65 @@ def all_trials_table(frame: pd.DataFrame, title: str) -> Table:
             row["reason"],
         )
     return table
+
+
+def hypervolume(points: list[tuple[float, float]], budget_kb: float) -> float:
+    """Share of the box [0, budget_kb] x [0, 100% accuracy] that (size_kb, accuracy) points
+    dominate: 0 for none, 1 for a perfect model of no size."""
+    area = 0.0
+    reached = 0.0
+    # Sweeping from the smallest file, each point adds the accuracy it gains over every
+    # smaller point, for all sizes from its own up to the budget.
+    for size_kb, accuracy in sorted(points):
+        if size_kb <= budget_kb and accuracy > reached:
+            area += (1 - size_kb / budget_kb) * (accuracy - reached)
+            reached = accuracy
+    return area
+
+
+def search_history(frame: pd.DataFrame, budgets: Budgets) -> pd.DataFrame:
+    """After each trial, in trial-number order: the best feasible accuracy so far and the
+    hypervolume of the feasible trials so far (see `hypervolume`)."""
+    rows = []
+    points: list[tuple[float, float]] = []
+    for _, row in frame.sort_values("number").iterrows():
+        if row["feasible"]:
+            points.append((float(row["size_kb"]), float(row["accuracy"])))
+        rows.append(
+            {
+                "number": int(row["number"]),
+                "best_accuracy": max((a for _, a in points), default=math.nan),
+                "hypervolume": hypervolume(points, budgets.size_kb),
+            }
+        )
+    return pd.DataFrame(rows, columns=["number", "best_accuracy", "hypervolume"])
+
+
+MIN_TRIALS_FOR_IMPORTANCE = 4  # trained trials below which importances are noise
+
+
+def accuracy_importance(study: optuna.Study, seed: int = 0) -> pd.Series:
+    """fANOVA importance of each searched parameter for accuracy, over trained trials only
+    (configs rejected before training carry a placeholder accuracy). Empty when fewer than
+    MIN_TRIALS_FOR_IMPORTANCE trials were trained."""
+    trained = [
+        trial
+        for trial in study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.COMPLETE])
+        if trial.user_attrs.get("trained")
+    ]
+    if len(trained) < MIN_TRIALS_FOR_IMPORTANCE:
+        return pd.Series(dtype=float)
+    # A study of the trained trials alone, so the evaluator sees no placeholder.
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        copy = optuna.create_study(directions=study.directions)
+        copy.add_trials(trained)
+        importances = optuna.importance.get_param_importances(
+            copy,
+            evaluator=optuna.importance.FanovaImportanceEvaluator(seed=seed),
+            target=lambda trial: trial.values[0],
+        )
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+    return pd.Series(importances, dtype=float).sort_values(ascending=False)

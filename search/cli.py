@@ -131,7 +131,10 @@ def build_parser() -> Parser:
     show.add_argument("--all", action="store_true", help="list every trial with its state")
     add_location(show)
 
-    plot = commands.add_parser("plot", help="write pareto.png and pareto.html")
+    plot = commands.add_parser(
+        "plot",
+        help="write pareto.png, pareto.html, history.png, importance.png and report.html",
+    )
     add_location(plot)
 
     export = commands.add_parser(
@@ -434,8 +437,30 @@ def check_reachable(space, budgets, console: Console) -> None:
 
 
 def write_results(study, folder: Path, console: Console) -> list[Path]:
-    from compsearch.results.plots import write_html, write_png
     from compsearch.results.table import front_table, pareto_front, trials_frame
+    from compsearch.search.study import study_budgets
+
+    written = write_study_files(study, folder)
+    budgets = study_budgets(study)
+    front = pareto_front(trials_frame(study, budgets))
+    if len(front):
+        title = f"{study.study_name} ({budgets.describe()})"
+        console.print(front_table(front, f"Feasible Pareto front of {title}"))
+    else:
+        console.print("no feasible trial yet")
+    return written
+
+
+def write_study_files(study, folder: Path) -> list[Path]:
+    """trials.csv, the figures and report.html: what `run`, `plot` and `export` leave."""
+    from compsearch.results.plots import (
+        write_history_png,
+        write_html,
+        write_importance_png,
+        write_png,
+    )
+    from compsearch.results.report import write_report
+    from compsearch.results.table import accuracy_importance, search_history, trials_frame
     from compsearch.search.study import study_budgets
 
     budgets = study_budgets(study)
@@ -444,14 +469,20 @@ def write_results(study, folder: Path, console: Console) -> list[Path]:
     csv = folder / "trials.csv"
     frame.to_csv(csv, index=False)
     title = f"{study.study_name} ({budgets.describe()})"
-    png = write_png(frame, budgets, folder / "pareto.png", title)
-    html = write_html(frame, budgets, folder / "pareto.html", title)
-    front = pareto_front(frame)
-    if len(front):
-        console.print(front_table(front, f"Feasible Pareto front of {title}"))
-    else:
-        console.print("no feasible trial yet")
-    return [csv, png, html]
+    written = [
+        csv,
+        write_png(frame, budgets, folder / "pareto.png", title),
+        write_html(frame, budgets, folder / "pareto.html", title),
+        write_history_png(search_history(frame, budgets), frame, folder / "history.png", title),
+    ]
+    importance = write_importance_png(
+        accuracy_importance(study), int(frame["trained"].sum()), folder / "importance.png", title
+    )
+    if importance is not None:
+        written.append(importance)
+    settings = study.user_attrs[SETTINGS_KEY]
+    written.append(write_report(frame, budgets, settings, folder, study.study_name))
+    return written
 
 
 def print_paths(console: Console, url: str, folder: Path, written: list[Path]) -> None:
@@ -516,18 +547,8 @@ def command_show(args: argparse.Namespace, console: Console) -> int:
 
 
 def command_plot(args: argparse.Namespace, console: Console) -> int:
-    from compsearch.results.plots import write_html, write_png
-    from compsearch.results.table import trials_frame
-    from compsearch.search.study import study_budgets
-
     study, folder = locate(args, console)
-    budgets = study_budgets(study)
-    frame = trials_frame(study, budgets)
-    title = f"{study.study_name} ({budgets.describe()})"
-    for path in (
-        write_png(frame, budgets, folder / "pareto.png", title),
-        write_html(frame, budgets, folder / "pareto.html", title),
-    ):
+    for path in write_study_files(study, folder):
         console.print(f"written: {path}")
     return 0
 
@@ -600,6 +621,8 @@ def command_export(args: argparse.Namespace, console: Console) -> int:
     )
     for file in ("model.onnx", "model.pt", "model.json"):
         console.print(f"  {exported.folder / file}")
+    # The report shows the export's verified figures from now on.
+    console.print(f"  {write_study_files(study, folder)[-1]}")
     return 0
 
 

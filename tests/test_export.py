@@ -91,6 +91,23 @@ def test_following_the_card_by_hand_reproduces_its_test_accuracy(exported):
     assert card["test_accuracy"] > 0.5  # a trained model, not chance (10 classes)
 
 
+def test_the_report_shows_the_exported_figures(exported):
+    folder, stdout = exported
+    card = json.loads((folder / "model.json").read_text())
+    report = folder.parent / "report.html"
+    assert "runs/digits/report.html" in stdout
+    export_section = report.read_text().split("<h2>Export</h2>")[1].split("<h2>")[0]
+    assert "Not exported yet" not in export_section
+    for figure in (
+        f"{card['test_accuracy']:.2%}",
+        f"{card['validation_accuracy']:.2%}",
+        f"{card['size_kb']:.1f} KB",
+        f"{card['params']:,}",
+        card["sha256"],
+    ):
+        assert figure in export_section, figure
+
+
 def test_model_pt_loads_without_unpickling_and_rebuilds_the_file(exported):
     folder, _ = exported
     saved = torch.load(folder / "model.pt", weights_only=True)
