@@ -8,14 +8,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from compsearch.objectives import formats
 from compsearch.objectives.catalog import SHAPES
 from compsearch.objectives.formats import DataError
 
 if TYPE_CHECKING:
+    import torch
     from rich.console import Console
 
 DATASETS = tuple(SHAPES)
@@ -426,6 +425,8 @@ def channel_statistics(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[f
     """Per-channel mean and standard deviation of uint8 images scaled to [0, 1], exactly,
     from a histogram of each channel: a float copy of a whole dataset can take gigabytes
     and seconds."""
+    import torch
+
     counts = torch.stack(
         [
             torch.bincount(images[:, channel].reshape(-1), minlength=256)
@@ -477,6 +478,9 @@ def load_dataset(
             keep, _ = stratified_split(labels[fit_index], 1 - subset / len(fit_index), seed)
             fit_index = fit_index[keep]
 
+    # Only now, so bad files are refused without the seconds a torch import takes.
+    import torch
+
     def split(images: np.ndarray, labels: np.ndarray) -> Split:
         return Split(
             # Writable, C-ordered copies: arrays read from files may be read-only views.
@@ -506,6 +510,9 @@ def normalize(
 ) -> torch.Tensor:
     """uint8 (N, C, H, W) to normalized float at `resolution` pixels, channels_last.
     `mean` and `std` may be tensors already on the images' device (no copy is made)."""
+    import torch
+    import torch.nn.functional as F
+
     x = images.float().div_(255)
     shape = (1, -1, 1, 1)
     mean = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(shape)

@@ -29,22 +29,34 @@ COLUMNS = [
     "estimated_macs",
     "early_accuracy",
     "fitted_from",
+    "retry_of",
+    "worker",
     "onnx_path",
 ]
+LOST = "worker lost (no heartbeat): killed, out of memory or its machine gone"
 
 
 def trials_frame(study: optuna.Study, budgets: Budgets) -> pd.DataFrame:
     """One row per trial. Measured columns are empty for trials that were never trained."""
     rows = []
-    for trial in study.get_trials(deepcopy=False):
+    trials = study.get_trials(deepcopy=False)
+    run_again_as = {
+        t.user_attrs["retry_of"]: t.number for t in trials if "retry_of" in t.user_attrs
+    }
+    for trial in trials:
         attrs = trial.user_attrs
         trained = bool(attrs.get("trained", False)) and trial.state.name == "COMPLETE"
+        reason = attrs.get("reason", "")
+        if trial.state.name == "FAIL" and not reason:
+            reason = LOST  # failed by another worker, which can no longer write to it
+        if trial.number in run_again_as:
+            reason += f"; run again as trial {run_again_as[trial.number]}"
         row = {
             "number": trial.number,
             "state": trial.state.name,
             "trained": trained,
             "accuracy": trial.values[0] if trained and trial.values else math.nan,
-            "reason": attrs.get("reason", ""),
+            "reason": reason,
         }
         for name in COLUMNS:
             if name not in row:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
 import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,6 +35,10 @@ DISTILL_TEMPERATURE = 4.0
 # Repeated from results.export (which imports optuna and pandas), for the help text.
 EXPORT_EPOCH_FACTOR = 3
 SPACE_FILE = "space.toml"  # the space searched, beside the study
+# Repeated from search.study (which imports optuna), for the help text.
+HEARTBEAT_SECONDS = 10
+GRACE_HEARTBEATS = 6
+WORKER_SEED_STRIDE = 1009  # sampler seeds of workers started together differ by this
 _SUFFIXES = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}
 
 
@@ -125,6 +132,22 @@ def build_parser() -> Parser:
         default=str(DISTILL_TEMPERATURE),
         help=f"softening of the teacher's outputs (default {DISTILL_TEMPERATURE})",
     )
+    run.add_argument(
+        "--workers",
+        default="1",
+        help="worker processes on this machine sharing the study: one per GPU when there "
+        "are several, else side by side sharing the CPU cores or the GPU (default 1)",
+    )
+    run.add_argument(
+        "--heartbeat",
+        default=str(HEARTBEAT_SECONDS),
+        help="seconds between a worker's heartbeats; a trial whose worker misses "
+        f"{GRACE_HEARTBEATS} in a row is failed and run again (default {HEARTBEAT_SECONDS})",
+    )
+    # Set by `--workers` for the processes it starts.
+    run.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
+    run.add_argument("--finish-at", type=int, help=argparse.SUPPRESS)
+    run.add_argument("--threads", type=int, help=argparse.SUPPRESS)
     add_location(run)
 
     show = commands.add_parser("show", help="print the feasible Pareto front")
@@ -162,6 +185,8 @@ def build_parser() -> Parser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # What was typed, for the worker processes that `run --workers` starts.
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     console = Console()
     try:
         if args.command == "run":
@@ -192,7 +217,16 @@ def default_study_name(dataset: str) -> str:
     return dataset
 
 
+DEVICE_NAMES = r"auto|cpu|cuda(:[0-9]+)?"
+
+
+def check_device_name(name: str) -> None:
+    if not re.fullmatch(DEVICE_NAMES, name):
+        raise UsageError(f"--device must be auto, cpu, cuda or cuda:K, but got {name!r}")
+
+
 def resolve_device(name: str) -> str:
+    check_device_name(name)
     import torch
 
     if name == "auto":
@@ -237,6 +271,8 @@ def command_run(args: argparse.Namespace, console: Console) -> int:
         raise UsageError(
             f"--teacher {args.teacher!r} is not a file; give none, auto or a model.pt path"
         )
+    workers = parse_count(args.workers, "--workers")
+    heartbeat = parse_count(args.heartbeat, "--heartbeat")
     space = requested_space(args)
     study_name = args.study or default_study_name(args.dataset)
     folder = args.out / study_name
@@ -259,25 +295,44 @@ def command_run(args: argparse.Namespace, console: Console) -> int:
                 "start a new --study"
             )
         space = stored_space
+    if stored is not None and stored.get("budgets") != budgets.to_dict():
+        # The same check open_study makes, made before the data is read.
+        raise UsageError(
+            f"study {study_name!r} was created with budgets {json.dumps(stored['budgets'])}, "
+            f"not {json.dumps(budgets.to_dict())}; use the original budgets or a new --study"
+        )
     if space is not None:
         check_reachable(space, budgets, console)
 
     from compsearch.objectives.data import DataError, load_dataset
+
+    check_device_name(args.device)
+    try:
+        # Read before torch is imported, so bad files are refused at once.
+        data = load_dataset(
+            args.dataset, seed=seed, subset=subset, data_dir=args.data_dir, console=console
+        )
+    except DataError as error:
+        raise UsageError(str(error)) from None
+
     from compsearch.objectives.teacher import prepare_teacher
     from compsearch.objectives.train import DeviceData
     from compsearch.search.run import (
         SearchSettings,
         default_schedule,
-        retry_interrupted,
+        fail_stale_trials,
+        finished_and_running,
         search,
+        waiting_trials,
     )
     from compsearch.search.study import existing_trials, make_sampler, open_study
 
     device = resolve_device(args.device)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
-        data = load_dataset(
-            args.dataset, seed=seed, subset=subset, data_dir=args.data_dir, console=console
-        )
         schedule = default_schedule(epochs, data.resolution)
         on_device = DeviceData(data, device)
 
@@ -307,7 +362,7 @@ def command_run(args: argparse.Namespace, console: Console) -> int:
         distillation = teacher(args.teacher) if args.teacher != "auto" else None
     except DataError as error:
         raise UsageError(str(error)) from None
-    storage = open_storage(url)  # only now: bad data leaves no empty study behind
+    storage = open_storage(url, heartbeat)  # only now: bad data leaves no empty study behind
     if space is None:  # a dataset whose shape is known only once loaded
         space = space_for_data(args, data.channels, data.num_classes, data.resolution)
         check_reachable(space, budgets, console)
@@ -322,20 +377,30 @@ def command_run(args: argparse.Namespace, console: Console) -> int:
         "space": space.to_dict(),
         "version": __version__,
     }
-    # A resumed study gets a fresh sampler seed so it does not repeat its first proposals.
-    sampler = make_sampler(args.sampler, seed + existing_trials(storage, study_name))
+    # A resumed study gets a fresh sampler seed so it does not repeat its first proposals,
+    # and workers started together get different ones.
+    sampler_seed = seed + existing_trials(storage, study_name)
+    sampler = make_sampler(args.sampler, sampler_seed + WORKER_SEED_STRIDE * args.worker_index)
     study = open_study(storage, study_name, settings, sampler)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / SPACE_FILE).write_text(space.to_toml())
-    retried = retry_interrupted(study)
+    fail_stale_trials(study)
+    waiting = waiting_trials(study)
     before = len(study.trials)
+    finish_at = args.finish_at
+    if finish_at is None:
+        finish_at = finished_and_running(study)[0] + trials
+    children = start_workers(args, workers, finish_at, device, folder) if workers > 1 else []
     console.print(
         f"study [bold]{study_name}[/] in {redact(url)}: {before} trials so far"
-        + (f", {retried} interrupted trial(s) queued to run again" if retried else "")
+        + (f", {waiting} interrupted or lost trial(s) queued to run again" if waiting else "")
+        + (f"; {workers} workers, logs of the others in {folder / 'workers'}" if children else "")
         + f"; dataset {data.name} ({len(data.train)} train, {len(data.val)} validation images,"
         f" {data.resolution}x{data.resolution}x{data.channels}); device {device}"
     )
-    run_settings = SearchSettings(budgets, trials, timeout, seed, device, folder)
+    run_settings = SearchSettings(
+        budgets, trials, timeout, seed, device, folder, finish_at=finish_at
+    )
     started = time.perf_counter()
     interrupted = False
     try:
@@ -350,7 +415,11 @@ def command_run(args: argparse.Namespace, console: Console) -> int:
     except KeyboardInterrupt:
         interrupted = True
         counts = None
+    finally:
+        failed_workers = wait_for_workers(children, console)
     elapsed = time.perf_counter() - started
+    if args.worker_index > 0:  # worker 0 writes the results once all have finished
+        return EXIT_INTERRUPTED if interrupted else 0
     written = write_results(study, folder, console)
     if interrupted:
         console.print(
@@ -377,7 +446,57 @@ def command_run(args: argparse.Namespace, console: Console) -> int:
         summary += f"; stopped: {counts.stopped_reason}"
     console.print(summary)
     print_paths(console, url, folder, written)
-    return 0
+    return 1 if failed_workers else 0
+
+
+def start_workers(
+    args: argparse.Namespace, workers: int, finish_at: int, device: str, folder: Path
+) -> list[tuple[subprocess.Popen, Path]]:
+    """Start workers 1..K-1 as processes running this same command on the same study.
+
+    With several GPUs each worker gets its own; otherwise they share the device, and on
+    CPU the cores are split between them (this process is worker 0).
+    """
+    import torch
+
+    gpus = torch.cuda.device_count() if device.startswith("cuda") else 0
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    if gpus <= 1:
+        torch.set_num_threads(threads)
+    logs = folder / "workers"
+    logs.mkdir(parents=True, exist_ok=True)
+    storage = args.storage or storage_url(None, folder)
+    children = []
+    for index in range(1, workers):
+        command = [
+            sys.executable, "-m", "compsearch.search.cli", *args.argv,
+            "--workers", "1", "--worker-index", str(index), "--finish-at", str(finish_at),
+            "--storage", storage, "--study", folder.name,
+        ]  # fmt: skip
+        if gpus > 1:
+            command += ["--device", f"cuda:{index % gpus}"]
+        else:
+            command += ["--threads", str(threads)]
+        log = logs / f"worker-{index}.log"
+        with open(log, "w") as stream:
+            children.append(
+                (subprocess.Popen(command, stdout=stream, stderr=subprocess.STDOUT), log)
+            )
+    return children
+
+
+def wait_for_workers(children: list[tuple[subprocess.Popen, Path]], console: Console) -> int:
+    """Wait for the other workers; say which failed and where their log is."""
+    failed = 0
+    for process, log in children:
+        try:
+            code = process.wait()
+        except KeyboardInterrupt:  # a second Ctrl-C: they got the first one too
+            code = process.wait()
+        if code not in (0, EXIT_INTERRUPTED):
+            failed += 1
+            console.print(f"a worker exited with code {code}; its log: {log}")
+    return failed
 
 
 def requested_space(args: argparse.Namespace):

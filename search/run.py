@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import socket
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
 import torch
+from optuna.trial import TrialState
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -23,6 +27,7 @@ from rich.progress import (
 from compsearch.objectives.data import Dataset
 from compsearch.objectives.train import DeviceData, Distillation, TrainingDiverged
 from compsearch.objectives.trial import StoppedEarly, TrialResult, run_trial
+from compsearch.search.study import Retry, first_line
 from compsearch.spaces.budgets import Budgets
 from compsearch.spaces.config import TrainConfig, TrialConfig
 from compsearch.spaces.estimate import estimate
@@ -31,7 +36,11 @@ from compsearch.spaces.space import SearchSpace, sample
 # Stop asking when this many configs in a row break the budgets: the space is then
 # almost all infeasible and the user should narrow it or relax the budgets.
 MAX_REJECTIONS_IN_A_ROW = 500
-INTERRUPTED = "interrupted before it finished"
+MAX_FAILURES_IN_A_ROW = 10
+INTERRUPTED = "interrupted before it finished (Ctrl-C)"
+# Which process ran a trial, for the record and for telling workers apart.
+WORKER = f"{socket.gethostname()}:{os.getpid()}"
+WAIT_SECONDS = 2.0  # between looks at the study while other workers finish the last trials
 
 # Measured by bench/search_efficiency.py (see the README). Queueing a shrunk copy of every
 # over-budget proposal lowered the front's hypervolume (rejections cost nothing, copies
@@ -73,6 +82,12 @@ class SearchSettings:
     # every rejection; 0: never).
     fit_after_rejections: int = FIT_AFTER_REJECTIONS_IN_A_ROW
     early_stopping: bool = EARLY_STOPPING
+    # Stop after this many trials in a row failed (diverged, out of memory): the space or
+    # the schedule is wrong, and more trials would only fail too.
+    max_failures_in_a_row: int = MAX_FAILURES_IN_A_ROW
+    # Finished trials in the study at which every worker stops; None: those there now
+    # plus `trials`. Workers started together share one figure, so N means N in all.
+    finish_at: int | None = None
 
 
 @dataclass
@@ -135,19 +150,45 @@ class Display:
         self.progress.update(self.epochs, visible=False)
 
 
-def retry_interrupted(study: optuna.Study) -> int:
-    """Queue again the configs of trials that an interruption cut short, once each."""
-    retried = {t.user_attrs.get("retry_of") for t in study.trials}
-    count = 0
-    for trial in study.trials:
-        interrupted = (
-            trial.state == optuna.trial.TrialState.FAIL
-            and trial.user_attrs.get("reason") == INTERRUPTED
-        )
-        if interrupted and trial.number not in retried and trial.params:
-            study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
-            count += 1
-    return count
+# This loop runs Optuna's heartbeat itself (see `heartbeat`), which Optuna warns about
+# when it is not study.optimize that does so.
+HEARTBEAT_WARNING = "Heartbeat of storage is supposed to be used with Study.optimize"
+
+
+def finished_and_running(study: optuna.Study) -> tuple[int, int]:
+    """(trials trained or stopped early, trials running now), across all workers."""
+    finished = running = 0
+    for trial in study.get_trials(deepcopy=False):
+        if trial.state == TrialState.PRUNED or (
+            trial.state == TrialState.COMPLETE and trial.user_attrs.get("trained")
+        ):
+            finished += 1
+        elif trial.state == TrialState.RUNNING:
+            running += 1
+    return finished, running
+
+
+def waiting_trials(study: optuna.Study) -> int:
+    """Configs queued to run again after their worker was interrupted or lost."""
+    return len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+
+
+def fail_stale_trials(study: optuna.Study) -> None:
+    """Fail the trials whose worker stopped answering and queue them again (Optuna's own
+    recovery, which study.optimize runs before each trial)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
+@contextlib.contextmanager
+def heartbeat(study: optuna.Study, trial: optuna.Trial):
+    """Optuna's heartbeat thread, as study.optimize runs it, for this ask-and-tell loop:
+    it tells the storage every few seconds that the trial's worker is alive."""
+    from optuna.storages._heartbeat import get_heartbeat_thread
+
+    with get_heartbeat_thread(trial._trial_id, study._storage):
+        yield
 
 
 def search(
@@ -170,11 +211,32 @@ def search(
     # The data on the training device, once: every trial trains from it.
     on_device = on_device or DeviceData(data, settings.device)
     rejections_in_a_row = 0
+    failures_in_a_row = 0
+    last_failure = ""
     display = Display(console, settings.trials) if console is not None else None
-    with display or contextlib.nullcontext():
-        while counts.trained + counts.stopped_early < settings.trials:
+    fail_stale_trials(study)
+    finish_at = settings.finish_at
+    if finish_at is None:
+        finish_at = finished_and_running(study)[0] + settings.trials
+    with display or contextlib.nullcontext(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=HEARTBEAT_WARNING)
+        while True:
+            fail_stale_trials(study)
+            finished, running = finished_and_running(study)
+            if finished >= finish_at:
+                break
+            if finished + running >= finish_at:
+                # Other workers are on the last trials; one of them may still fail.
+                time.sleep(WAIT_SECONDS)
+                continue
             if settings.timeout is not None and time.monotonic() - started > settings.timeout:
                 counts.stopped_reason = f"--timeout {settings.timeout:g} s reached"
+                break
+            if failures_in_a_row >= settings.max_failures_in_a_row:
+                counts.stopped_reason = (
+                    f"{failures_in_a_row} trials in a row failed, the last with {last_failure}; "
+                    "`compsearch show --all` gives each one's reason"
+                )
                 break
             if rejections_in_a_row >= MAX_REJECTIONS_IN_A_ROW:
                 counts.stopped_reason = (
@@ -183,83 +245,96 @@ def search(
                 )
                 break
             trial = study.ask()
-            config = sample(trial, space, schedule)
-            expected = estimate(config)
-            trial.set_user_attr("estimated_params", expected.params)
-            trial.set_user_attr("estimated_size_kb", expected.size_kb)
-            trial.set_user_attr("estimated_macs", expected.macs)
-            over = settings.budgets.excess(expected.params, expected.size_kb, expected.macs)
-            if over:
-                reject(study, trial, settings.budgets, expected, over)
-                counts.rejected += 1
-                rejections_in_a_row += 1
-                stuck = (
-                    settings.fit_after_rejections > 0
-                    and rejections_in_a_row % settings.fit_after_rejections == 0
+            trial.set_user_attr("worker", WORKER)
+            with heartbeat(study, trial):
+                config = sample(trial, space, schedule)
+                expected = estimate(config)
+                trial.set_user_attr("estimated_params", expected.params)
+                trial.set_user_attr("estimated_size_kb", expected.size_kb)
+                trial.set_user_attr("estimated_macs", expected.macs)
+                over = settings.budgets.excess(expected.params, expected.size_kb, expected.macs)
+                if over:
+                    reject(study, trial, settings.budgets, expected, over)
+                    counts.rejected += 1
+                    rejections_in_a_row += 1
+                    stuck = (
+                        settings.fit_after_rejections > 0
+                        and rejections_in_a_row % settings.fit_after_rejections == 0
+                    )
+                    if stuck and "fitted_from" not in trial.user_attrs:
+                        fitted = fit_to_budget(trial.params, space, schedule, settings.budgets)
+                        if fitted is not None:
+                            study.enqueue_trial(fitted, user_attrs={"fitted_from": trial.number})
+                            counts.fitted += 1
+                    if display:
+                        display.trial_done(counts, None, False)
+                    continue
+                rejections_in_a_row = 0
+                if display:
+                    display.start_trial(trial.number, config.train.epochs)
+                folder = settings.folder / "trials" / f"{trial.number:05d}"
+                stopper = (
+                    EarlyStopper(study, expected.size_kb, settings.budgets)
+                    if settings.early_stopping
+                    else None
                 )
-                if stuck and "fitted_from" not in trial.user_attrs:
-                    fitted = fit_to_budget(trial.params, space, schedule, settings.budgets)
-                    if fitted is not None:
-                        study.enqueue_trial(fitted, user_attrs={"fitted_from": trial.number})
-                        counts.fitted += 1
-                if display:
-                    display.trial_done(counts, None, False)
-                continue
-            rejections_in_a_row = 0
-            if display:
-                display.start_trial(trial.number, config.train.epochs)
-            folder = settings.folder / "trials" / f"{trial.number:05d}"
-            stopper = (
-                EarlyStopper(study, expected.size_kb, settings.budgets)
-                if settings.early_stopping
-                else None
-            )
-            try:
-                result = run_trial(
-                    config,
-                    data,
-                    folder,
-                    seed=settings.seed + trial.number,
-                    on_device=on_device,
-                    on_epoch=display.epoch_done if display else None,
-                    early_check=stopper,
-                    distillation=distillation,
+                try:
+                    result = run_trial(
+                        config,
+                        data,
+                        folder,
+                        seed=settings.seed + trial.number,
+                        on_device=on_device,
+                        on_epoch=display.epoch_done if display else None,
+                        early_check=stopper,
+                        distillation=distillation,
+                    )
+                except KeyboardInterrupt:
+                    trial.set_user_attr("reason", INTERRUPTED)
+                    frozen = study.tell(trial, state=TrialState.FAIL)
+                    Retry()(study, frozen)
+                    raise
+                except StoppedEarly as stop:
+                    trial.set_user_attr("trained", False)
+                    trial.set_user_attr("early_accuracy", stop.early_accuracy)
+                    trial.set_user_attr("reason", f"stopped early: {stop}")
+                    study.tell(trial, state=TrialState.PRUNED)
+                    counts.stopped_early += 1
+                    counts.epochs_trained += stop.epochs_done
+                    counts.epochs_saved += config.train.epochs - stop.epochs_done
+                    if display:
+                        display.trial_done(counts, None, False)
+                    continue
+                except (TrainingDiverged, torch.OutOfMemoryError) as error:
+                    trial.set_user_attr("trained", True)
+                    trial.set_user_attr("reason", f"{type(error).__name__}: {first_line(error)}")
+                    study.tell(trial, state=TrialState.FAIL)
+                    counts.failed += 1
+                    failures_in_a_row += 1
+                    last_failure = type(error).__name__
+                    if display:
+                        display.trial_done(counts, None, False)
+                    continue
+                except Exception as error:
+                    # An internal error: the trial records it, then the run stops with it.
+                    trial.set_user_attr("reason", f"{type(error).__name__}: {first_line(error)}")
+                    study.tell(trial, state=TrialState.FAIL)
+                    raise
+                failures_in_a_row = 0
+                record_constraints(
+                    trial, settings.budgets, result.params, result.size_kb, result.macs
                 )
-            except KeyboardInterrupt:
-                trial.set_user_attr("reason", INTERRUPTED)
-                study.tell(trial, state=optuna.trial.TrialState.FAIL)
-                raise
-            except StoppedEarly as stop:
-                trial.set_user_attr("trained", False)
-                trial.set_user_attr("early_accuracy", stop.early_accuracy)
-                trial.set_user_attr("reason", f"stopped early: {stop}")
-                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-                counts.stopped_early += 1
-                counts.epochs_trained += stop.epochs_done
-                counts.epochs_saved += config.train.epochs - stop.epochs_done
+                over = settings.budgets.excess(result.params, result.size_kb, result.macs)
+                feasible = not over
+                record_result(trial, result, settings.folder)
+                if over:
+                    trial.set_user_attr("reason", "over budget as measured: " + ", ".join(over))
+                    counts.infeasible_after_training += 1
+                study.tell(trial, [result.accuracy, result.size_kb])
+                counts.trained += 1
+                counts.epochs_trained += config.train.epochs
                 if display:
-                    display.trial_done(counts, None, False)
-                continue
-            except (TrainingDiverged, torch.OutOfMemoryError) as error:
-                trial.set_user_attr("trained", True)
-                trial.set_user_attr("reason", f"{type(error).__name__}: {error}")
-                study.tell(trial, state=optuna.trial.TrialState.FAIL)
-                counts.failed += 1
-                if display:
-                    display.trial_done(counts, None, False)
-                continue
-            record_constraints(trial, settings.budgets, result.params, result.size_kb, result.macs)
-            over = settings.budgets.excess(result.params, result.size_kb, result.macs)
-            feasible = not over
-            record_result(trial, result, settings.folder)
-            if over:
-                trial.set_user_attr("reason", "over budget as measured: " + ", ".join(over))
-                counts.infeasible_after_training += 1
-            study.tell(trial, [result.accuracy, result.size_kb])
-            counts.trained += 1
-            counts.epochs_trained += config.train.epochs
-            if display:
-                display.trial_done(counts, result, feasible)
+                    display.trial_done(counts, result, feasible)
     return counts
 
 
@@ -328,7 +403,7 @@ class EarlyStopper:
     def __init__(self, study: optuna.Study, size_kb: float, budgets: Budgets) -> None:
         self.size_kb = size_kb
         finished = []
-        for trial in study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.COMPLETE]):
+        for trial in study.get_trials(deepcopy=False, states=[TrialState.COMPLETE]):
             attrs = trial.user_attrs
             if not attrs.get("trained") or "early_accuracy" not in attrs:
                 continue

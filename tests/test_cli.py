@@ -46,24 +46,14 @@ def test_bad_amounts_are_usage_errors(text):
 @pytest.mark.parametrize(
     "args",
     [
-        ["--budget-params", "0", "--budget-kb", "300"],
-        ["--budget-params", "-1", "--budget-kb", "300"],
-        ["--budget-params", "lots", "--budget-kb", "300"],
-        ["--budget-params", "2e6", "--budget-kb", "0"],
-        ["--budget-params", "2e6", "--budget-kb", "-300"],
-        ["--budget-params", "2e6", "--budget-kb", "big"],
-        ["--budget-params", "2e6"],
-        ["--budget-params", "2e6", "--budget-kb", "300", "--sampler", "annealing"],
-        ["--budget-params", "2e6", "--budget-kb", "300", "--dataset", "imagenet"],
-        ["--budget-params", "10", "--budget-kb", "300"],
+        # tests/test_bad_input.py holds the whole list; these are refused where a study
+        # might otherwise have been created first.
         ["--budget-params", "2e6", "--budget-kb", "300", "--dataset", "mnist", "--data-dir", "x"],
         ["--budget-params", "2e6", "--budget-kb", "300", "--teacher", "missing.pt"],
-        ["--budget-params", "2e6", "--budget-kb", "300", "--distill-weight", "1.5"],
-        ["--budget-params", "2e6", "--budget-kb", "300", "--distill-temperature", "0"],
         ["--budget-params", "2e6", "--budget-kb", "300", "--dataset", "folder:nowhere"],
     ],
 )
-def test_bad_input_exits_2_with_one_line_before_any_training(tmp_path, args):
+def test_bad_input_leaves_no_empty_study_behind(tmp_path, args):
     result = compsearch("run", *args, "--out", str(tmp_path / "runs"), cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()

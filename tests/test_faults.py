@@ -1,0 +1,164 @@
+"""Faults inside one worker: a diverging run, out of memory, Ctrl-C, a lost worker.
+
+Each failed trial records its reason and the search goes on; an interrupted or lost trial
+is queued to run again by Optuna's retry callback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+import torch
+from conftest import SCHEDULE
+
+from compsearch.objectives.data import load_dataset
+from compsearch.objectives.train import TrainingDiverged
+from compsearch.results.table import LOST, trials_frame
+from compsearch.search import run as run_module
+from compsearch.search.run import SearchSettings, fail_stale_trials, search
+from compsearch.search.study import DIRECTIONS, open_storage
+from compsearch.spaces.budgets import Budgets
+from compsearch.spaces.space import space_for
+
+SPACE = space_for(1, 10, 8)
+LOOSE = Budgets(params=1e6, size_kb=100.0)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_dataset("digits", seed=0, subset=200)
+
+
+def new_study(folder, heartbeat: int = 10) -> optuna.Study:
+    return optuna.create_study(
+        storage=open_storage(f"sqlite:///{folder / 'study.db'}", heartbeat),
+        directions=list(DIRECTIONS),
+        sampler=optuna.samplers.RandomSampler(seed=1),
+    )
+
+
+def test_a_diverged_or_out_of_memory_trial_fails_with_its_reason_and_the_search_goes_on(
+    data, tmp_path, monkeypatch
+):
+    real = run_module.run_trial
+    faults = [
+        TrainingDiverged("training loss became nan in epoch 1 at 8 px (learning rate 0.1)"),
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+    ]
+
+    def faulty(*args, **kwargs):
+        if faults:
+            raise faults.pop(0)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(run_module, "run_trial", faulty)
+    study = new_study(tmp_path)
+    settings = SearchSettings(LOOSE, 2, None, 0, "cpu", tmp_path, early_stopping=False)
+    counts = search(study, SPACE, SCHEDULE, data, settings, console=None)
+    assert counts.trained == 2 and counts.failed == 2
+    frame = trials_frame(study, LOOSE)
+    failed = frame[frame["state"] == "FAIL"]
+    assert list(failed["reason"]) == [
+        "TrainingDiverged: training loss became nan in epoch 1 at 8 px (learning rate 0.1)",
+        "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB",
+    ]
+    assert int(frame["trained"].sum()) == 2
+    assert (frame[frame["trained"]]["state"] == "COMPLETE").all()
+
+
+def test_a_schedule_that_always_diverges_stops_the_search_with_the_reason(data, tmp_path):
+    # A learning rate this large makes every trial's loss infinite or NaN.
+    wild = dataclasses.replace(SCHEDULE, learning_rate=1e12)
+    study = new_study(tmp_path)
+    settings = SearchSettings(
+        LOOSE, 2, None, 0, "cpu", tmp_path, early_stopping=False, max_failures_in_a_row=3
+    )
+    counts = search(study, SPACE, wild, data, settings, console=None)
+    assert counts.trained == 0 and counts.failed == 3
+    assert counts.stopped_reason.startswith("3 trials in a row failed, the last with Training")
+    reasons = trials_frame(study, LOOSE)["reason"]
+    assert reasons[reasons.str.startswith("TrainingDiverged: training loss became")].size == 3
+
+
+def test_a_lost_workers_trial_is_failed_and_run_again(data, tmp_path):
+    """A trial left RUNNING with no heartbeat (its worker was killed) is failed by the next
+    worker once the grace period has passed, and its config runs again."""
+    study = new_study(tmp_path, heartbeat=1)
+    lost = study.ask({"stage1_width": optuna.distributions.IntDistribution(4, 64)})
+    lost.set_user_attr("estimated_params", 1234)
+    # The killed worker's last heartbeat, then silence for longer than the grace period.
+    study._storage.record_heartbeat(lost._trial_id)
+    time.sleep(1 * 6 + 1.5)
+    fail_stale_trials(study)
+    frozen = {t.number: t for t in study.get_trials(deepcopy=False)}
+    assert frozen[lost.number].state.name == "FAIL"
+    (retry,) = [t for t in frozen.values() if t.state.name == "WAITING"]
+    assert retry.params == lost.params
+    assert retry.user_attrs == {"estimated_params": 1234, "retry_of": lost.number}
+    row = trials_frame(study, LOOSE).set_index("number").loc[lost.number]
+    assert row["reason"] == f"{LOST}; run again as trial {retry.number}"
+
+
+def test_ctrl_c_keeps_every_finished_trial_and_queues_the_interrupted_one(tmp_path):
+    """SIGINT in the middle of a trial: exit 130, finished trials kept, the interrupted one
+    failed with its reason and run again by the next `run`."""
+    command = [
+        sys.executable, "-m", "compsearch.search.cli", "run", "--budget-params", "2e6",
+        "--budget-kb", "300", "--trials", "3", "--out", str(tmp_path),
+    ]  # fmt: skip
+    env = os.environ | {"PYTHONUNBUFFERED": "1"}
+    first = subprocess.Popen(
+        [*command, "--epochs", "400"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    storage = open_storage(f"sqlite:///{tmp_path / 'digits' / 'study.db'}")
+    deadline = time.monotonic() + 120
+    running = []
+    while not running and time.monotonic() < deadline:
+        time.sleep(0.5)
+        try:
+            study = optuna.load_study(study_name="digits", storage=storage)
+        except KeyError:
+            continue
+        running = [
+            t
+            for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+            if "worker" in t.user_attrs and "estimated_params" in t.user_attrs
+        ]
+    assert running, "no trial started training within two minutes"
+    time.sleep(1.0)  # well inside its 400 epochs
+    first.send_signal(signal.SIGINT)
+    output, _ = first.communicate(timeout=60)
+    assert first.returncode == 130, output
+    assert "stopped by Ctrl-C" in output and "Traceback" not in output
+    study = optuna.load_study(study_name="digits", storage=storage)
+    interrupted = study.trials[running[0].number]
+    assert interrupted.state.name == "FAIL"
+    assert interrupted.user_attrs["reason"] == run_module.INTERRUPTED
+    (waiting,) = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
+    assert waiting.params == interrupted.params
+    before = {t.number: (t.state, t.values) for t in study.trials}
+
+    second = subprocess.run(
+        [*command, "--epochs", "2"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert second.returncode == 0, second.stderr
+    assert "1 interrupted or lost trial(s) queued to run again" in second.stdout
+    study = optuna.load_study(study_name="digits", storage=storage)
+    for number, (state, values) in before.items():
+        if state.name != "WAITING":
+            assert (study.trials[number].state, study.trials[number].values) == (state, values)
+    rerun = study.trials[waiting.number]
+    assert rerun.state.name in ("COMPLETE", "PRUNED")
+    assert rerun.params == interrupted.params
+    assert rerun.user_attrs["retry_of"] == interrupted.number
