@@ -281,6 +281,13 @@ def fit(
     return mean_loss
 
 
+def spread_sample(count: int, total: int) -> torch.Tensor:
+    """`count` of `total` training positions, drawn at random with a fixed seed. The
+    training split may be ordered by class (image folders are read class by class), so
+    its first images can all be of one class."""
+    return torch.randperm(total, generator=torch.Generator().manual_seed(0))[:count]
+
+
 @torch.no_grad()
 def recalibrate_batchnorm(
     model: nn.Module,
@@ -300,9 +307,9 @@ def recalibrate_batchnorm(
         norm.reset_running_stats()
         norm.momentum = None  # a cumulative average over every batch
     model.train()
-    count = min(images, len(data.train))
-    for start in range(0, count, batch_size):
-        model(data.inputs(data.train.images[start : min(count, start + batch_size)], resolution))
+    index = spread_sample(images, len(data.train)).to(data.device)
+    for start in range(0, len(index), batch_size):
+        model(data.inputs(data.train.images[index[start : start + batch_size]], resolution))
     for norm, momentum in zip(norms, momenta, strict=True):
         norm.momentum = momentum
     model.eval()

@@ -34,6 +34,7 @@ from compsearch.objectives.train import (
     fit,
     predict,
     recalibrate_batchnorm,
+    spread_sample,
 )
 from compsearch.spaces.builder import build
 from compsearch.spaces.config import TrainConfig, TrialConfig
@@ -126,12 +127,13 @@ def train_model(
 def taylor_loss(
     on_device: DeviceData, resolution: int
 ) -> Callable[[torch.nn.Module], torch.Tensor]:
-    """Cross-entropy on the first TAYLOR_IMAGES training images at `resolution`: what
-    Taylor pruning takes gradients of."""
+    """Cross-entropy on TAYLOR_IMAGES training images (a fixed random sample) at
+    `resolution`: what Taylor pruning takes gradients of."""
 
     def loss(model: torch.nn.Module) -> torch.Tensor:
-        images = on_device.train.images[:TAYLOR_IMAGES]
-        labels = on_device.train.labels[:TAYLOR_IMAGES]
+        index = spread_sample(TAYLOR_IMAGES, len(on_device.train)).to(on_device.device)
+        images = on_device.train.images[index]
+        labels = on_device.train.labels[index]
         model.eval()  # batch-norm statistics as they will be used
         return F.cross_entropy(model(on_device.inputs(images, resolution)), labels)
 

@@ -10,7 +10,7 @@ from conftest import SCHEDULE
 from torch import nn
 
 from compsearch.objectives import train as train_module
-from compsearch.objectives.data import load_dataset
+from compsearch.objectives.data import Split, load_dataset
 from compsearch.objectives.teacher import (
     check_teacher,
     load_model,
@@ -29,6 +29,7 @@ from compsearch.objectives.train import (
     fit,
     predict,
     recalibrate_batchnorm,
+    spread_sample,
 )
 from compsearch.objectives.trial import train_model
 from compsearch.search.run import default_schedule
@@ -151,12 +152,29 @@ def test_recalibration_sets_batchnorm_statistics_from_clean_images(digits):
     model = nn.Sequential(nn.BatchNorm2d(1))
     model[0].running_mean.fill_(5.0)
     recalibrate_batchnorm(model, on_device, resolution=8, batch_size=100, images=300)
-    x = on_device.inputs(on_device.train.images[:300], 8)
+    x = on_device.inputs(on_device.train.images[spread_sample(300, len(on_device.train))], 8)
     assert model[0].running_mean.item() == pytest.approx(x.mean().item(), abs=1e-5)
     # Batch norm keeps the mean of the per-batch unbiased variances.
     variances = [x[s : s + 100].var().item() for s in range(0, 300, 100)]
     assert model[0].running_var.item() == pytest.approx(sum(variances) / 3, rel=1e-4)
     assert model[0].momentum == 0.1 and not model.training
+
+
+def test_recalibration_sees_every_class_of_a_split_ordered_by_class(digits):
+    """Image folders are read class by class: the first images of the training split are
+    then all of one class, and statistics taken from them would fit that class alone."""
+    labels = torch.sort(digits.train.labels).values
+    # Each image a flat grey whose level is its class, so classes differ in their mean.
+    images = (labels * 25).to(torch.uint8)[:, None, None, None].expand(-1, 1, 8, 8).clone()
+    ordered = dataclasses.replace(digits, train=Split(images, labels))
+    on_device = DeviceData(ordered, "cpu")
+    model = nn.Sequential(nn.BatchNorm2d(1))
+    count = len(on_device.train) // 4  # the first quarter holds only digits 0 to 2
+    recalibrate_batchnorm(model, on_device, resolution=8, batch_size=64, images=count)
+    everything = on_device.inputs(on_device.train.images, 8).mean().item()
+    first = on_device.inputs(on_device.train.images[:count], 8).mean().item()
+    estimate = model[0].running_mean.item()
+    assert abs(estimate - everything) < abs(first - everything) / 4
 
 
 def test_distillation_loss_is_zero_only_for_matching_outputs():
