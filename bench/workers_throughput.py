@@ -42,6 +42,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=24, help="trained trials per K")
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--dataset", default="digits")
+    parser.add_argument("--subset", help="training images per trial (default: all)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--storage", help="a shared storage URL; default: a SQLite file per K")
     args = parser.parse_args()
@@ -50,6 +51,9 @@ def main() -> None:
         f"trials of {args.epochs} epochs per K; storage {args.storage or 'SQLite'}"
     )
     print(f"{'workers':>7} {'seconds':>8} {'trials/hour':>12} {'speed-up':>9} {'trained':>8}")
+    dataset = args.dataset
+    if dataset.startswith("folder:"):
+        dataset = "folder:" + str(Path(dataset.removeprefix("folder:")).resolve())
     base = None
     with tempfile.TemporaryDirectory() as folder:
         for workers in args.workers:
@@ -57,14 +61,18 @@ def main() -> None:
             out = Path(folder) / study
             command = [
                 sys.executable, "-m", "compsearch", "run", "--budget-params", "2e6",
-                "--budget-kb", "300", "--dataset", args.dataset, "--trials", str(args.trials),
+                "--budget-kb", "300", "--dataset", dataset, "--trials", str(args.trials),
                 "--epochs", str(args.epochs), "--workers", str(workers), "--device",
                 args.device, "--out", str(out), "--study", study,
             ]  # fmt: skip
             if args.storage:
                 command += ["--storage", args.storage]
+            if args.subset:
+                command += ["--subset", args.subset]
             started = time.perf_counter()
-            result = subprocess.run(command, capture_output=True, text=True)
+            # Run from the scratch folder: in a source checkout, the current folder would
+            # shadow the installed package.
+            result = subprocess.run(command, capture_output=True, text=True, cwd=folder)
             seconds = time.perf_counter() - started
             if result.returncode != 0:
                 raise SystemExit(f"K={workers} failed: {result.stderr[-2000:]}")

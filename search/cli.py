@@ -7,9 +7,11 @@ import json
 import math
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 from typing import NoReturn
 
@@ -379,8 +381,14 @@ def command_run(args: argparse.Namespace, console: Console) -> int:
     }
     # A resumed study gets a fresh sampler seed so it does not repeat its first proposals,
     # and workers started together get different ones.
-    sampler_seed = seed + existing_trials(storage, study_name)
-    sampler = make_sampler(args.sampler, sampler_seed + WORKER_SEED_STRIDE * args.worker_index)
+    sampler_seed = (
+        seed + existing_trials(storage, study_name) + WORKER_SEED_STRIDE * (args.worker_index)
+    )
+    if args.storage and args.worker_index == 0:
+        # Possibly one of several workers started by hand on a shared storage: without its
+        # own salt it would propose the same first configs as the others.
+        sampler_seed += zlib.crc32(f"{socket.gethostname()}:{os.getpid()}".encode()) % 100_000
+    sampler = make_sampler(args.sampler, sampler_seed)
     study = open_study(storage, study_name, settings, sampler)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / SPACE_FILE).write_text(space.to_toml())
