@@ -30,7 +30,10 @@ EpochCallback = Callable[[int, int, int], None]  # (epoch done, epochs in phase,
 
 MOMENTUM = 0.9  # SGD momentum (Nesterov)
 WARMUP_FRACTION = 0.15  # of a phase's steps spent ramping the learning rate up
-EVAL_BATCH_SIZE = 1024  # images per forward pass when predicting
+EVAL_BATCH_SIZE = 1024  # images per forward pass when predicting on a GPU
+# On a CPU small batches stay in cache: predicting CIFAR-10 with a 263k-parameter ResNet
+# ran at 1,780 images/s in batches of 64 against 1,045 in batches of 1,024 (2 cores).
+CPU_EVAL_BATCH_SIZE = 64
 RECALIBRATION_IMAGES = 4096  # unaugmented training images that re-estimate BN statistics
 
 
@@ -321,8 +324,9 @@ def predict(model: nn.Module, split: Split, data: DeviceData, resolution: int) -
     device)."""
     model.eval()
     out = []
-    for start in range(0, len(split), EVAL_BATCH_SIZE):
-        images = split.images[start : start + EVAL_BATCH_SIZE].to(data.device)
+    batch_size = CPU_EVAL_BATCH_SIZE if data.device.type == "cpu" else EVAL_BATCH_SIZE
+    for start in range(0, len(split), batch_size):
+        images = split.images[start : start + batch_size].to(data.device)
         out.append(model(data.inputs(images, resolution)).argmax(1))
     return torch.cat(out)
 

@@ -136,7 +136,16 @@ class Display:
         description = f"trial {self.trial_number} epochs @ {resolution}px"
         self.progress.update(self.epochs, advance=1, description=description)
 
-    def trial_done(self, counts: SearchCounts, result: TrialResult | None, feasible: bool) -> None:
+    def trial_done(
+        self,
+        counts: SearchCounts,
+        number: int,
+        outcome: str,
+        result: TrialResult | None = None,
+        feasible: bool = False,
+    ) -> None:
+        """Count a trial; where the output is not a terminal (a log file), where progress
+        bars do not show, also print one line with its `outcome`."""
         if result is not None and feasible:
             key = (result.accuracy, -result.size_kb)  # on a tie in accuracy, the smaller
             if key > self.best_key:
@@ -148,6 +157,20 @@ class Display:
             description=f"trials · best {self.best} · {counts.rejected} rejected",
         )
         self.progress.update(self.epochs, visible=False)
+        if not self.progress.console.is_terminal:
+            self.progress.console.print(
+                f"trial {number}: {outcome} · best {self.best}", soft_wrap=True, highlight=False
+            )
+
+
+def trained_outcome(result: TrialResult, over: list[str]) -> str:
+    """One trained trial, as a log line shows it."""
+    text = (
+        f"{result.accuracy:.2%} at {result.size_kb:.1f} KB "
+        f"({result.config.compress.precision}), {result.params:,} params, "
+        f"{result.seconds:.0f} s"
+    )
+    return text + (f"; over budget as measured: {', '.join(over)}" if over else "")
 
 
 # This loop runs Optuna's heartbeat itself (see `heartbeat`), which Optuna warns about
@@ -245,97 +268,119 @@ def search(
                 )
                 break
             trial = study.ask()
-            trial.set_user_attr("worker", WORKER)
-            with heartbeat(study, trial):
-                config = sample(trial, space, schedule)
-                expected = estimate(config)
-                trial.set_user_attr("estimated_params", expected.params)
-                trial.set_user_attr("estimated_size_kb", expected.size_kb)
-                trial.set_user_attr("estimated_macs", expected.macs)
-                over = settings.budgets.excess(expected.params, expected.size_kb, expected.macs)
-                if over:
-                    reject(study, trial, settings.budgets, expected, over)
-                    counts.rejected += 1
-                    rejections_in_a_row += 1
-                    stuck = (
-                        settings.fit_after_rejections > 0
-                        and rejections_in_a_row % settings.fit_after_rejections == 0
+            try:
+                trial.set_user_attr("worker", WORKER)
+                with heartbeat(study, trial):
+                    config = sample(trial, space, schedule)
+                    expected = estimate(config)
+                    trial.set_user_attr("estimated_params", expected.params)
+                    trial.set_user_attr("estimated_size_kb", expected.size_kb)
+                    trial.set_user_attr("estimated_macs", expected.macs)
+                    over = settings.budgets.excess(expected.params, expected.size_kb, expected.macs)
+                    if over:
+                        reject(study, trial, settings.budgets, expected, over)
+                        counts.rejected += 1
+                        rejections_in_a_row += 1
+                        stuck = (
+                            settings.fit_after_rejections > 0
+                            and rejections_in_a_row % settings.fit_after_rejections == 0
+                        )
+                        if stuck and "fitted_from" not in trial.user_attrs:
+                            fitted = fit_to_budget(trial.params, space, schedule, settings.budgets)
+                            if fitted is not None:
+                                study.enqueue_trial(
+                                    fitted, user_attrs={"fitted_from": trial.number}
+                                )
+                                counts.fitted += 1
+                        if display:
+                            display.trial_done(
+                                counts, trial.number, "over budget by estimate: " + ", ".join(over)
+                            )
+                        continue
+                    rejections_in_a_row = 0
+                    if display:
+                        display.start_trial(trial.number, config.train.epochs)
+                    folder = settings.folder / "trials" / f"{trial.number:05d}"
+                    stopper = (
+                        EarlyStopper(study, expected.size_kb, settings.budgets)
+                        if settings.early_stopping
+                        else None
                     )
-                    if stuck and "fitted_from" not in trial.user_attrs:
-                        fitted = fit_to_budget(trial.params, space, schedule, settings.budgets)
-                        if fitted is not None:
-                            study.enqueue_trial(fitted, user_attrs={"fitted_from": trial.number})
-                            counts.fitted += 1
-                    if display:
-                        display.trial_done(counts, None, False)
-                    continue
-                rejections_in_a_row = 0
-                if display:
-                    display.start_trial(trial.number, config.train.epochs)
-                folder = settings.folder / "trials" / f"{trial.number:05d}"
-                stopper = (
-                    EarlyStopper(study, expected.size_kb, settings.budgets)
-                    if settings.early_stopping
-                    else None
-                )
-                try:
-                    result = run_trial(
-                        config,
-                        data,
-                        folder,
-                        seed=settings.seed + trial.number,
-                        on_device=on_device,
-                        on_epoch=display.epoch_done if display else None,
-                        early_check=stopper,
-                        distillation=distillation,
+                    try:
+                        result = run_trial(
+                            config,
+                            data,
+                            folder,
+                            seed=settings.seed + trial.number,
+                            on_device=on_device,
+                            on_epoch=display.epoch_done if display else None,
+                            early_check=stopper,
+                            distillation=distillation,
+                        )
+                    except StoppedEarly as stop:
+                        trial.set_user_attr("trained", False)
+                        trial.set_user_attr("early_accuracy", stop.early_accuracy)
+                        trial.set_user_attr("reason", f"stopped early: {stop}")
+                        study.tell(trial, state=TrialState.PRUNED)
+                        counts.stopped_early += 1
+                        counts.epochs_trained += stop.epochs_done
+                        counts.epochs_saved += config.train.epochs - stop.epochs_done
+                        if display:
+                            display.trial_done(counts, trial.number, f"stopped early: {stop}")
+                        continue
+                    except (TrainingDiverged, torch.OutOfMemoryError) as error:
+                        trial.set_user_attr("trained", True)
+                        trial.set_user_attr(
+                            "reason", f"{type(error).__name__}: {first_line(error)}"
+                        )
+                        study.tell(trial, state=TrialState.FAIL)
+                        counts.failed += 1
+                        failures_in_a_row += 1
+                        last_failure = type(error).__name__
+                        if display:
+                            display.trial_done(
+                                counts, trial.number, "failed: " + trial.user_attrs["reason"]
+                            )
+                        continue
+                    except Exception as error:
+                        # An internal error: the trial records it, then the run stops with it.
+                        trial.set_user_attr(
+                            "reason", f"{type(error).__name__}: {first_line(error)}"
+                        )
+                        study.tell(trial, state=TrialState.FAIL)
+                        raise
+                    failures_in_a_row = 0
+                    record_constraints(
+                        trial, settings.budgets, result.params, result.size_kb, result.macs
                     )
-                except KeyboardInterrupt:
-                    trial.set_user_attr("reason", INTERRUPTED)
-                    frozen = study.tell(trial, state=TrialState.FAIL)
-                    Retry()(study, frozen)
-                    raise
-                except StoppedEarly as stop:
-                    trial.set_user_attr("trained", False)
-                    trial.set_user_attr("early_accuracy", stop.early_accuracy)
-                    trial.set_user_attr("reason", f"stopped early: {stop}")
-                    study.tell(trial, state=TrialState.PRUNED)
-                    counts.stopped_early += 1
-                    counts.epochs_trained += stop.epochs_done
-                    counts.epochs_saved += config.train.epochs - stop.epochs_done
+                    over = settings.budgets.excess(result.params, result.size_kb, result.macs)
+                    feasible = not over
+                    record_result(trial, result, settings.folder)
+                    if over:
+                        trial.set_user_attr("reason", "over budget as measured: " + ", ".join(over))
+                        counts.infeasible_after_training += 1
+                    study.tell(trial, [result.accuracy, result.size_kb])
+                    counts.trained += 1
+                    counts.epochs_trained += config.train.epochs
                     if display:
-                        display.trial_done(counts, None, False)
-                    continue
-                except (TrainingDiverged, torch.OutOfMemoryError) as error:
-                    trial.set_user_attr("trained", True)
-                    trial.set_user_attr("reason", f"{type(error).__name__}: {first_line(error)}")
-                    study.tell(trial, state=TrialState.FAIL)
-                    counts.failed += 1
-                    failures_in_a_row += 1
-                    last_failure = type(error).__name__
-                    if display:
-                        display.trial_done(counts, None, False)
-                    continue
-                except Exception as error:
-                    # An internal error: the trial records it, then the run stops with it.
-                    trial.set_user_attr("reason", f"{type(error).__name__}: {first_line(error)}")
-                    study.tell(trial, state=TrialState.FAIL)
-                    raise
-                failures_in_a_row = 0
-                record_constraints(
-                    trial, settings.budgets, result.params, result.size_kb, result.macs
-                )
-                over = settings.budgets.excess(result.params, result.size_kb, result.macs)
-                feasible = not over
-                record_result(trial, result, settings.folder)
-                if over:
-                    trial.set_user_attr("reason", "over budget as measured: " + ", ".join(over))
-                    counts.infeasible_after_training += 1
-                study.tell(trial, [result.accuracy, result.size_kb])
-                counts.trained += 1
-                counts.epochs_trained += config.train.epochs
-                if display:
-                    display.trial_done(counts, result, feasible)
+                        outcome = trained_outcome(result, over)
+                        display.trial_done(counts, trial.number, outcome, result, feasible)
+            except KeyboardInterrupt:
+                # Wherever in the trial Ctrl-C came: sampling, training, measuring or
+                # telling the storage.
+                abandon(study, trial)
+                raise
     return counts
+
+
+def abandon(study: optuna.Study, trial: optuna.Trial) -> None:
+    """Fail a trial that Ctrl-C interrupted, with the reason, and queue its config to run
+    again; nothing when the interrupt came after the storage had its outcome."""
+    state = study._storage.get_trial(trial._trial_id).state
+    if state != TrialState.RUNNING:
+        return
+    trial.set_user_attr("reason", INTERRUPTED)
+    Retry()(study, study.tell(trial, state=TrialState.FAIL))
 
 
 def reject(

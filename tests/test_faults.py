@@ -87,6 +87,34 @@ def test_a_schedule_that_always_diverges_stops_the_search_with_the_reason(data, 
     assert reasons[reasons.str.startswith("TrainingDiverged: training loss became")].size == 3
 
 
+@pytest.mark.parametrize("where", ["estimate", "record_result"])
+def test_ctrl_c_outside_training_still_fails_the_trial_and_queues_it(
+    data, tmp_path, monkeypatch, where
+):
+    """Ctrl-C while a config is estimated (before training) or while a trained trial's
+    figures are written: the trial is failed with its reason, never left running."""
+    real = getattr(run_module, where)
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the second trial
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(run_module, where, interrupted)
+    study = new_study(tmp_path)
+    settings = SearchSettings(LOOSE, 3, None, 0, "cpu", tmp_path, early_stopping=False)
+    with pytest.raises(KeyboardInterrupt):
+        search(study, SPACE, SCHEDULE, data, settings, console=None)
+    states = [t.state.name for t in study.trials]
+    assert "RUNNING" not in states
+    (failed,) = [t for t in study.trials if t.state.name == "FAIL"]
+    assert failed.user_attrs["reason"] == run_module.INTERRUPTED
+    (queued,) = [t for t in study.trials if t.state.name == "WAITING"]
+    assert queued.params == failed.params and queued.user_attrs["retry_of"] == failed.number
+
+
 def test_a_lost_workers_trial_is_failed_and_run_again(data, tmp_path):
     """A trial left RUNNING with no heartbeat (its worker was killed) is failed by the next
     worker once the grace period has passed, and its config runs again."""
@@ -120,30 +148,40 @@ def test_ctrl_c_keeps_every_finished_trial_and_queues_the_interrupted_one(tmp_pa
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        # A shell starts background jobs with SIGINT ignored, and Python then installs no
+        # Ctrl-C handler: give the run the terminal's default whatever started pytest.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
-    storage = open_storage(f"sqlite:///{tmp_path / 'digits' / 'study.db'}")
-    deadline = time.monotonic() + 120
-    running = []
-    while not running and time.monotonic() < deadline:
-        time.sleep(0.5)
-        try:
-            study = optuna.load_study(study_name="digits", storage=storage)
-        except KeyError:
-            continue
-        running = [
-            t
-            for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
-            if "worker" in t.user_attrs and "estimated_params" in t.user_attrs
-        ]
-    assert running, "no trial started training within two minutes"
-    time.sleep(1.0)  # well inside its 400 epochs
-    first.send_signal(signal.SIGINT)
-    output, _ = first.communicate(timeout=60)
+    try:
+        storage = open_storage(f"sqlite:///{tmp_path / 'digits' / 'study.db'}")
+        deadline = time.monotonic() + 120
+        running = []
+        while not running and time.monotonic() < deadline:
+            time.sleep(0.5)
+            try:
+                study = optuna.load_study(study_name="digits", storage=storage)
+            except KeyError:
+                continue
+            running = [
+                t
+                for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+                if "worker" in t.user_attrs and "estimated_params" in t.user_attrs
+            ]
+        assert running, "no trial started within two minutes"
+        # A config over budget is told at once; one trained is well inside 400 epochs.
+        time.sleep(1.0)
+        first.send_signal(signal.SIGINT)
+        output, _ = first.communicate(timeout=60)
+    finally:  # never leave a run behind, whatever failed
+        if first.poll() is None:
+            first.kill()
+            first.communicate()
     assert first.returncode == 130, output
     assert "stopped by Ctrl-C" in output and "Traceback" not in output
     study = optuna.load_study(study_name="digits", storage=storage)
-    interrupted = study.trials[running[0].number]
-    assert interrupted.state.name == "FAIL"
+    assert not study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
+    (interrupted,) = study.get_trials(states=(optuna.trial.TrialState.FAIL,))
+    assert interrupted.number >= running[0].number
     assert interrupted.user_attrs["reason"] == run_module.INTERRUPTED
     (waiting,) = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
     assert waiting.params == interrupted.params

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import io
+
 import optuna
 import pytest
 from conftest import SCHEDULE
+from rich.console import Console
 
 from compsearch.objectives.data import load_dataset
 from compsearch.search.run import (
@@ -116,3 +119,21 @@ def test_the_search_trains_only_configs_within_the_budgets(
         # so only the measured figures it leaves decide whether it met the budgets.
         if trial.params["prune_scope"] == "local" or trial.params["prune_fraction"] == 0:
             assert all(value <= 0 for value in trial.constraints.values()) == trained
+
+
+def test_a_search_logged_to_a_file_prints_one_line_per_trial(tmp_path):
+    """Progress bars do not show in a log file; each trial's outcome does, by number."""
+    data = load_dataset("digits", seed=0, subset=200)
+    study = optuna.create_study(
+        directions=list(DIRECTIONS), sampler=optuna.samplers.RandomSampler(seed=3)
+    )
+    log = io.StringIO()
+    settings = SearchSettings(TIGHT, 2, None, 0, "cpu", tmp_path, early_stopping=False)
+    search(study, SPACE, SCHEDULE, data, settings, console=Console(file=log, width=100))
+    lines = [line for line in log.getvalue().splitlines() if line.startswith("trial ")]
+    assert [line.split(":")[0] for line in lines] == [f"trial {t.number}" for t in study.trials]
+    for trial, line in zip(study.trials, lines, strict=True):
+        if trial.user_attrs["trained"]:
+            assert f"{trial.values[0]:.2%} at {trial.values[1]:.1f} KB" in line
+        else:
+            assert "over budget by estimate: " in line
