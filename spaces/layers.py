@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 ActivationFactory = Callable[[], nn.Module]
@@ -23,11 +24,27 @@ def make_activation(name: str, leaky_relu_slope: float = 0.01) -> ActivationFact
     return factories[name]
 
 
+class StridedPointwise(nn.Conv2d):
+    """A 1x1 convolution with a stride, which trains on the CPU as subsampling then a
+    stride-1 convolution: the same function. oneDNN's AVX2 kernel for the weight gradient
+    of a strided 1x1 convolution on channels_last input of fewer than 8 channels (which
+    pruning leaves) reads out of bounds, and the process hangs or crashes (torch 2.13).
+    In evaluation, and so in the exported file, it is the plain strided convolution."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and torch.is_grad_enabled() and x.device.type == "cpu"):
+            return super().forward(x)
+        step_y, step_x = self.stride
+        subsampled = x[:, :, ::step_y, ::step_x]
+        return F.conv2d(subsampled, self.weight, self.bias, 1, 0, self.dilation, self.groups)
+
+
 def conv_bn(
     in_width: int, out_width: int, kernel_size: int, stride: int, groups: int = 1
 ) -> nn.Sequential:
+    conv = StridedPointwise if kernel_size == 1 and stride > 1 else nn.Conv2d
     return nn.Sequential(
-        nn.Conv2d(
+        conv(
             in_width,
             out_width,
             kernel_size,
