@@ -10,6 +10,10 @@ size, for one epoch at each resolution:
   torchvision's transforms do), a `DataLoader`, an NCHW fp32 model. It is timed with 0 and
   with 2 worker processes and the faster counts.
 
+"step alone" is the training step of our network (channels_last, our precision) repeated
+on one fixed batch, with no data pipeline at all; "ceiling" is that rate over the faster
+conventional one: no pipeline can beat the conventional one by more on this machine.
+
     python bench/trainer_throughput.py                    # CIFAR-10 (JPEG copy) if present
     python bench/trainer_throughput.py --images 4096 --resolutions 16 32
 """
@@ -155,6 +159,39 @@ def our_epoch(
     return len(data.train) / (time.perf_counter() - started)
 
 
+def step_alone(arch: ArchConfig, device: str, resolution: int, channels: int) -> float:
+    """Images per second of the training step on one fixed batch (no data pipeline at all):
+    the ceiling of any pipeline for this network, precision and batch size here."""
+    torch.manual_seed(0)
+    model = build(arch).to(device).to(memory_format=torch.channels_last).train()
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=LEARNING_RATE, momentum=MOMENTUM, nesterov=True
+    )
+    images = torch.randn(BATCH_SIZE, channels, resolution, resolution, device=device)
+    images = images.to(memory_format=torch.channels_last)
+    labels = torch.arange(BATCH_SIZE, device=device) % arch.num_classes
+    autocast = autocast_dtype(torch.device(device))
+
+    def steps(count: int) -> None:
+        for _ in range(count):
+            with torch.autocast(
+                torch.device(device).type,
+                dtype=autocast or torch.bfloat16,
+                enabled=autocast is not None,
+            ):
+                loss = F.cross_entropy(model(images).float(), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        loss.item()
+
+    steps(4)
+    count = max(8, 2048 // BATCH_SIZE)
+    started = time.perf_counter()
+    steps(count)
+    return count * BATCH_SIZE / (time.perf_counter() - started)
+
+
 def head(split: Split, count: int) -> Split:
     return Split(split.images[:count].clone(), split.labels[:count].clone())
 
@@ -199,7 +236,7 @@ def main() -> None:
     print(
         f"{'model':<9} {'res':>4} {'ours img/s':>11} "
         + " ".join(f"{f'conv w={w}':>11}" for w in args.workers)
-        + f" {'speed-up':>9}"
+        + f" {'speed-up':>9} {'step alone':>11} {'ceiling':>8}"
     )
     for model_name in args.models:
         widths, depth = MODELS[model_name]
@@ -209,10 +246,12 @@ def main() -> None:
             conventional = [
                 conventional_epoch(arch, data.train, data, resolution, w) for w in args.workers
             ]
+            alone = step_alone(arch, args.device, resolution, data.channels)
             print(
                 f"{model_name:<9} {resolution:>4} {ours:>11.0f} "
                 + " ".join(f"{c:>11.0f}" for c in conventional)
-                + f" {ours / max(conventional):>8.2f}x",
+                + f" {ours / max(conventional):>8.2f}x {alone:>11.0f}"
+                + f" {alone / max(conventional):>7.2f}x",
                 flush=True,
             )
 

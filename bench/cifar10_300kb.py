@@ -1,0 +1,158 @@
+"""The headline run: search CIFAR-10 within 2M parameters and 300 KB, then export the best.
+
+Two commands, as a user types them, timed end to end:
+
+    compsearch run --dataset folder:DATA --budget-params 2e6 --budget-kb 300 \\
+        --timeout SEARCH_S --epochs E --subset S ...
+    compsearch export --epochs X ...
+
+The search gets `--minutes` times (1 - `--export-share`, default 0.5) of wall time
+(`--timeout`: no trial starts after it; the one running finishes). The export then gets
+as many epochs on the training part of the split as the time left allows, judged from
+the chosen trial's own speed (at least the trials' epochs, at most ten times them).
+Printed at the end: the test
+accuracy of model.onnx in onnxruntime, its size, params and MACs, the wall times and the
+machine. The data is the JPEG-decoded copy of CIFAR-10 in ../shared/data: figures from it
+are "CIFAR-10 (JPEG copy)", not official CIFAR-10 figures.
+
+    python bench/cifar10_300kb.py                         # 60 minutes, this machine
+    python bench/cifar10_300kb.py --minutes 60 --workers 4 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg"
+STUDY = "cifar10"
+MAX_EXPORT_FACTOR = 10  # export epochs at most this many times the trials'
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    text = f"{cpu}, {os.cpu_count()} cores"
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            text += f", {torch.cuda.get_device_name(0)}"
+        text += f", torch {torch.__version__}"
+    except ImportError:
+        pass
+    return text
+
+
+def compsearch(args: list[str], cwd: Path) -> float:
+    """Run one command, its output shown as it comes; its wall time in seconds."""
+    command = [sys.executable, "-m", "compsearch", *args]
+    print("$ compsearch " + " ".join(args), flush=True)
+    started = time.perf_counter()
+    result = subprocess.run(command, cwd=cwd)
+    seconds = time.perf_counter() - started
+    if result.returncode != 0:
+        raise SystemExit(f"compsearch {args[0]} exited with {result.returncode}")
+    return seconds
+
+
+def results_table(
+    card: dict, frame, search_wall: float, export_wall: float, export_epochs: int, total: float
+) -> str:
+    """The README's row: the export's verified figures, the wall times and the machine."""
+    trained = frame[frame["trained"].astype(bool)]
+    counts = (
+        f"{len(frame)} trials: {len(trained)} trained, "
+        f"{int(frame['feasible'].astype(bool).sum())} feasible"
+    )
+    return "\n".join(
+        [
+            "| dataset | budgets | test accuracy | size | params | MACs | search | export "
+            "| total | machine |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+            f"| CIFAR-10 (JPEG copy) | 2M params, 300 KB | {card['test_accuracy']:.2%} "
+            f"| {card['size_kb']:.1f} KB ({card['precision']}) | {card['params']:,} "
+            f"| {card['macs'] / 1e6:.1f}M | {search_wall / 60:.1f} min ({counts}) "
+            f"| {export_wall / 60:.1f} min ({export_epochs} epochs) | {total / 60:.1f} min "
+            f"| {machine()} |",
+        ]
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=SHARED, help="the CIFAR-10 image folder")
+    parser.add_argument("--minutes", type=float, default=60, help="search and export together")
+    parser.add_argument(
+        "--export-share", type=float, default=0.5, help="of the minutes, for the export"
+    )
+    parser.add_argument("--epochs", default="8", help="epochs per trial")
+    parser.add_argument("--subset", default="10000", help="training images per trial")
+    parser.add_argument("--workers", default="1")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", type=Path, default=Path("runs-cifar10"))
+    args = parser.parse_args()
+    if not args.data.is_dir():
+        raise SystemExit(f"{args.data} is not a folder; give --data the CIFAR-10 image folder")
+    out = args.out.resolve()
+    where = ["--out", str(out), "--study", STUDY]
+    budget_seconds = args.minutes * 60
+    search_seconds = budget_seconds * (1 - args.export_share)
+    started = time.perf_counter()
+    search_wall = compsearch(
+        [
+            "run", "--dataset", f"folder:{args.data.resolve()}", "--budget-params", "2e6",
+            "--budget-kb", "300", "--timeout", f"{search_seconds:.0f}", "--trials", "100000",
+            "--epochs", args.epochs, "--subset", args.subset, "--workers", args.workers,
+            "--device", args.device, *where,
+        ],
+        out.parent,
+    )  # fmt: skip
+    import pandas as pd
+
+    frame = pd.read_csv(out / STUDY / "trials.csv")
+    trained = frame[frame["trained"].astype(bool)]
+    feasible = trained[trained["feasible"].astype(bool)]
+    if feasible.empty:
+        raise SystemExit("no feasible trial: give the search more --minutes")
+    # The trial export will pick (the most accurate feasible one, as `export --trial best`
+    # does), and its seconds per training image and epoch. Those seconds also hold its
+    # measuring and compression, a larger share of a short trial than of the export, so
+    # the estimate errs on the slow side and leaves the export's own measuring its time.
+    best = feasible.sort_values(["accuracy", "size_kb"], ascending=[False, True]).iloc[0]
+    per_image_epoch = best["seconds"] / (int(args.epochs) * int(args.subset))
+    train_images = 50_000 * 0.8  # the export trains on the training part of the split
+    left = budget_seconds - (time.perf_counter() - started)
+    affordable = int(left / (per_image_epoch * train_images))
+    export_epochs = max(int(args.epochs), min(MAX_EXPORT_FACTOR * int(args.epochs), affordable))
+    print(
+        f"trial {int(best['number'])}: {best['accuracy']:.2%} validation accuracy, "
+        f"{best['seconds']:.0f} s for {args.epochs} epochs of {args.subset} images; "
+        f"{left / 60:.1f} min left: export for {export_epochs} epochs",
+        flush=True,
+    )
+    export_wall = compsearch(["export", "--epochs", str(export_epochs), *where], out.parent)
+    card = json.loads((out / STUDY / "export" / "model.json").read_text())
+    total = time.perf_counter() - started
+    print()
+    print(results_table(card, frame, search_wall, export_wall, export_epochs, total))
+    print(
+        f"validation accuracy {card['validation_accuracy']:.2%}; trial {card['trial']}; "
+        f"files in {out / STUDY}"
+    )
+
+
+if __name__ == "__main__":
+    main()
