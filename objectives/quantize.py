@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from compsearch.objectives.train import DeviceData, Phase, fit
+from compsearch.objectives.train import DeviceData, Phase, TrainingDiverged, fit
 
 WEIGHT_LEVELS = 127  # symmetric int8 weights: scale = max |w| / 127, as onnxruntime's
 ACTIVATION_LEVELS = 255  # asymmetric uint8 activations over [min(0, low), max(0, high)]
@@ -48,6 +48,11 @@ class RoundActivations:
         x = inputs[0]
         with torch.no_grad():
             low, high = x.min().clamp(max=0), x.max().clamp(min=0)
+            if not bool(torch.isfinite(low) & torch.isfinite(high)):
+                bad = float(high if torch.isfinite(low) else low)
+                raise TrainingDiverged(
+                    f"a layer's input became {bad} in the quantization-aware fine-tune"
+                )
             if self.low is None or self.high is None:
                 self.low, self.high = low, high
             elif module.training:

@@ -17,8 +17,12 @@ from compsearch.objectives import trial as trial_module
 from compsearch.objectives.compress import export, prune
 from compsearch.objectives.data import load_dataset
 from compsearch.objectives.measure import calibration_images, count_params
-from compsearch.objectives.quantize import fold_batchnorms, quantization_aware_finetune
-from compsearch.objectives.train import DeviceData, Phase, fit
+from compsearch.objectives.quantize import (
+    RoundActivations,
+    fold_batchnorms,
+    quantization_aware_finetune,
+)
+from compsearch.objectives.train import DeviceData, Phase, TrainingDiverged, fit
 from compsearch.objectives.trial import finetune_phase, run_trial, taylor_loss
 from compsearch.spaces.builder import build
 from compsearch.spaces.config import ArchConfig, CompressConfig, StageConfig, TrialConfig
@@ -164,3 +168,33 @@ def test_a_trial_records_accuracy_before_and_after_compression(digits, tmp_path,
     assert result.quantization_aware == (result.accuracy > result.accuracy_post_training)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
     assert result.params == count_params(build(result.config.arch))
+
+
+def test_rounding_a_non_finite_input_says_the_fine_tune_diverged():
+    hook = RoundActivations()
+    layer = torch.nn.Conv2d(1, 1, 1)
+    hook(layer, (torch.ones(1, 1, 2, 2),))  # a finite range first
+    with pytest.raises(TrainingDiverged, match="quantization-aware"):
+        hook(layer, (torch.full((1, 1, 2, 2), float("nan")),))
+
+
+def test_a_diverging_quantization_aware_fine_tune_keeps_the_post_training_file(
+    digits, tmp_path, monkeypatch
+):
+    """A fine-tune whose learning rate blows it up (as one did without batch norms on a
+    CIFAR-10 ResNet-8) leaves the trial with its post-training int8 file, not a crash."""
+    monkeypatch.setattr(trial_module, "QUANTIZATION_AWARE_THRESHOLD", -1.0)
+    monkeypatch.setattr(trial_module, "QUANTIZATION_AWARE_LEARNING_RATE_FACTOR", 1e6)
+    config = TrialConfig(arch(), SCHEDULE, CompressConfig("int8", 0.0, "l2", "local"))
+    on_device = DeviceData(digits, "cpu")
+    torch.manual_seed(0)
+    model = build(config.arch)
+    fit(model, on_device, Phase.of(SCHEDULE, 8, 1), torch.Generator().manual_seed(0))
+    with pytest.raises(TrainingDiverged):  # the fine-tune does diverge at this rate
+        quantization_aware_finetune(
+            model, on_device, finetune_phase(SCHEDULE, 1e6), torch.Generator().manual_seed(1)
+        )
+    result = run_trial(config, digits, tmp_path, seed=0)
+    assert not result.quantization_aware
+    assert result.accuracy == result.accuracy_post_training > 0.5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
