@@ -210,6 +210,7 @@ def history_figure(history: pd.DataFrame, frame: pd.DataFrame, title: str):
     """Left: every trained trial's accuracy and the best feasible one so far. Right: the
     hypervolume of the feasible trials so far, the search's progress in one number."""
     plt = pyplot()
+    from matplotlib import ticker
 
     trained = frame[frame["trained"].astype(bool)]
     feasible = trained[trained["feasible"].astype(bool)]
@@ -245,7 +246,7 @@ def history_figure(history: pd.DataFrame, frame: pd.DataFrame, title: str):
     left.set_ylabel("validation accuracy (%)")
     left.set_title("accuracy of each trial, best feasible so far")
     left.grid(True, alpha=0.3)
-    left.legend(loc="lower right", fontsize=9)
+    left.legend(loc="best", fontsize=9)  # clear of the points, high or low
     right.step(
         history["number"], history["hypervolume"], where="post", color="tab:purple", linewidth=2
     )
@@ -256,6 +257,7 @@ def history_figure(history: pd.DataFrame, frame: pd.DataFrame, title: str):
     right.grid(True, alpha=0.3)
     for axis in (left, right):
         axis.set_xlim(-0.5, max(1, len(history)) - 0.5)
+        axis.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))  # trial numbers
     figure.suptitle(title)
     return figure
 

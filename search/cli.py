@@ -44,19 +44,17 @@ WORKER_SEED_STRIDE = 1009  # sampler seeds of workers started together differ by
 _SUFFIXES = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}
 
 
-def parse_amount(text: str, what: str) -> float:
+def parse_amount(text: str, what: str, examples: str = "2e6, 2000000 or 2M") -> float:
     """'2e6', '2000000', '2M', '300k', '1.5G' -> float; anything else is a usage error."""
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([kmg]?)\s*", text.lower())
     value = float(match.group(1)) * _SUFFIXES[match.group(2)] if match else math.nan
     if not math.isfinite(value) or value <= 0:
-        raise UsageError(
-            f"{what} must be a number > 0 such as 2e6, 2000000 or 2M, but got {text!r}"
-        )
+        raise UsageError(f"{what} must be a number > 0 such as {examples}, but got {text!r}")
     return value
 
 
 def parse_count(text: str, what: str) -> int:
-    value = parse_amount(text, what)
+    value = parse_amount(text, what, examples="4, 100 or 1k")
     if value != int(value):
         raise UsageError(f"{what} must be a whole number, but got {text!r}")
     return int(value)
