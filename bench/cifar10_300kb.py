@@ -25,11 +25,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from workers_throughput import cpu_name  # bench/, beside this script
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg"
 STUDY = "cifar10"
@@ -37,15 +38,7 @@ MAX_EXPORT_FACTOR = 10  # export epochs at most this many times the trials'
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    text = f"{cpu}, {os.cpu_count()} cores"
+    text = f"{cpu_name()}, {os.cpu_count()} cores"
     try:
         import torch
 
@@ -135,16 +128,16 @@ def main() -> None:
     )  # fmt: skip
     import pandas as pd
 
+    from compsearch.results.export import best_feasible
+
     frame = pd.read_csv(out / STUDY / "trials.csv")
-    trained = frame[frame["trained"].astype(bool)]
-    feasible = trained[trained["feasible"].astype(bool)]
-    if feasible.empty:
+    # The trial `export --trial best` will pick, and its seconds per training image and
+    # epoch. Those seconds also hold its measuring and compression, a larger share of a
+    # short trial than of the export, so the estimate errs on the slow side and leaves the
+    # export's own measuring its time.
+    best = best_feasible(frame)
+    if best is None:
         raise SystemExit("no feasible trial: give the search more --minutes")
-    # The trial export will pick (the most accurate feasible one, as `export --trial best`
-    # does), and its seconds per training image and epoch. Those seconds also hold its
-    # measuring and compression, a larger share of a short trial than of the export, so
-    # the estimate errs on the slow side and leaves the export's own measuring its time.
-    best = feasible.sort_values(["accuracy", "size_kb"], ascending=[False, True]).iloc[0]
     per_image_epoch = best["seconds"] / (int(args.epochs) * int(args.subset))
     train_images = 50_000 * 0.8  # the export trains on the training part of the split
     left = budget_seconds - (time.perf_counter() - started)

@@ -13,6 +13,7 @@ plus the folded bias), so the model still rebuilds from its config and state dic
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 from torch import nn
@@ -48,17 +49,17 @@ class RoundActivations:
         x = inputs[0]
         with torch.no_grad():
             low, high = x.min().clamp(max=0), x.max().clamp(min=0)
-            if not bool(torch.isfinite(low) & torch.isfinite(high)):
-                bad = float(high if torch.isfinite(low) else low)
-                raise TrainingDiverged(
-                    f"a layer's input became {bad} in the quantization-aware fine-tune"
-                )
             if self.low is None or self.high is None:
                 self.low, self.high = low, high
             elif module.training:
                 self.low = self.low + RANGE_MOMENTUM * (low - self.low)
                 self.high = self.high + RANGE_MOMENTUM * (high - self.high)
-            scale = float((self.high - self.low).clamp_min(1e-8)) / ACTIVATION_LEVELS
+            span = float((self.high - self.low).clamp_min(1e-8))
+            if not math.isfinite(span):  # a NaN or infinite input reached the range
+                raise TrainingDiverged(
+                    f"a layer's input range became {span} in the quantization-aware fine-tune"
+                )
+            scale = span / ACTIVATION_LEVELS
             zero_point = int(round(float(-self.low) / scale))
         rounded = torch.fake_quantize_per_tensor_affine(
             x.float(), scale, zero_point, 0, ACTIVATION_LEVELS

@@ -34,17 +34,24 @@ class ExportError(ValueError):
     """The trial cannot be exported, or its model broke a budget; says what to do."""
 
 
+def best_feasible(frame: pd.DataFrame) -> pd.Series | None:
+    """The row of the most accurate feasible trial (the smaller file on a tie), if any."""
+    feasible = frame[frame["feasible"].astype(bool)]
+    if feasible.empty:
+        return None
+    return feasible.sort_values(["accuracy", "size_kb"], ascending=[False, True]).iloc[0]
+
+
 def choose_trial(study: optuna.Study, frame: pd.DataFrame, which: str) -> optuna.trial.FrozenTrial:
     """`best`: the most accurate feasible trial (the smaller file on a tie); or trial N,
     which must have been trained."""
     if which == "best":
-        feasible = frame[frame["feasible"].astype(bool)]
-        if feasible.empty:
+        best = best_feasible(frame)
+        if best is None:
             raise ExportError(
                 f"study {study.study_name!r} has no feasible trial yet; run more trials "
                 "(compsearch run) or widen the budgets in a new study"
             )
-        best = feasible.sort_values(["accuracy", "size_kb"], ascending=[False, True]).iloc[0]
         number = int(best["number"])
     else:
         number = int(which)
