@@ -13,9 +13,12 @@ size, for one epoch at each resolution:
 "step alone" is the training step of our network (channels_last, our precision) repeated
 on one fixed batch, with no data pipeline at all; "ceiling" is that rate over the faster
 conventional one: no pipeline can beat the conventional one by more on this machine.
+With `--compile`, "compiled" is the same step through `torch.compile` (after its
+compilation, whose seconds are printed beside it): whether compiling would lift the ceiling.
 
     python bench/trainer_throughput.py                    # CIFAR-10 (JPEG copy) if present
     python bench/trainer_throughput.py --images 4096 --resolutions 16 32
+    python bench/trainer_throughput.py --images 4096 --compile
 """
 
 from __future__ import annotations
@@ -159,11 +162,15 @@ def our_epoch(
     return len(data.train) / (time.perf_counter() - started)
 
 
-def step_alone(arch: ArchConfig, device: str, resolution: int, channels: int) -> float:
+def step_alone(
+    arch: ArchConfig, device: str, resolution: int, channels: int, compiled: bool = False
+) -> tuple[float, float]:
     """Images per second of the training step on one fixed batch (no data pipeline at all):
-    the ceiling of any pipeline for this network, precision and batch size here."""
+    the ceiling of any pipeline for this network, precision and batch size here; and the
+    seconds of the warm-up steps, which hold the compilation when `compiled`."""
     torch.manual_seed(0)
     model = build(arch).to(device).to(memory_format=torch.channels_last).train()
+    forward = torch.compile(model) if compiled else model
     optimizer = torch.optim.SGD(
         model.parameters(), lr=LEARNING_RATE, momentum=MOMENTUM, nesterov=True
     )
@@ -179,17 +186,19 @@ def step_alone(arch: ArchConfig, device: str, resolution: int, channels: int) ->
                 dtype=autocast or torch.bfloat16,
                 enabled=autocast is not None,
             ):
-                loss = F.cross_entropy(model(images).float(), labels)
+                loss = F.cross_entropy(forward(images).float(), labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
         loss.item()
 
+    started = time.perf_counter()
     steps(4)
+    warm_up = time.perf_counter() - started
     count = max(8, 2048 // BATCH_SIZE)
     started = time.perf_counter()
     steps(count)
-    return count * BATCH_SIZE / (time.perf_counter() - started)
+    return count * BATCH_SIZE / (time.perf_counter() - started), warm_up
 
 
 def head(split: Split, count: int) -> Split:
@@ -222,6 +231,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--bf16", action="store_true", help="force bf16 autocast on ours")
+    parser.add_argument(
+        "--compile", action="store_true", help="also time the step alone through torch.compile"
+    )
     args = parser.parse_args()
 
     data, described = load(args)
@@ -237,6 +249,7 @@ def main() -> None:
         f"{'model':<9} {'res':>4} {'ours img/s':>11} "
         + " ".join(f"{f'conv w={w}':>11}" for w in args.workers)
         + f" {'speed-up':>9} {'step alone':>11} {'ceiling':>8}"
+        + (f" {'compiled':>9} {'compile s':>10}" if args.compile else "")
     )
     for model_name in args.models:
         widths, depth = MODELS[model_name]
@@ -246,12 +259,17 @@ def main() -> None:
             conventional = [
                 conventional_epoch(arch, data.train, data, resolution, w) for w in args.workers
             ]
-            alone = step_alone(arch, args.device, resolution, data.channels)
+            alone, _ = step_alone(arch, args.device, resolution, data.channels)
+            compiled = ""
+            if args.compile:
+                rate, seconds = step_alone(arch, args.device, resolution, data.channels, True)
+                compiled = f" {rate:>9.0f} {seconds:>10.1f}"
             print(
                 f"{model_name:<9} {resolution:>4} {ours:>11.0f} "
                 + " ".join(f"{c:>11.0f}" for c in conventional)
                 + f" {ours / max(conventional):>8.2f}x {alone:>11.0f}"
-                + f" {alone / max(conventional):>7.2f}x",
+                + f" {alone / max(conventional):>7.2f}x"
+                + compiled,
                 flush=True,
             )
 
