@@ -92,7 +92,7 @@ def main() -> None:
         f"{'fp32 labels':>12} {'fp32 distilled':>15} {'fp32 gain':>10} {'size KB':>8} "
         f"{'labels s':>9} {'distilled s':>12}"
     )
-    gains, fp32_gains = [], []
+    gains, fp32_gains, arms = [], [], {"labels only": [], "distilled": []}
     for seed in args.seeds:
         results = []
         for teacher in (None, distillation):
@@ -102,6 +102,8 @@ def main() -> None:
                 run_trial(config, data, folder, seed, on_device=on_device, distillation=teacher)
             )
         labels, distilled = results
+        arms["labels only"].append(labels.accuracy)
+        arms["distilled"].append(distilled.accuracy)
         gains.append(distilled.accuracy - labels.accuracy)
         fp32_gains.append(
             distilled.accuracy_before_compression - labels.accuracy_before_compression
@@ -113,10 +115,15 @@ def main() -> None:
             f"{distilled.size_kb:>8.1f} {labels.seconds:>9.0f} {distilled.seconds:>12.0f}",
             flush=True,
         )
-    for name, values in (("int8 file", gains), ("fp32 model", fp32_gains)):
+    summaries = [
+        *((f"{arm}, int8 file", values, "", "%") for arm, values in arms.items()),
+        ("gain, int8 file", gains, "+", " points"),
+        ("gain, fp32 model", fp32_gains, "+", " points"),
+    ]
+    for name, values, sign, unit in summaries:
         spread = statistics.stdev(values) * 100 if len(values) > 1 else float("nan")
         print(
-            f"gain, {name}: {statistics.mean(values) * 100:+.2f} ± {spread:.2f} points over "
+            f"{name}: {statistics.mean(values) * 100:{sign}.2f}{unit} ± {spread:.2f} over "
             f"{len(values)} seeds"
         )
     print(f"total {time.perf_counter() - started:.0f} s")
