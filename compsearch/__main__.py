@@ -1,3 +1,3 @@
-from compsearch.search.cli import main
+from compsearch.search.cli import entry
 
-raise SystemExit(main())
+raise SystemExit(entry())

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+CACHE_FOLDER = "cache"  # under --out: where decoded folder: datasets are cached
+
 
 @dataclass(frozen=True)
 class DatasetShape:

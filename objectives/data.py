@@ -376,15 +376,15 @@ def read_stl10(data_dir: Path) -> Source:
     return Source(*arrays, names, flip=True)
 
 
-def read_folder(name: str, console: Console | None) -> Source:
+def read_folder(name: str, console: Console | None, cache_folder: Path | None) -> Source:
     """The user's images under `name`'s PATH; without a test/ folder, a fixed stratified
-    20% of them is the test split."""
+    20% of them is the test split. Decoded images are cached in `cache_folder`."""
     from compsearch.objectives.folders import read_image_folder
 
     path = name[len(FOLDER_PREFIX) :]
     if not path:
         raise DataError("folder: needs a path, as in folder:photos (one sub-folder per class)")
-    found = read_image_folder(Path(path).expanduser(), console)
+    found = read_image_folder(Path(path).expanduser(), console, cache_folder)
     if found.has_test:
         # test/ images come after the train/ ones: slices, not copies.
         first_test = int(np.argmax(found.test)) if found.test.any() else len(found.test)
@@ -402,7 +402,9 @@ def read_folder(name: str, console: Console | None) -> Source:
     )
 
 
-def read_source(name: str, data_dir: Path, console: Console | None) -> Source:
+def read_source(
+    name: str, data_dir: Path, console: Console | None, cache_folder: Path | None = None
+) -> Source:
     if name == "digits":
         return read_digits()
     if name in ("mnist", "fashion-mnist"):
@@ -414,7 +416,7 @@ def read_source(name: str, data_dir: Path, console: Console | None) -> Source:
     if name == "stl10":
         return read_stl10(data_dir)
     if name.startswith(FOLDER_PREFIX):
-        return read_folder(name, console)
+        return read_folder(name, console, cache_folder)
     raise DataError(
         f"unknown dataset {name!r}; available: {', '.join(DATASETS)}, or folder:PATH for "
         "a folder of images with one sub-folder per class"
@@ -450,10 +452,12 @@ def load_dataset(
     data_dir: Path = Path("data"),
     *,
     console: Console | None = None,
+    cache_folder: Path | None = None,
 ) -> Dataset:
     """The dataset split into train, validation (stratified, fixed by `seed`) and test.
-    `console` shows the progress of decoding a folder: of images (default: stderr)."""
-    source = read_source(name, Path(data_dir), console)
+    `console` shows the progress of decoding a folder: of images (default: stderr), and
+    `cache_folder` is where the decoded images are cached (default: the user's cache)."""
+    source = read_source(name, Path(data_dir), console, cache_folder)
     labels = source.train_labels
     present = np.unique(labels)
     if len(present) < 2:

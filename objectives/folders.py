@@ -13,8 +13,9 @@ as one tensor) and trial time, which grows with R^2.
 
 Channels: grayscale (one channel) when every image is grey (R = G = B), else RGB.
 
-Cache: PATH/.compsearch-cache-<key>.npy when PATH is writable, else a file under
-$XDG_CACHE_HOME/compsearch (default ~/.cache/compsearch). The key covers every image's
+Cache: CACHE/folder-<digest of PATH>-<key>.npy, where CACHE is the cache folder the caller
+names (the command line's: OUT/cache), by default $XDG_CACHE_HOME/compsearch (else
+~/.cache/compsearch); never inside PATH, which is the user's. The key covers every image's
 relative path, size and modification time, the class folders and the resolution rule, so
 adding, removing or changing an image re-decodes everything.
 """
@@ -24,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import stat
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -45,7 +45,6 @@ MULTIPLE = 4  # pixels
 SIZE_SAMPLE = 2000  # images whose headers set the resolution: the median is stable by then
 # Changes whenever the decoding does, so caches written by another rule are not used.
 RULE = "median-shorter-side/x4/8..64/centre-crop/bilinear/grey-if-all-grey/v1"
-CACHE_STEM = ".compsearch-cache"  # the file is CACHE_STEM-<key>.npy
 KEY_DIGITS = 20  # hexadecimal digits of the sha256 kept in the cache's name
 CHUNK = 256  # images per decoding task: large enough to amortise the thread hand-off
 ORIENTATION = 0x0112  # the EXIF tag
@@ -77,18 +76,21 @@ class FolderImages:
     has_test: bool  # PATH holds train/ and test/
 
 
-def read_image_folder(root: Path, console: Console | None = None) -> FolderImages:
-    """The images under `root`, from the cache when it matches the files, else decoded."""
+def read_image_folder(
+    root: Path, console: Console | None = None, cache_folder: Path | None = None
+) -> FolderImages:
+    """The images under `root`, from the cache in `cache_folder` (default:
+    user_cache_folder()) when it matches the files, else decoded and cached there."""
     files, class_names, has_test = list_images(root)
     key = cache_key(files, class_names, has_test)
-    for stem in cache_stems(root):
-        cached = read_cache(cache_path(stem, key), len(files))
-        if cached is not None:
-            return FolderImages(cached, *label_arrays(files), class_names, has_test)
+    stem = cache_stem(root, cache_folder or user_cache_folder())
+    cached = read_cache(cache_path(stem, key), len(files))
+    if cached is not None:
+        return FolderImages(cached, *label_arrays(files), class_names, has_test)
     console = console or Console(stderr=True)
     resolution = choose_resolution(files)
     images = decode_images(root, files, resolution, console)
-    written = write_cache(root, key, images)
+    written = write_cache(stem, key, images)
     if console.is_terminal:
         where = f"cached in {written}" if written else "no writable place to cache them"
         console.print(
@@ -356,26 +358,15 @@ def user_cache_folder() -> Path:
     return (Path(base) if base else Path.home() / ".cache") / "compsearch"
 
 
-def cache_stems(root: Path) -> list[Path]:
-    """Where the cache may be, less the key: inside the folder, or in the user's cache,
-    named after the folder's absolute path."""
+def cache_stem(root: Path, cache_folder: Path) -> Path:
+    """Where the cache of `root` is, less the key: named after its absolute path."""
     name = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
-    return [root / CACHE_STEM, user_cache_folder() / f"folder-{name}"]
+    return cache_folder / f"folder-{name}"
 
 
 def cache_path(stem: Path, key: str) -> Path:
     # The key in the name: a stale cache is told apart without opening it.
     return stem.with_name(f"{stem.name}-{key}.npy")
-
-
-def writable(folder: Path) -> bool:
-    """Whether to write into `folder`. A folder whose permissions grant no one write
-    access is read-only on purpose, even to root, who could write it anyway."""
-    try:
-        mode = folder.stat().st_mode
-    except OSError:
-        return False
-    return bool(mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH)) and os.access(folder, os.W_OK)
 
 
 def read_cache(path: Path, count: int) -> np.ndarray | None:
@@ -392,24 +383,21 @@ def read_cache(path: Path, count: int) -> np.ndarray | None:
     return images
 
 
-def write_cache(root: Path, key: str, images: np.ndarray) -> Path | None:
-    """Write the cache where it may go and remove stale ones beside it; the path written,
-    or None when nowhere could be. Written under another name and renamed, so a reader
-    never sees half a file."""
-    inside, outside = cache_stems(root)
-    for stem in (inside, outside) if writable(root) else (outside,):
-        path = cache_path(stem, key)
-        temporary = stem.with_name(f".{stem.name}.{os.getpid()}.tmp")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(temporary, "wb") as file:
-                np.save(file, images, allow_pickle=False)
-            os.replace(temporary, path)
-        except OSError:
-            temporary.unlink(missing_ok=True)
-            continue
-        for stale in path.parent.glob(f"{stem.name}-*.npy"):
-            if stale != path:
-                stale.unlink(missing_ok=True)
-        return path
-    return None
+def write_cache(stem: Path, key: str, images: np.ndarray) -> Path | None:
+    """Write the cache and remove stale ones of the same folder beside it; the path
+    written, or None when it could not be. Written under another name and renamed, so a
+    reader never sees half a file."""
+    path = cache_path(stem, key)
+    temporary = stem.with_name(f".{stem.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(temporary, "wb") as file:
+            np.save(file, images, allow_pickle=False)
+        os.replace(temporary, path)
+    except OSError:
+        temporary.unlink(missing_ok=True)
+        return None
+    for stale in path.parent.glob(f"{stem.name}-*.npy"):
+        if stale != path:
+            stale.unlink(missing_ok=True)
+    return path

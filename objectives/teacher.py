@@ -103,7 +103,13 @@ def load_model(path: Path) -> tuple[nn.Module, ArchConfig, dict]:
     arch_dict = saved.get("arch") or (saved.get("config") or {}).get("arch")
     if arch_dict is None:
         raise DataError(f"teacher file {path} holds no architecture; give a compsearch model.pt")
-    arch = arch_from_dict(arch_dict)
+    try:
+        arch = arch_from_dict(arch_dict)
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise DataError(
+            f"teacher file {path} holds an architecture compsearch cannot read "
+            f"({one_line(error)}); give a compsearch model.pt"
+        ) from None
     model = build(arch)
     try:
         model.load_state_dict(saved["state_dict"])

@@ -41,6 +41,13 @@ from compsearch.spaces.builder import build
 from compsearch.spaces.config import TrainConfig, TrialConfig
 
 EarlyCheck = Callable[[float], str | None]  # validation accuracy -> why to stop, or None
+# Told the step a trial is starting ("pruning"), so that a crash can say where it came.
+StepCallback = Callable[[str], None]
+
+
+def no_step(step: str) -> None:
+    pass
+
 
 CALIBRATION_IMAGES = 256  # training images that calibrate int8 activation ranges
 FINETUNE_LEARNING_RATE_FACTOR = 0.2  # fine-tune peak learning rate / training peak
@@ -95,6 +102,7 @@ def train_model(
     on_epoch: EpochCallback | None = None,
     after_low_resolution: Callable[[torch.nn.Module, int], None] | None = None,
     distillation: Distillation | None = None,
+    on_step: StepCallback = no_step,
 ) -> tuple[torch.nn.Module, TrialConfig]:
     """Build and train one config, FixRes: the low-resolution phase, pruning, the
     fine-tune at the test resolution, batch-norm recalibration. Returns the trained model
@@ -114,13 +122,17 @@ def train_model(
         if after_low_resolution is not None:
             after_low_resolution(model, epoch)
 
+    on_step(f"training at {train.train_resolution} px")
     fit(model, on_device, low_resolution, generator, low_epoch, distillation)
 
+    on_step("pruning")
     example = torch.zeros(1, on_device.channels, train.test_resolution, train.test_resolution)
     loss = taylor_loss(on_device, train.test_resolution)
     arch = prune(model, config.arch, config.compress, example.to(on_device.device), loss)
     config = dataclasses.replace(config, arch=arch)
+    on_step(f"fine-tuning at {train.test_resolution} px")
     fit(model, on_device, finetune_phase(train), generator, on_epoch, distillation)
+    on_step("recalibrating batch norms")
     recalibrate_batchnorm(model, on_device, train.test_resolution, train.batch_size)
     return model, config
 
@@ -129,14 +141,24 @@ def taylor_loss(
     on_device: DeviceData, resolution: int
 ) -> Callable[[torch.nn.Module], torch.Tensor]:
     """Cross-entropy on TAYLOR_IMAGES training images (a fixed random sample) at
-    `resolution`: what Taylor pruning takes gradients of."""
+    `resolution`: what Taylor pruning takes gradients of.
+
+    It runs in the training's autocast, so its backward pass uses the kernels that every
+    training step used. In fp32 it was the only fp32 backward pass of a trial on a CPU
+    with bf16 (where training runs in bf16), and there oneDNN's fp32 AVX-512 backward
+    kernels crashed the process or corrupted its heap on small images (a 2-core AMD EPYC
+    with AVX-512, 20 px digits, torch 2.13). bf16 gradients rank channels as well, and
+    the pass took 0.6 s where fp32 took 1.6 s (512 CIFAR-sized images, ResNet-20 shape).
+    """
 
     def loss(model: torch.nn.Module) -> torch.Tensor:
         index = spread_sample(TAYLOR_IMAGES, len(on_device.train)).to(on_device.device)
         images = on_device.train.images[index]
         labels = on_device.train.labels[index]
         model.eval()  # batch-norm statistics as they will be used
-        return F.cross_entropy(model(on_device.inputs(images, resolution)), labels)
+        with on_device.autocast_context():
+            logits = model(on_device.inputs(images, resolution))
+        return F.cross_entropy(logits.float(), labels)
 
     return loss
 
@@ -161,6 +183,7 @@ def run_trial(
     on_epoch: EpochCallback | None = None,
     early_check: EarlyCheck | None = None,
     distillation: Distillation | None = None,
+    on_step: StepCallback = no_step,
 ) -> TrialResult:
     """Train, compress and measure one config.
 
@@ -186,13 +209,15 @@ def run_trial(
         if reason:
             raise StoppedEarly(reason, early_accuracy, epoch)
 
-    model, config = train_model(config, on_device, seed, on_epoch, check, distillation)
+    model, config = train_model(config, on_device, seed, on_epoch, check, distillation, on_step)
+    on_step("measuring the trained model")
     accuracy_torch = accuracy(
         predict(model, on_device.val, on_device, train.test_resolution), on_device.val.labels
     )
     deployed = deploy(
-        model, config, data, on_device, folder / "model.onnx", data.val, seed, accuracy_torch
-    )
+        model, config, data, on_device, folder / "model.onnx", data.val, seed, accuracy_torch,
+        on_step,
+    )  # fmt: skip
     model = deployed.model.cpu().eval()
     return TrialResult(
         config=config,
@@ -228,6 +253,7 @@ def deploy(
     split: Split,
     seed: int,
     accuracy_torch: float,
+    on_step: StepCallback = no_step,
 ) -> Deployed:
     """Write the deployable file for `config.compress.precision` to `path` and measure it
     on `split` in onnxruntime. An int8 file that loses more than
@@ -240,14 +266,17 @@ def deploy(
         calibration = calibration_images(data, train.test_resolution, CALIBRATION_IMAGES, seed)
 
     def write(model: torch.nn.Module, path: Path) -> float:
+        on_step(f"exporting the {precision} file")
         copied = copy.deepcopy(model).cpu().eval()
         export(copied, precision, train.test_resolution, data.channels, path, calibration)
+        on_step("measuring the file in onnxruntime")
         return onnx_accuracy(path, split, data, train.test_resolution)
 
     measured = write(model, path)
     first = Deployed(model, path, measured, measured, quantization_aware=False)
     if precision != "int8" or accuracy_torch - measured <= QUANTIZATION_AWARE_THRESHOLD:
         return first
+    on_step("the quantization-aware fine-tune")
     try:
         tuned = quantization_aware_finetune(
             model,

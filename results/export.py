@@ -88,13 +88,17 @@ def export_trial(
     out: Path,
     say,
     on_epoch=None,
+    on_step=None,
 ) -> Exported:
     """Retrain `trial`'s config for `epochs` (default EXPORT_EPOCH_FACTOR times the
     trial's) on the whole training split, compress it as the trial did, and write
     `folder/export/` only when the file meets every budget (ExportError otherwise, with
-    the figures, and nothing written). `data_source` is (dataset name, data folder)."""
+    the figures, and nothing written). `data_source` is (dataset name, data folder).
+    `on_step(trial number, step)` is told each step, for the supervisor (see
+    search/supervise.py)."""
     import torch
 
+    from compsearch.objectives.catalog import CACHE_FOLDER
     from compsearch.objectives.data import load_dataset
     from compsearch.objectives.measure import onnx_accuracy
     from compsearch.objectives.teacher import prepare_teacher
@@ -111,7 +115,7 @@ def export_trial(
     trained_config = TrialConfig.from_dict(trial.user_attrs["config"])
     epochs = epochs or EXPORT_EPOCH_FACTOR * trained_config.train.epochs
     name, data_dir = data_source
-    data = load_dataset(name, seed=seed, data_dir=data_dir)
+    data = load_dataset(name, seed=seed, data_dir=data_dir, cache_folder=out / CACHE_FOLDER)
     space = SearchSpace.from_dict(settings["space"])
     schedule = default_schedule(epochs, data.resolution)
     try:
@@ -120,6 +124,8 @@ def export_trial(
         raise ExportError(f"trial {trial.number}'s parameters no longer fit: {error}") from None
     on_device = DeviceData(data, device)
     teacher = teacher or settings.get("teacher") or "none"
+    step = (lambda text: on_step(trial.number, text)) if on_step else (lambda text: None)
+    step(f"preparing the teacher ({teacher})")
     distillation = prepare_teacher(
         teacher, data, on_device, out, schedule, seed, None, say=say, on_epoch=on_epoch
     )
@@ -130,8 +136,9 @@ def export_trial(
     with tempfile.TemporaryDirectory(dir=folder, prefix=".export-") as work:
         work = Path(work)
         result = run_trial(
-            config, data, work, seed, on_device, on_epoch=on_epoch, distillation=distillation
-        )
+            config, data, work, seed, on_device, on_epoch=on_epoch, distillation=distillation,
+            on_step=step,
+        )  # fmt: skip
         over = budgets.excess(result.params, result.size_kb, result.macs)
         if over:
             raise ExportError(

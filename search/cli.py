@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -18,12 +19,22 @@ from typing import NoReturn
 from rich.console import Console
 
 from compsearch import __version__
-from compsearch.search.study import (
+from compsearch.objectives import catalog
+from compsearch.search.common import (
+    GRACE_HEARTBEATS,
+    HEARTBEAT_SECONDS,
     SAMPLERS,
     SETTINGS_KEY,
     UsageError,
     redact,
     storage_url,
+)
+from compsearch.search.supervise import (
+    REPORT_FD_FLAG,
+    Reporter,
+    launcher,
+    supervise_export,
+    supervise_run,
 )
 
 EXIT_USAGE = 2
@@ -37,9 +48,6 @@ DISTILL_TEMPERATURE = 4.0
 # Repeated from results.export (which imports optuna and pandas), for the help text.
 EXPORT_EPOCH_FACTOR = 3
 SPACE_FILE = "space.toml"  # the space searched, beside the study
-# Repeated from search.study (which imports optuna), for the help text.
-HEARTBEAT_SECONDS = 10
-GRACE_HEARTBEATS = 6
 WORKER_SEED_STRIDE = 1009  # sampler seeds of workers started together differ by this
 _SUFFIXES = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}
 
@@ -148,6 +156,7 @@ def build_parser() -> Parser:
     run.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
     run.add_argument("--finish-at", type=int, help=argparse.SUPPRESS)
     run.add_argument("--threads", type=int, help=argparse.SUPPRESS)
+    run.add_argument(REPORT_FD_FLAG, type=int, help=argparse.SUPPRESS)
     add_location(run)
 
     show = commands.add_parser("show", help="print the feasible Pareto front")
@@ -179,14 +188,38 @@ def build_parser() -> Parser:
         help="where the dataset's files are now (default: where the study read them)",
     )
     export.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:K")
+    export.add_argument(REPORT_FD_FLAG, type=int, help=argparse.SUPPRESS)
     add_location(export)
     return parser
 
 
+# How to start a worker process: as a program, entry() sets it to what started this one.
+LAUNCHER = [sys.executable, "-m", "compsearch.search.cli"]
+
+
+def entry(argv: list[str] | None = None) -> int:
+    """The `compsearch` program: `run` and `export` run in a supervised child process (see
+    search/supervise.py), so a native crash costs a trial, not the search."""
+    global LAUNCHER
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    LAUNCHER = launcher()
+    if args.command not in ("run", "export") or args.report_fd is not None:
+        return main(argv)
+
+    def say(line: str) -> None:
+        print(line, file=sys.stderr if line.startswith("error:") else sys.stdout, flush=True)
+
+    if args.command == "export":
+        return supervise_export([*LAUNCHER, *argv], say)
+    return supervise_run([*LAUNCHER, *argv], say)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The commands, in this process."""
     args = build_parser().parse_args(argv)
     # What was typed, for the worker processes that `run --workers` starts.
-    args.argv = list(sys.argv[1:] if argv is None else argv)
+    args.argv = without_report_fd(list(sys.argv[1:] if argv is None else argv))
     console = Console()
     try:
         if args.command == "run":
@@ -201,6 +234,14 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
 
 
+def without_report_fd(argv: list[str]) -> list[str]:
+    """`argv` without the supervisor's pipe, which belongs to this process alone."""
+    if REPORT_FD_FLAG not in argv:
+        return argv
+    index = argv.index(REPORT_FD_FLAG)
+    return argv[:index] + argv[index + 2 :]
+
+
 def data_source(dataset: str, data_dir: Path) -> list[str]:
     """[dataset, data folder], as absolute paths, so `export` finds the same data from
     anywhere."""
@@ -210,10 +251,89 @@ def data_source(dataset: str, data_dir: Path) -> list[str]:
     return [dataset, str(Path(data_dir).resolve())]
 
 
+# A study's name is its folder's name under --out: one path component, never "..".
+STUDY_NAME = re.compile(r"\w[\w.+=@-]{0,127}")
+
+
+def check_study_name(name: str, where: str = "--study") -> str:
+    if not STUDY_NAME.fullmatch(name):
+        raise UsageError(
+            f"{where} {name!r} cannot name a folder under --out: use 1 to 128 letters, digits "
+            "and . _ - + = @, starting with a letter, digit or _ (no path separators, no "
+            "'..')"
+        )
+    return name
+
+
+def check_folder(path: Path, what: str) -> Path:
+    """`path` can be a folder (it is one, or can be made): else a usage error, before
+    anything is loaded. Nothing is created here."""
+    for place in (path, *path.parents):
+        if place.exists():
+            if place.is_dir():
+                return path
+            where = "" if place == path else f": {place}"
+            raise UsageError(f"{what} {path}{where} is a file, not a folder; give a folder")
+    return path
+
+
+def check_file_path(path: Path, what: str) -> Path:
+    """A file that exists or can be written: not a folder, below no file."""
+    if path.is_dir():
+        raise UsageError(f"{what} {path} is a folder; give a file path")
+    check_folder(path.parent, f"{what}'s folder")
+    return path
+
+
+def check_model_file(path: str, what: str) -> None:
+    """A quick look that `path` is a file torch.save wrote (a zip holding data.pkl), so a
+    wrong file is refused before torch is imported; load_model reads it in full."""
+    import zipfile
+
+    if not Path(path).is_file():
+        raise UsageError(f"{what} {path!r} is not a file; give none, auto or a model.pt path")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = [name for name in archive.namelist() if name.endswith("/data.pkl")]
+            pickled = archive.read(names[0]) if names else None
+    except (zipfile.BadZipFile, OSError):
+        pickled = None
+    if pickled is None:
+        raise UsageError(
+            f"{what} {path} is not a model file (torch.save's format); give none, auto or a "
+            "model.pt that compsearch wrote"
+        )
+    if not holds_state_dict(pickled):
+        raise UsageError(f"teacher file {path} holds no state_dict; give a compsearch model.pt")
+
+
+def holds_state_dict(pickled: bytes) -> bool:
+    """Whether a pickle's top object is a dict with a "state_dict" key, read from its
+    opcodes without unpickling anything (a model file's tensors need torch to load)."""
+    import pickletools
+
+    try:
+        opcodes = [op.name for op, _, _ in pickletools.genops(pickled)]
+    except Exception:  # not a pickle at all: genops raises several kinds
+        return False
+    first = next((name for name in opcodes if name not in ("PROTO", "FRAME")), None)
+    return first == "EMPTY_DICT" and b"state_dict" in pickled
+
+
+def check_storage(url: str) -> None:
+    """A storage URL's local file, checked as a path before the storage is opened."""
+    if url.startswith("sqlite:///"):
+        check_file_path(Path(url.removeprefix("sqlite:///")), "--storage")
+    elif "://" not in url:
+        check_file_path(Path(url), "--storage")
+
+
 def default_study_name(dataset: str) -> str:
-    """The dataset's name; for `folder:PATH`, the name of that folder."""
+    """The dataset's name; for `folder:PATH`, the name of that folder, with characters a
+    study name may not hold replaced by '-'."""
     if dataset.startswith("folder:"):
-        return Path(dataset.removeprefix("folder:")).resolve().name or "folder"
+        name = Path(dataset.removeprefix("folder:")).resolve().name
+        return re.sub(r"[^\w.+=@-]", "-", name).lstrip(".-+=@")[:128] or "folder"
     return dataset
 
 
@@ -267,16 +387,18 @@ def command_run(args: argparse.Namespace, console: Console) -> int:
         raise UsageError(f"unknown sampler {args.sampler!r}; choose one of {', '.join(SAMPLERS)}")
     distill_weight = parse_fraction(args.distill_weight, "--distill-weight")
     distill_temperature = parse_amount(args.distill_temperature, "--distill-temperature")
-    if args.teacher not in ("none", "auto") and not Path(args.teacher).is_file():
-        raise UsageError(
-            f"--teacher {args.teacher!r} is not a file; give none, auto or a model.pt path"
-        )
+    if args.teacher not in ("none", "auto"):
+        check_model_file(args.teacher, "--teacher")
     workers = parse_count(args.workers, "--workers")
     heartbeat = parse_count(args.heartbeat, "--heartbeat")
     space = requested_space(args)
-    study_name = args.study or default_study_name(args.dataset)
+    reporter = Reporter(args.report_fd)
+    study_name = check_study_name(args.study) if args.study else default_study_name(args.dataset)
+    check_folder(args.out, "--out")
+    check_folder(args.data_dir, "--data-dir")
     folder = args.out / study_name
     url = storage_url(args.storage, folder)
+    check_storage(url)
 
     import optuna
 
@@ -310,8 +432,9 @@ def command_run(args: argparse.Namespace, console: Console) -> int:
     try:
         # Read before torch is imported, so bad files are refused at once.
         data = load_dataset(
-            args.dataset, seed=seed, subset=subset, data_dir=args.data_dir, console=console
-        )
+            args.dataset, seed=seed, subset=subset, data_dir=args.data_dir, console=console,
+            cache_folder=args.out / catalog.CACHE_FOLDER,
+        )  # fmt: skip
     except DataError as error:
         raise UsageError(str(error)) from None
 
@@ -340,6 +463,7 @@ def command_run(args: argparse.Namespace, console: Console) -> int:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
             columns = ("teacher epochs", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+            reporter.send(step=f"preparing the teacher ({spec})")
             with Progress(*columns, console=console, transient=True) as progress:
                 task = progress.add_task("teacher", total=None)
                 return prepare_teacher(
@@ -396,6 +520,7 @@ def command_run(args: argparse.Namespace, console: Console) -> int:
     finish_at = args.finish_at
     if finish_at is None:
         finish_at = finished_and_running(study)[0] + trials
+    reporter.send(study=study_name, storage=url, finish_at=finish_at)
     children = start_workers(args, workers, finish_at, device, folder) if workers > 1 else []
     console.print(
         f"study [bold]{study_name}[/] in {redact(url)}: {before} trials so far"
@@ -416,11 +541,15 @@ def command_run(args: argparse.Namespace, console: Console) -> int:
             except DataError as error:
                 raise UsageError(str(error)) from None
         counts = search(
-            study, space, schedule, data, run_settings, console, distillation, on_device
-        )
+            study, space, schedule, data, run_settings, console, distillation, on_device,
+            reporter,
+        )  # fmt: skip
     except KeyboardInterrupt:
         interrupted = True
         counts = None
+        for process, _ in children:  # they are in this process's group, not the terminal's
+            if process.poll() is None:
+                process.send_signal(signal.SIGINT)
     finally:
         failed_workers = wait_for_workers(children, console)
     elapsed = time.perf_counter() - started
@@ -475,7 +604,7 @@ def start_workers(
     children = []
     for index in range(1, workers):
         command = [
-            sys.executable, "-m", "compsearch.search.cli", *args.argv,
+            *LAUNCHER, *args.argv,
             "--workers", "1", "--worker-index", str(index), "--finish-at", str(finish_at),
             "--storage", storage, "--study", folder.name,
         ]  # fmt: skip
@@ -625,8 +754,13 @@ def locate(args: argparse.Namespace, console: Console):
     """The study that show/plot mean: --study, else the only or newest one under --out."""
     from compsearch.search.study import load_existing_study, open_storage
 
+    if args.study:
+        check_study_name(args.study)
+    check_folder(args.out, "--out")
     if args.storage:
+        check_storage(args.storage)
         study = load_existing_study(open_storage(args.storage), args.study)
+        check_study_name(study.study_name, where="the storage's study")
         return study, args.out / study.study_name
     if args.study:
         folder = args.out / args.study
@@ -684,10 +818,11 @@ def command_export(args: argparse.Namespace, console: Console) -> int:
     epochs = parse_count(args.epochs, "--epochs") if args.epochs else None
     if epochs is not None and epochs < 2:
         raise UsageError(f"--epochs must be at least 2 (train, then fine-tune), but got {epochs}")
-    if args.teacher not in (None, "none", "auto") and not Path(args.teacher).is_file():
-        raise UsageError(
-            f"--teacher {args.teacher!r} is not a file; give none, auto or a model.pt path"
-        )
+    if args.teacher not in (None, "none", "auto"):
+        check_model_file(args.teacher, "--teacher")
+    if args.data_dir is not None:
+        check_folder(args.data_dir, "--data-dir")
+    check_device_name(args.device)
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -734,6 +869,7 @@ def command_export(args: argparse.Namespace, console: Console) -> int:
                 args.out,
                 say=console.print,
                 on_epoch=on_epoch,
+                on_step=Reporter(args.report_fd).step,
             )
     except (ExportError, DataError) as error:
         raise UsageError(str(error)) from None
@@ -752,4 +888,4 @@ def command_export(args: argparse.Namespace, console: Console) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(entry())

@@ -27,7 +27,9 @@ from rich.progress import (
 from compsearch.objectives.data import Dataset
 from compsearch.objectives.train import DeviceData, Distillation, TrainingDiverged
 from compsearch.objectives.trial import StoppedEarly, TrialResult, run_trial
+from compsearch.search.optuna_private import heartbeat_thread, storage_of, trial_id
 from compsearch.search.study import Retry, first_line
+from compsearch.search.supervise import Reporter
 from compsearch.spaces.budgets import Budgets
 from compsearch.spaces.config import TrainConfig, TrialConfig
 from compsearch.spaces.estimate import estimate
@@ -208,9 +210,7 @@ def fail_stale_trials(study: optuna.Study) -> None:
 def heartbeat(study: optuna.Study, trial: optuna.Trial):
     """Optuna's heartbeat thread, as study.optimize runs it, for this ask-and-tell loop:
     it tells the storage every few seconds that the trial's worker is alive."""
-    from optuna.storages._heartbeat import get_heartbeat_thread
-
-    with get_heartbeat_thread(trial._trial_id, study._storage):
+    with heartbeat_thread(study, trial):
         yield
 
 
@@ -223,12 +223,15 @@ def search(
     console: Console | None,
     distillation: Distillation | None = None,
     on_device: DeviceData | None = None,
+    reporter: Reporter | None = None,
 ) -> SearchCounts:
     """Add `settings.trials` finished trials to `study` (fewer on timeout or Ctrl-C).
 
     A finished trial was trained to the end or stopped early; configs over the budgets by
-    estimate are recorded but never trained and do not count.
+    estimate are recorded but never trained and do not count. `reporter` is told each
+    trial's steps and outcome, for the supervisor that fails a trial whose process died.
     """
+    reporter = reporter or Reporter(None)
     counts = SearchCounts()
     started = time.monotonic()
     # The data on the training device, once: every trial trains from it.
@@ -268,6 +271,7 @@ def search(
                 )
                 break
             trial = study.ask()
+            reporter.step(trial.number, "sampling its config")
             try:
                 trial.set_user_attr("worker", WORKER)
                 with heartbeat(study, trial):
@@ -279,6 +283,7 @@ def search(
                     over = settings.budgets.excess(expected.params, expected.size_kb, expected.macs)
                     if over:
                         reject(study, trial, settings.budgets, expected, over)
+                        reporter.done(trial.number, "rejected")
                         counts.rejected += 1
                         rejections_in_a_row += 1
                         stuck = (
@@ -316,12 +321,14 @@ def search(
                             on_epoch=display.epoch_done if display else None,
                             early_check=stopper,
                             distillation=distillation,
+                            on_step=lambda step, number=trial.number: reporter.step(number, step),
                         )
                     except StoppedEarly as stop:
                         trial.set_user_attr("trained", False)
                         trial.set_user_attr("early_accuracy", stop.early_accuracy)
                         trial.set_user_attr("reason", f"stopped early: {stop}")
                         study.tell(trial, state=TrialState.PRUNED)
+                        reporter.done(trial.number, "stopped early")
                         counts.stopped_early += 1
                         counts.epochs_trained += stop.epochs_done
                         counts.epochs_saved += config.train.epochs - stop.epochs_done
@@ -334,6 +341,7 @@ def search(
                             "reason", f"{type(error).__name__}: {first_line(error)}"
                         )
                         study.tell(trial, state=TrialState.FAIL)
+                        reporter.done(trial.number, "failed")
                         counts.failed += 1
                         failures_in_a_row += 1
                         last_failure = type(error).__name__
@@ -350,6 +358,7 @@ def search(
                         study.tell(trial, state=TrialState.FAIL)
                         raise
                     failures_in_a_row = 0
+                    reporter.step(trial.number, "recording its result")
                     record_constraints(
                         trial, settings.budgets, result.params, result.size_kb, result.macs
                     )
@@ -360,6 +369,7 @@ def search(
                         trial.set_user_attr("reason", "over budget as measured: " + ", ".join(over))
                         counts.infeasible_after_training += 1
                     study.tell(trial, [result.accuracy, result.size_kb])
+                    reporter.done(trial.number, "trained")
                     counts.trained += 1
                     counts.epochs_trained += config.train.epochs
                     if display:
@@ -376,7 +386,7 @@ def search(
 def abandon(study: optuna.Study, trial: optuna.Trial) -> None:
     """Fail a trial that Ctrl-C interrupted, with the reason, and queue its config to run
     again; nothing when the interrupt came after the storage had its outcome."""
-    state = study._storage.get_trial(trial._trial_id).state
+    state = storage_of(study).get_trial(trial_id(trial)).state
     if state != TrialState.RUNNING:
         return
     trial.set_user_attr("reason", INTERRUPTED)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import random
 import time
 import warnings
 from pathlib import Path
@@ -11,30 +12,25 @@ from typing import Any
 
 import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback
-
-# Optuna's own heartbeat interface, which its RDB storage implements; it is the hook that
-# its stale-trial recovery (fail_stale_trials) works through.
-from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.storages.journal import BaseJournalBackend
 from optuna.trial import FrozenTrial, TrialState
 
+from compsearch.search.common import (  # noqa: F401 (re-exported for study's callers)
+    GRACE_HEARTBEATS,
+    HEARTBEAT_SECONDS,
+    SAMPLERS,
+    SETTINGS_KEY,
+    UsageError,
+    first_line,
+    redact,
+    storage_url,
+)
+from compsearch.search.optuna_private import BaseHeartbeat, trial_id
 from compsearch.spaces.budgets import Budgets
 
-SAMPLERS = ("tpe", "nsga2", "gp", "random")
 DIRECTIONS = ("maximize", "minimize")  # accuracy, size_kb
 OBJECTIVE_NAMES = ("accuracy", "size_kb")
-SETTINGS_KEY = "compsearch"  # study user attribute holding what the study was created with
-HEARTBEAT_SECONDS = 10  # how often a worker tells the storage that its trial is alive
-GRACE_HEARTBEATS = 6  # a running trial silent for this many heartbeats lost its worker
 MAX_RETRIES = 2  # times a config whose worker was lost or interrupted is run again
-
-
-class UsageError(ValueError):
-    """The user's input cannot work; the message says what is wrong and what to do."""
-
-
-def storage_url(storage: str | None, folder: Path) -> str:
-    return storage if storage else f"sqlite:///{folder / 'study.db'}"
 
 
 def open_storage(
@@ -66,12 +62,7 @@ def open_storage(
                 )
             if url.startswith("sqlite:///"):
                 Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-            return optuna.storages.RDBStorage(
-                sqlalchemy_url(url),
-                heartbeat_interval=heartbeat_seconds,
-                grace_period=grace,
-                heartbeat_stale_trial_callback=retry,
-            )
+            return rdb_storage(sqlalchemy_url(url), heartbeat_seconds, grace, retry)
     except ModuleNotFoundError as error:
         raise UsageError(
             f"cannot open storage {redact(url)}: its driver {error.name} is not installed; "
@@ -82,6 +73,45 @@ def open_storage(
             f"cannot open storage {redact(url)}: {first_line(error)}; check the URL and that "
             "the server is reachable"
         ) from None
+
+
+# Workers started together on a new database all create Optuna's tables; all but one
+# then find them half made. Each tries again after a random pause, this many times.
+SCHEMA_TRIES = 20
+SCHEMA_PAUSE_SECONDS = (0.05, 0.5)
+SETTINGS_WAIT_SECONDS = 10.0  # for the worker that created a study to record its settings
+
+
+def rdb_storage(
+    url: str, heartbeat_seconds: int, grace: int, retry: Retry
+) -> optuna.storages.RDBStorage:
+    """Optuna's RDBStorage, made when other processes are making it on the same new
+    database at the same moment."""
+    import sqlalchemy.exc
+
+    for attempt in range(1, SCHEMA_TRIES + 1):
+        try:
+            return optuna.storages.RDBStorage(
+                url,
+                heartbeat_interval=heartbeat_seconds,
+                grace_period=grace,
+                heartbeat_stale_trial_callback=retry,
+            )
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.DatabaseError) as error:
+            if attempt == SCHEMA_TRIES or not created_concurrently(error):
+                raise
+            time.sleep(random.uniform(*SCHEMA_PAUSE_SECONDS))
+
+
+def created_concurrently(error: Exception) -> bool:
+    """Whether `error` is what PostgreSQL or MySQL say when another connection created the
+    same table, type, index or row a moment before (not a wrong URL or a lost server)."""
+    import sqlalchemy.exc
+
+    text = str(getattr(error, "orig", error)).lower()
+    return isinstance(error, sqlalchemy.exc.IntegrityError) or any(
+        phrase in text for phrase in ("already exists", "duplicate", "deadlock")
+    )
 
 
 def sqlalchemy_url(url: str) -> str:
@@ -122,11 +152,11 @@ class HeartbeatJournalStorage(optuna.storages.JournalStorage, BaseHeartbeat):
     def record_heartbeat(self, trial_id: int) -> None:
         self.set_trial_system_attr(trial_id, HEARTBEAT_ATTR, time.time())
 
-    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:  # BaseHeartbeat's STALE_TRIAL_IDS
         now = time.time()
         running = self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
         return [
-            trial._trial_id
+            trial_id(trial)
             for trial in running
             if now - trial.system_attrs.get(HEARTBEAT_ATTR, now) > self._grace_period
         ]
@@ -155,22 +185,6 @@ class Retry(RetryHeartbeatStaleTrialCallback):
         kept = {key: trial.user_attrs[key] for key in self.KEPT if key in trial.user_attrs}
         trial.user_attrs = kept | {"retry_of": trial.number}
         super().__call__(study, trial)
-
-
-def redact(url: str) -> str:
-    """The URL with any password replaced, fit to print or store."""
-    if "://" not in url or "@" not in url:
-        return url
-    scheme, rest = url.split("://", 1)
-    credentials, host = rest.rsplit("@", 1)
-    if ":" in credentials:
-        credentials = credentials.split(":", 1)[0] + ":***"
-    return f"{scheme}://{credentials}@{host}"
-
-
-def first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
 
 
 def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
@@ -227,20 +241,38 @@ def open_study(
     is an error that names both values rather than a silent change.
     """
     existing = {summary.study_name for summary in optuna.get_all_study_summaries(storage)}
-    if name in existing:
-        study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
-        stored = study.user_attrs.get(SETTINGS_KEY)
-        if stored is None:
+    if name not in existing:
+        try:
+            return create_study(storage, name, settings, sampler)
+        except optuna.exceptions.DuplicatedStudyError:
+            pass  # another worker started at the same moment created it
+    study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
+    stored = study.user_attrs.get(SETTINGS_KEY)
+    study_id = storage.get_study_id_from_name(name)
+    # A worker that has just created the study records its settings a moment later.
+    deadline = time.monotonic() + SETTINGS_WAIT_SECONDS
+    while stored is None and not study.trials and time.monotonic() < deadline:
+        time.sleep(0.2)
+        stored = storage.get_study_user_attrs(study_id).get(SETTINGS_KEY)
+    if stored is None:
+        raise UsageError(
+            f"study {name!r} exists but was not created by compsearch; choose another --study"
+        )
+    for key in ("dataset", "budgets"):
+        if stored[key] != settings[key]:
             raise UsageError(
-                f"study {name!r} exists but was not created by compsearch; choose another --study"
+                f"study {name!r} was created with {key} {json.dumps(stored[key])}, not "
+                f"{json.dumps(settings[key])}; use the original {key} or a new --study"
             )
-        for key in ("dataset", "budgets"):
-            if stored[key] != settings[key]:
-                raise UsageError(
-                    f"study {name!r} was created with {key} {json.dumps(stored[key])}, not "
-                    f"{json.dumps(settings[key])}; use the original {key} or a new --study"
-                )
-        return study
+    return study
+
+
+def create_study(
+    storage: optuna.storages.BaseStorage,
+    name: str,
+    settings: dict[str, Any],
+    sampler: optuna.samplers.BaseSampler,
+) -> optuna.Study:
     study = optuna.create_study(
         storage=storage, study_name=name, directions=list(DIRECTIONS), sampler=sampler
     )

@@ -191,7 +191,14 @@ def space_for(in_channels: int, num_classes: int, test_resolution: int) -> Searc
 def load_space(path: Path, base: SearchSpace) -> SearchSpace:
     """`base` with the fields a TOML file sets; every problem is reported at once."""
     try:
-        table = tomllib.loads(path.read_text())
+        table = tomllib.loads(path.read_text(encoding="utf-8"))
+    except IsADirectoryError:
+        raise SpaceError(f"space file {path} is a folder; give a TOML file") from None
+    except UnicodeDecodeError as error:
+        raise SpaceError(
+            f"space file {path} is not UTF-8 text (byte {error.object[error.start]:#04x} at "
+            f"offset {error.start}); save it as UTF-8"
+        ) from None
     except OSError as error:
         raise SpaceError(f"cannot read space file {path}: {error.strerror}") from None
     except tomllib.TOMLDecodeError as error:

@@ -72,6 +72,41 @@ def space_file(name: str, text: str) -> Callable[[Path], None]:
     return arrange
 
 
+def write_bytes(name: str, data: bytes) -> Callable[[Path], None]:
+    def arrange(root: Path) -> None:
+        (root / "bad").mkdir(exist_ok=True)
+        (root / "bad" / name).write_bytes(data)
+
+    return arrange
+
+
+def zip_without_model(root: Path) -> None:
+    import zipfile
+
+    (root / "bad").mkdir(exist_ok=True)
+    with zipfile.ZipFile(root / "bad" / "notes.pt", "w") as archive:
+        archive.writestr("notes/readme.txt", "not a model")
+
+
+def torch_file_without_model(root: Path) -> None:
+    """A real torch.save file holding a plain list: loadable, but no model."""
+    import torch
+
+    (root / "bad").mkdir(exist_ok=True)
+    torch.save([1, 2, 3], root / "bad" / "list.pt")
+
+
+def a_file(name: str) -> Callable[[Path], None]:
+    return write_bytes(name, b"just a file\n")
+
+
+def a_folder(name: str) -> Callable[[Path], None]:
+    def arrange(root: Path) -> None:
+        (root / "bad" / name).mkdir(parents=True, exist_ok=True)
+
+    return arrange
+
+
 def run(*args: str) -> tuple[str, ...]:
     return ("run", *BUDGETS, *args)
 
@@ -130,4 +165,76 @@ CASES = [
     Case("show of a study that does not exist", ("show", "--study", "nothing"),
          "no study 'nothing'"),
     Case("plot with no study", ("plot", "--out", "bad/no-runs"), "no study under"),
+    # Names that would become paths outside --out.
+    Case("study name climbing out of --out", run("--study", "../escaped"),
+         "cannot name a folder under --out"),
+    Case("study name with a separator", run("--study", "a/b"), "no path separators"),
+    Case("study name that is a dot", run("--study", "."), "cannot name a folder"),
+    Case("show of a study name climbing out", ("show", "--study", "../runs"),
+         "cannot name a folder under --out"),
+    Case("plot of a study name with a separator", ("plot", "--study", "x/y"),
+         "cannot name a folder under --out"),
+    Case("export of a study name climbing out", ("export", "--study", ".."),
+         "cannot name a folder under --out"),
+    # Files of any content or encoding.
+    Case("space file not UTF-8", run("--space", "bad/latin1.toml"), "is not UTF-8 text",
+         write_bytes("latin1.toml", "\xe9paisseur = [8, 16]\n".encode("latin-1"))),
+    Case("space file of binary bytes", run("--space", "bad/binary.toml"), "is not UTF-8 text",
+         write_bytes("binary.toml", bytes(range(256)))),
+    Case("space file that is a folder", run("--space", "bad/spacedir"), "is a folder",
+         a_folder("spacedir")),
+    Case("space file missing", run("--space", "bad/absent.toml"), "cannot read space file"),
+    Case("teacher file of text", run("--teacher", "bad/teacher.txt"),
+         "is not a model file", a_file("teacher.txt")),
+    Case("teacher file of binary bytes", run("--teacher", "bad/teacher.pt"),
+         "is not a model file", write_bytes("teacher.pt", bytes(range(256)) * 4)),
+    Case("teacher file that is a zip of something else", run("--teacher", "bad/notes.pt"),
+         "is not a model file", zip_without_model),
+    Case("teacher file holding no model", run("--teacher", "bad/list.pt"),
+         "holds no state_dict", torch_file_without_model),
+    Case("teacher file that is a folder", run("--teacher", "bad"), "is not a file"),
+    Case("export teacher of binary bytes", ("export", "--teacher", "bad/teacher.pt"),
+         "is not a model file", write_bytes("teacher.pt", bytes(range(256)) * 4)),
+    # Paths that cannot be used.
+    Case("--out that is a file", run("--out", "bad/out-file"), "is a file, not a folder",
+         a_file("out-file")),
+    Case("--out below a file", run("--out", "bad/out-file/runs"), "is a file, not a folder",
+         a_file("out-file")),
+    Case("show --out that is a file", ("show", "--out", "bad/out-file"),
+         "is a file, not a folder", a_file("out-file")),
+    Case("--data-dir that is a file", run("--dataset", "mnist", "--data-dir", "bad/data-file"),
+         "is a file, not a folder", a_file("data-file")),
+    Case("folder dataset that is a file", run("--dataset", "folder:bad/data-file"),
+         "is not a folder", a_file("data-file")),
+    Case("export --data-dir that is a file", ("export", "--data-dir", "bad/data-file"),
+         "is a file, not a folder", a_file("data-file")),
+    # Storages: URLs and files.
+    Case("storage URL of an unknown scheme", run("--storage", "ftp://127.0.0.1/study"),
+         "cannot open storage ftp://"),
+    Case("storage URL with no database", run("--storage", "postgresql://", "--study", "x"),
+         "cannot open storage postgresql://"),
+    Case("sqlite storage that is not a database", run("--storage", "sqlite:///bad/fake.db"),
+         "cannot open storage sqlite:///bad/fake.db", a_file("fake.db")),
+    Case("sqlite storage below a file", run("--storage", "sqlite:///bad/out-file/study.db"),
+         "is a file, not a folder", a_file("out-file")),
+    Case("journal storage that is not a journal", run("--storage", "bad/binary.toml"),
+         "cannot open storage bad/binary.toml", write_bytes("binary.toml", bytes(range(256)))),
+    Case("journal storage that is a folder", run("--storage", "bad/spacedir"),
+         "is a folder", a_folder("spacedir")),
+    Case("redis storage not listening", run("--storage", "redis://127.0.0.1:6390/0"),
+         "cannot open storage redis://127.0.0.1:6390/0"),
+    Case("show of an unreachable storage",
+         ("show", "--storage", "mysql://root@127.0.0.1:3399/none"),
+         "cannot open storage mysql://root@127.0.0.1:3399/none"),
+    # Numbers and words.
+    Case("timeout text", run("--timeout", "soon"), "--timeout must be a number > 0"),
+    Case("subset 0", run("--subset", "0"), "--subset must be a number > 0"),
+    Case("subset fraction", run("--subset", "2.5"), "--subset must be a whole number"),
+    Case("heartbeat 0", run("--heartbeat", "0"), "--heartbeat must be a number > 0"),
+    Case("temperature text", run("--distill-temperature", "warm"),
+         "--distill-temperature must be a number > 0"),
+    Case("export on an unknown device", ("export", "--device", "gpu0"),
+         "--device must be auto, cpu, cuda"),
+    Case("export of a negative trial", ("export", "--trial", "-1"),
+         "--trial must be best or a trial number"),
 ]  # fmt: skip

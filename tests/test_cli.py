@@ -219,7 +219,7 @@ def test_a_teacher_file_that_does_not_fit_exits_2_before_training(tmp_path):
     (tmp_path / "garbage.pt").write_bytes(b"not a model")
     arch = teacher_arch(3, 100)  # CIFAR-100's shape, not digits'
     save_model(tmp_path / "cifar100.pt", build(arch), arch)
-    for name, message in (("garbage.pt", "cannot be read"), ("cifar100.pt", "100 classes")):
+    for name, message in (("garbage.pt", "is not a model file"), ("cifar100.pt", "100 classes")):
         result = compsearch(
             "run", "--budget-params", "50k", "--budget-kb", "50", "--teacher", name,
             "--out", "runs", cwd=tmp_path,

@@ -22,6 +22,7 @@ from compsearch.objectives.data import load_dataset
 from compsearch.objectives.train import TrainingDiverged
 from compsearch.results.table import LOST, trials_frame
 from compsearch.search import run as run_module
+from compsearch.search.optuna_private import storage_of, trial_id
 from compsearch.search.run import SearchSettings, fail_stale_trials, search
 from compsearch.search.study import DIRECTIONS, open_storage
 from compsearch.spaces.budgets import Budgets
@@ -122,7 +123,7 @@ def test_a_lost_workers_trial_is_failed_and_run_again(data, tmp_path):
     lost = study.ask({"stage1_width": optuna.distributions.IntDistribution(4, 64)})
     lost.set_user_attr("estimated_params", 1234)
     # The killed worker's last heartbeat, then silence for longer than the grace period.
-    study._storage.record_heartbeat(lost._trial_id)
+    storage_of(study).record_heartbeat(trial_id(lost))
     time.sleep(1 * 6 + 1.5)
     fail_stale_trials(study)
     frozen = {t.number: t for t in study.get_trials(deepcopy=False)}

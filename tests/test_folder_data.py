@@ -18,8 +18,12 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 @pytest.fixture(autouse=True)
 def _user_cache_in_tmp(tmp_path, monkeypatch):
-    # Caches of unwritable folders go to the user's cache: keep it inside the test.
+    # Caches go to the user's cache unless a cache folder is given: keep it in the test.
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user-cache"))
+
+
+def caches(tmp_path: Path) -> list[Path]:
+    return list((tmp_path / "user-cache" / "compsearch").glob("folder-*.npy"))
 
 
 def solid(size: tuple[int, int], colour, mode: str = "RGB") -> Image.Image:
@@ -141,8 +145,10 @@ def test_a_second_load_reads_the_cache_and_does_not_decode(tmp_path, monkeypatch
     root = tmp_path / "cached"
     write_classes(root)
     first = load(root)
-    caches = list(root.glob(".compsearch-cache-*.npy"))
-    assert len(caches) == 1
+    assert len(caches(tmp_path)) == 1
+    assert [path.name for path in root.rglob("*") if path.is_file()] == [
+        path.name for path in root.rglob("*.png")
+    ]  # nothing written into the user's folder
 
     def refuse(path, resolution):
         raise AssertionError("decoded again despite the cache")
@@ -161,27 +167,28 @@ def test_a_changed_file_refreshes_the_cache(tmp_path):
     later = path.stat().st_mtime_ns + 10**9
     os.utime(path, ns=(later, later))  # even within the file system's mtime resolution
     assert load(root).mean[1] > 0
-    assert len(list(root.glob(".compsearch-cache-*.npy"))) == 1  # the stale one is gone
+    assert len(caches(tmp_path)) == 1  # the stale one is gone
     (root / "blue" / "4.png").write_bytes((root / "blue" / "0.png").read_bytes())
     assert len(load(root).test) + len(load(root).train) + len(load(root).val) == 9
 
 
-def test_an_unwritable_folder_is_cached_in_the_user_cache(tmp_path, monkeypatch):
+def test_a_cache_folder_given_holds_the_cache_and_the_images_stay_untouched(tmp_path, monkeypatch):
     root = tmp_path / "readonly"
     write_classes(root)
-    monkeypatch.setattr(folders, "writable", lambda folder: False)
-    load(root)
-    assert not list(root.glob(".compsearch-*"))
-    assert len(list((tmp_path / "user-cache" / "compsearch").glob("folder-*.npy"))) == 1
+    before = sorted((path, path.stat().st_mtime_ns) for path in root.rglob("*"))
+    load(root, cache_folder=tmp_path / "out" / "cache")
+    assert len(list((tmp_path / "out" / "cache").glob("folder-*.npy"))) == 1
+    assert not caches(tmp_path)
+    assert sorted((path, path.stat().st_mtime_ns) for path in root.rglob("*")) == before
     monkeypatch.setattr(folders, "decode_image", None)  # any decoding would now fail
-    load(root)
+    load(root, cache_folder=tmp_path / "out" / "cache")
 
 
 def test_a_damaged_cache_is_rebuilt(tmp_path):
     root = tmp_path / "damaged"
     write_classes(root)
     expected = load(root).train.images
-    (cache,) = root.glob(".compsearch-cache-*.npy")
+    (cache,) = caches(tmp_path)
     cache.write_bytes(cache.read_bytes()[:100])
     assert load(root).train.images.equal(expected)
 
@@ -200,7 +207,7 @@ def test_unreadable_images_are_listed_not_skipped(tmp_path):
     assert "red/garbage.jpg (not an image Pillow can read)" in message
     assert "blue/cut.jpg" in message and "fix or remove them" in message
     assert good.name not in message
-    assert not list(root.glob(".compsearch-*"))  # nothing cached from a failed read
+    assert not caches(tmp_path)  # nothing cached from a failed read
 
 
 def test_many_unreadable_images_are_counted(tmp_path):
