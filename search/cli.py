@@ -218,6 +218,9 @@ def entry(argv: list[str] | None = None) -> int:
 def main(argv: list[str] | None = None) -> int:
     """The commands, in this process."""
     args = build_parser().parse_args(argv)
+    if args.command in ("run", "export"):
+        # `kill PID` stops a run as Ctrl-C does: the trial is failed and queued again.
+        signal.signal(signal.SIGTERM, interrupt)
     # What was typed, for the worker processes that `run --workers` starts.
     args.argv = without_report_fd(list(sys.argv[1:] if argv is None else argv))
     console = Console()
@@ -232,6 +235,10 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
+
+
+def interrupt(number: int, _frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def without_report_fd(argv: list[str]) -> list[str]:
@@ -391,6 +398,7 @@ def command_run(args: argparse.Namespace, console: Console) -> int:
         check_model_file(args.teacher, "--teacher")
     workers = parse_count(args.workers, "--workers")
     heartbeat = parse_count(args.heartbeat, "--heartbeat")
+    check_device_name(args.device)
     space = requested_space(args)
     reporter = Reporter(args.report_fd)
     study_name = check_study_name(args.study) if args.study else default_study_name(args.dataset)
@@ -428,7 +436,6 @@ def command_run(args: argparse.Namespace, console: Console) -> int:
 
     from compsearch.objectives.data import DataError, load_dataset
 
-    check_device_name(args.device)
     try:
         # Read before torch is imported, so bad files are refused at once.
         data = load_dataset(

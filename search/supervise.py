@@ -130,11 +130,23 @@ def start_child(command: list[str]) -> tuple[subprocess.Popen, ChildState, threa
     return child, state, reader
 
 
+class Stopped(Exception):
+    """The supervisor was asked to stop (Ctrl-C, SIGTERM) and passed it on to its child,
+    which then ended with `code`."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
 def wait_forwarding_signals(child: subprocess.Popen) -> int:
     """The child's exit code (negative: the signal that killed it); Ctrl-C and SIGTERM
-    sent to the supervisor go on to the child."""
+    sent to the supervisor go on to the child, and its end then raises Stopped: a child
+    that a stop killed has not crashed."""
+    stopped = []
 
     def forward(number: int, _frame: object) -> None:
+        stopped.append(number)
         if child.poll() is None:
             child.send_signal(number)
 
@@ -142,10 +154,13 @@ def wait_forwarding_signals(child: subprocess.Popen) -> int:
         number: signal.signal(number, forward) for number in (signal.SIGINT, signal.SIGTERM)
     }
     try:
-        return child.wait()
+        code = child.wait()
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
+    if stopped:
+        raise Stopped(code if code >= 0 else 128 - code)
+    return code
 
 
 def fail_crashed_trial(state: ChildState, reason: str) -> bool:
@@ -169,12 +184,22 @@ def supervise_run(command: list[str], say: Callable[[str], None]) -> int:
     """Run `command` (a `compsearch run`) as a child, again after each crash, until it
     ends by itself; its exit code."""
     crashes_in_a_row = 0
+    crashed: list[str] = []  # "trial N" of each trial a crash failed
     restart: list[str] = []
     while True:
         child, state, reader = start_child([*command, *restart])
-        code = wait_forwarding_signals(child)
+        try:
+            code = wait_forwarding_signals(child)
+        except Stopped as stop:
+            return stop.code
         reader.join(timeout=5)
         if code >= 0:
+            if crashed:  # the last child's summary counts only its own trials
+                say(
+                    f"{len(crashed)} trial(s) failed when their process died ("
+                    + ", ".join(crashed)
+                    + "); `compsearch show --all` gives each one's reason"
+                )
             return code
         what = describe_signal(-code)
         if state.trial is None or state.storage is None:
@@ -185,6 +210,7 @@ def supervise_run(command: list[str], say: Callable[[str], None]) -> int:
             return 1
         reason = f"its process died of {what} while {state.step}"
         failed = fail_crashed_trial(state, reason)
+        crashed.append(f"trial {state.trial}")
         crashes_in_a_row = 1 if state.finished_trials else crashes_in_a_row + 1
         if crashes_in_a_row >= MAX_CRASHES_IN_A_ROW:
             say(
@@ -206,7 +232,10 @@ def supervise_run(command: list[str], say: Callable[[str], None]) -> int:
 def supervise_export(command: list[str], say: Callable[[str], None]) -> int:
     """Run `command` (a `compsearch export`) as a child; say what happened if it crashes."""
     child, state, reader = start_child(command)
-    code = wait_forwarding_signals(child)
+    try:
+        code = wait_forwarding_signals(child)
+    except Stopped as stop:
+        return stop.code
     reader.join(timeout=5)
     if code >= 0:
         return code

@@ -211,8 +211,8 @@ CASES = [
     # Storages: URLs and files.
     Case("storage URL of an unknown scheme", run("--storage", "ftp://127.0.0.1/study"),
          "cannot open storage ftp://"),
-    Case("storage URL with no database", run("--storage", "postgresql://", "--study", "x"),
-         "cannot open storage postgresql://"),
+    Case("storage URL with no host", run("--storage", "mysql://", "--study", "x"),
+         "cannot open storage mysql://"),
     Case("sqlite storage that is not a database", run("--storage", "sqlite:///bad/fake.db"),
          "cannot open storage sqlite:///bad/fake.db", a_file("fake.db")),
     Case("sqlite storage below a file", run("--storage", "sqlite:///bad/out-file/study.db"),

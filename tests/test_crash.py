@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import optuna
@@ -40,6 +42,21 @@ def trials(folder: Path) -> list[optuna.trial.FrozenTrial]:
     return optuna.load_study(study_name=folder.name, storage=storage).trials
 
 
+def wait_for_a_trial_in_training(folder: Path) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        running = []
+        if (folder / "study.db").exists():  # never made here: the run makes it
+            try:
+                running = [t for t in trials(folder) if t.state.name == "RUNNING"]
+            except KeyError:  # the study is not in it yet
+                pass
+        if any("estimated_params" in t.user_attrs for t in running):
+            return
+        time.sleep(0.5)
+    pytest.fail("no trial started training within two minutes")
+
+
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_a_trial_that_kills_its_process_fails_with_its_reason_and_the_search_goes_on(
     tmp_path, workers
@@ -73,3 +90,30 @@ def test_an_export_whose_process_dies_says_so_and_writes_nothing(tmp_path):
     assert line.startswith("error: the export of trial ")
     assert "stopped: its process died of SIGSEGV (a segmentation fault) while pruning" in line
     assert not (tmp_path / "runs" / "digits" / "export").exists()
+
+
+def test_sigterm_stops_a_run_as_ctrl_c_does_and_is_no_crash(tmp_path):
+    """`kill PID` on the command: passed on to its child, which fails its trial as
+    interrupted and queues it; the supervisor starts no new child."""
+    (tmp_path / "crashed").write_text("never")  # no crash in this test
+    (tmp_path / "fast.toml").write_text(FAST_SPACE)
+    env = {**os.environ, "CRASH_MARKER": str(tmp_path / "crashed"), "PYTHONUNBUFFERED": "1"}
+    run = subprocess.Popen(
+        [sys.executable, str(SCRIPT), *RUN, "--epochs", "400", "--trials", "2"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        wait_for_a_trial_in_training(tmp_path / "runs" / "digits")
+        time.sleep(1.0)
+        run.send_signal(signal.SIGTERM)
+        output, _ = run.communicate(timeout=60)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.communicate()
+    assert run.returncode == 130, output
+    assert "the search goes on in a new process" not in output
+    states = [t.state.name for t in trials(tmp_path / "runs" / "digits")]
+    assert "RUNNING" not in states and states.count("WAITING") == 1
+    (interrupted,) = [t for t in trials(tmp_path / "runs" / "digits") if t.state.name == "FAIL"]
+    assert interrupted.user_attrs["reason"] == "interrupted before it finished (Ctrl-C)"
