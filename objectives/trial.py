@@ -141,24 +141,14 @@ def taylor_loss(
     on_device: DeviceData, resolution: int
 ) -> Callable[[torch.nn.Module], torch.Tensor]:
     """Cross-entropy on TAYLOR_IMAGES training images (a fixed random sample) at
-    `resolution`: what Taylor pruning takes gradients of.
-
-    It runs in the training's autocast, so its backward pass uses the kernels that every
-    training step used. In fp32 it was the only fp32 backward pass of a trial on a CPU
-    with bf16 (where training runs in bf16), and there oneDNN's fp32 AVX-512 backward
-    kernels crashed the process or corrupted its heap on small images (a 2-core AMD EPYC
-    with AVX-512, 20 px digits, torch 2.13). bf16 gradients rank channels as well, and
-    the pass took 0.6 s where fp32 took 1.6 s (512 CIFAR-sized images, ResNet-20 shape).
-    """
+    `resolution`: what Taylor pruning takes gradients of."""
 
     def loss(model: torch.nn.Module) -> torch.Tensor:
         index = spread_sample(TAYLOR_IMAGES, len(on_device.train)).to(on_device.device)
         images = on_device.train.images[index]
         labels = on_device.train.labels[index]
         model.eval()  # batch-norm statistics as they will be used
-        with on_device.autocast_context():
-            logits = model(on_device.inputs(images, resolution))
-        return F.cross_entropy(logits.float(), labels)
+        return F.cross_entropy(model(on_device.inputs(images, resolution)), labels)
 
     return loss
 

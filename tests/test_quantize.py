@@ -199,19 +199,3 @@ def test_a_diverging_quantization_aware_fine_tune_keeps_the_post_training_file(
     assert result.accuracy == result.accuracy_post_training > 0.5
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
 
-
-def test_taylor_gradients_are_taken_in_the_training_autocast(trained, digits):
-    """Its backward pass runs the kernels training runs: in bf16 where training is bf16
-    (fp32 kernels crashed there), in fp32 where it is fp32."""
-    model = copy.deepcopy(trained[0])
-    seen = []
-    conv = model.stem[0][0]
-    hook = conv.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
-    for autocast in (torch.bfloat16, None):
-        on_device = DeviceData(digits, "cpu")
-        on_device.autocast = autocast
-        loss = taylor_loss(on_device, 8)(model)
-        loss.backward()
-        assert loss.dtype == torch.float32 and torch.isfinite(loss)
-    hook.remove()
-    assert seen == [torch.bfloat16, torch.float32]
