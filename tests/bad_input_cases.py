@@ -80,6 +80,25 @@ def write_bytes(name: str, data: bytes) -> Callable[[Path], None]:
     return arrange
 
 
+def random_files(folder: str, names: tuple[str, ...]) -> Callable[[Path], None]:
+    """Files of random bytes under bad/FOLDER, as a damaged download would leave."""
+
+    def arrange(root: Path) -> None:
+        generator = np.random.default_rng(0)
+        for name in names:
+            path = root / "bad" / folder / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(generator.integers(0, 256, 3000, dtype=np.uint8).tobytes())
+
+    return arrange
+
+
+CIFAR_FILES = tuple(f"cifar-10-batches-py/data_batch_{n}" for n in range(1, 6)) + (
+    "cifar-10-batches-py/test_batch",
+    "cifar-10-batches-py/batches.meta",
+)
+
+
 def zip_without_model(root: Path) -> None:
     import zipfile
 
@@ -195,6 +214,10 @@ CASES = [
     Case("teacher file that is a folder", run("--teacher", "bad"), "is not a file"),
     Case("export teacher of binary bytes", ("export", "--teacher", "bad/teacher.pt"),
          "is not a model file", write_bytes("teacher.pt", bytes(range(256)) * 4)),
+    Case("CIFAR-10 files of random bytes", run("--dataset", "cifar10", "--data-dir", "bad/cifar"),
+         "is truncated or damaged", random_files("cifar", CIFAR_FILES)),
+    Case("SVHN files of random bytes", run("--dataset", "svhn", "--data-dir", "bad/svhn"),
+         "is truncated or damaged", random_files("svhn", ("train_32x32.mat", "test_32x32.mat"))),
     # Paths that cannot be used.
     Case("--out that is a file", run("--out", "bad/out-file"), "is a file, not a folder",
          a_file("out-file")),

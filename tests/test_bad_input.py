@@ -25,11 +25,12 @@ def compsearch(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def snapshot(folder: Path) -> dict[str, str]:
-    """Every file under `folder` by its content."""
+    """Every file under `folder` by its content, and every folder."""
     return {
-        str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+        str(path.relative_to(folder)): (
+            hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "folder"
+        )
         for path in sorted(folder.rglob("*"))
-        if path.is_file()
     }
 
 
@@ -56,12 +57,13 @@ def test_there_are_at_least_20_cases():
 
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
 def test_bad_input_exits_2_with_one_line_and_leaves_the_study_as_it_was(root, case: Case):
-    before = snapshot(root / OUT)
+    # The whole folder the case runs in, not only OUT: nothing is written anywhere.
+    before = snapshot(root)
     result = compsearch(*case.args, cwd=root)
     assert result.returncode == 2, result.stdout + result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert case.fragment in lines[0], lines[0]
     assert "Traceback" not in result.stdout
-    assert snapshot(root / OUT) == before
+    assert snapshot(root) == before
     assert not (root / OUT / "elsewhere").exists()
