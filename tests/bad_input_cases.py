@@ -150,7 +150,7 @@ CASES = [
          ("run", "--budget-params", "1e6", "--budget-kb", "300"), "was created with budgets"),
     Case("unknown dataset", run("--dataset", "imagenet"), "unknown dataset 'imagenet'"),
     Case("dataset files missing", run("--dataset", "mnist", "--data-dir", "bad/nothing"),
-         "mnist"),
+         "no mnist IDX files under"),
     Case("truncated data file", run("--dataset", "mnist", "--data-dir", "bad/mnist"),
          "cannot be read", truncated_mnist),
     Case("missing data folder", run("--dataset", "folder:bad/nowhere"), "is not a folder"),

@@ -11,11 +11,15 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import pytest
+from conftest import sampled_configs
 
 from compsearch.objectives.teacher import load_model, save_model, teacher_arch
 from compsearch.search.cli import parse_amount
-from compsearch.search.study import UsageError
+from compsearch.search.study import SETTINGS_KEY, UsageError
+from compsearch.spaces.budgets import amount
 from compsearch.spaces.builder import build
+from compsearch.spaces.estimate import estimate
+from compsearch.spaces.space import load_space, space_for
 
 
 def compsearch(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -142,6 +146,45 @@ def test_run_show_plot_and_resume(tmp_path):
     assert "60000" in clash.stderr and "2000000" in clash.stderr
     study = optuna.load_study(study_name="digits", storage=storage)
     assert len(study.trials) == len(after)
+
+
+def test_a_macs_budget_rejects_configs_over_it_and_trains_only_those_within(tmp_path):
+    """Params and KB budgets above anything the space holds, so the MACs budget, met by a
+    third of random configs, is the only one that binds. No pruning: a trial's MACs are
+    then exactly its estimate."""
+    space_file = tmp_path / "macs.toml"
+    space_file.write_text(
+        "stages = 2\nstem_width = [8, 16]\nwidth = [8, 32]\nprune_fraction = [0.0, 0.0]\n"
+    )
+    space = load_space(space_file, space_for(1, 10, 8))
+    estimated = sorted(estimate(config).macs for config in sampled_configs(space, 30, seed=0))
+    budget = estimated[len(estimated) // 3]
+    result = compsearch(
+        "run", "--budget-params", "1e6", "--budget-kb", "2000", "--budget-macs", str(budget),
+        "--space", str(space_file), "--epochs", "2", "--subset", "200", "--trials", "2",
+        "--out", "runs", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr + result.stdout
+    folder = tmp_path / "runs" / "digits"
+    frame = pd.read_csv(folder / "trials.csv")
+    trained = frame[frame["trained"]]
+    assert len(trained) == 2 and trained["feasible"].all()
+    assert (trained["macs"] <= budget).all()
+    assert (trained["macs"] == trained["estimated_macs"]).all()
+    rejected = frame[~frame["trained"]]
+    assert len(rejected) > 0, "this seed samples configs over the MACs budget"
+    for _, row in rejected.iterrows():
+        assert row["estimated_macs"] > budget
+        over = f"macs {amount(row['estimated_macs'])} > {amount(budget)}"
+        assert row["reason"] == f"over budget before training: {over}"
+    study = optuna.load_study(study_name="digits", storage=f"sqlite:///{folder / 'study.db'}")
+    assert study.user_attrs[SETTINGS_KEY]["budgets"]["macs"] == budget
+    for trial in study.trials:
+        row = frame[frame["number"] == trial.number].iloc[0]
+        macs = row["macs"] if row["trained"] else row["estimated_macs"]
+        assert set(trial.constraints) == {"params", "size_kb", "macs"}
+        assert trial.constraints["macs"] == pytest.approx(macs / budget - 1)
+        assert (max(trial.constraints.values()) <= 0) == bool(row["feasible"])
 
 
 def test_show_without_a_study_says_so(tmp_path):

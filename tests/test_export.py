@@ -14,7 +14,9 @@ import torch
 from sklearn.datasets import load_digits
 from test_cli import compsearch
 
+from compsearch.objectives import trial as trial_module
 from compsearch.objectives.data import TEST_FRACTION, TEST_SEED, stratified_split
+from compsearch.objectives.train import fit
 from compsearch.results import export as export_module
 from compsearch.search import cli
 from compsearch.search.study import SETTINGS_KEY
@@ -181,6 +183,40 @@ def test_export_of_a_study_with_no_feasible_trial_says_so(tmp_path):
     result = compsearch("export", cwd=tmp_path)
     assert result.returncode == 2
     assert "no feasible trial" in result.stderr
+
+
+def test_an_export_without_epochs_trains_three_times_the_trials_epochs(
+    tmp_path, monkeypatch, capsys
+):
+    """`--epochs` left out: the config is trained for EXPORT_EPOCH_FACTOR times the
+    trial's epochs, counted at the training loop itself. One small trial of 2 epochs."""
+    (tmp_path / "small.toml").write_text(
+        'stages = 2\nwidth = [8, 16]\nprecisions = ["fp32"]\nprune_fraction = [0.0, 0.0]\n'
+    )
+    out = str(tmp_path / "runs")
+    assert cli.main(
+        ["run", "--budget-params", "2e6", "--budget-kb", "300", "--trials", "1", "--epochs", "2",
+         "--subset", "200", "--space", str(tmp_path / "small.toml"), "--out", out,
+         "--device", "cpu"]
+    ) == 0  # fmt: skip
+    phases = []
+
+    def counted_fit(model, on_device, phase, *args, **kwargs):
+        phases.append(phase)
+        return fit(model, on_device, phase, *args, **kwargs)
+
+    monkeypatch.setattr(trial_module, "fit", counted_fit)
+    capsys.readouterr()
+    assert cli.main(["export", "--out", out, "--device", "cpu"]) == 0
+    folder = tmp_path / "runs" / "digits"
+    card = json.loads((folder / "export" / "model.json").read_text())
+    study = optuna.load_study(study_name="digits", storage=f"sqlite:///{folder / 'study.db'}")
+    trial_epochs = study.trials[card["trial"]].user_attrs["config"]["train"]["epochs"]
+    assert trial_epochs == 2
+    expected = export_module.EXPORT_EPOCH_FACTOR * trial_epochs
+    assert sum(phase.epochs for phase in phases) == expected  # low resolution + fine-tune
+    assert card["epochs"] == card["config"]["train"]["epochs"] == expected
+    assert f"{expected} epochs on" in capsys.readouterr().out
 
 
 def test_the_command_line_repeats_the_export_epoch_factor():

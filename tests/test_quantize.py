@@ -199,3 +199,92 @@ def test_a_diverging_quantization_aware_fine_tune_keeps_the_post_training_file(
     assert result.accuracy == result.accuracy_post_training > 0.5
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
 
+
+# Accuracies as a validation split of this many images gives them: correct / IMAGES.
+IMAGES = 1000
+FP32_CORRECT = 900
+
+
+class Measured:
+    """Stands in for onnx_accuracy: the accuracies it was made with, in order, and the
+    bytes of each file it was asked to measure."""
+
+    def __init__(self, *correct: int) -> None:
+        self.accuracies = [count / IMAGES for count in correct]
+        self.files: list[bytes] = []
+
+    def __call__(self, path, split, data, resolution) -> float:
+        self.files.append(path.read_bytes())
+        count = len(self.files)
+        assert count <= len(self.accuracies), (
+            f"file {count} measured, {len(self.accuracies)} expected"
+        )
+        return self.accuracies[count - 1]
+
+
+class FineTuneSpy:
+    """quantization_aware_finetune as it is, remembering each model it returned."""
+
+    def __init__(self) -> None:
+        self.returned: list[torch.nn.Module] = []
+
+    def __call__(self, *args, **kwargs) -> torch.nn.Module:
+        tuned = quantization_aware_finetune(*args, **kwargs)
+        self.returned.append(tuned)
+        return tuned
+
+
+def deploy_int8(trained, digits, folder, monkeypatch, *correct: int):
+    """Deploy the trained model as int8 while the files measure `correct` images out of
+    IMAGES in turn, against FP32_CORRECT for the fp32 model."""
+    model, on_device = trained
+    measured, spy = Measured(*correct), FineTuneSpy()
+    monkeypatch.setattr(trial_module, "onnx_accuracy", measured)
+    monkeypatch.setattr(trial_module, "quantization_aware_finetune", spy)
+    config = TrialConfig(arch(), SCHEDULE, CompressConfig("int8", 0.0, "l2", "local"))
+    deployed = trial_module.deploy(
+        model, config, digits, on_device, folder / "model.onnx", digits.val, 0,
+        FP32_CORRECT / IMAGES,
+    )  # fmt: skip
+    return deployed, measured, spy
+
+
+def test_a_loss_over_the_threshold_fine_tunes_and_keeps_the_better_file(
+    trained, digits, tmp_path, monkeypatch
+):
+    """Post-training int8 loses 4 images in 1000 (0.4 points > 0.3): the fine-tune runs,
+    and its file, measuring 3 images better, replaces the post-training one."""
+    lost = FP32_CORRECT - 4
+    deployed, measured, spy = deploy_int8(trained, digits, tmp_path, monkeypatch, lost, lost + 3)
+    assert len(spy.returned) == 1 and len(measured.files) == 2
+    assert measured.files[0] != measured.files[1]  # the tuned copy wrote its own file
+    assert deployed.quantization_aware
+    assert deployed.model is spy.returned[0]
+    assert deployed.accuracy == (lost + 3) / IMAGES
+    assert deployed.accuracy_post_training == lost / IMAGES
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+    assert deployed.path.read_bytes() == measured.files[1]
+
+
+def test_a_fine_tuned_file_no_better_is_dropped(trained, digits, tmp_path, monkeypatch):
+    lost = FP32_CORRECT - 4
+    deployed, measured, spy = deploy_int8(trained, digits, tmp_path, monkeypatch, lost, lost)
+    assert len(spy.returned) == 1 and len(measured.files) == 2
+    assert not deployed.quantization_aware
+    assert deployed.model is trained[0]
+    assert deployed.accuracy == deployed.accuracy_post_training == lost / IMAGES
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+    assert deployed.path.read_bytes() == measured.files[0]
+
+
+@pytest.mark.parametrize("images_lost", [3, 1, 0, -2])  # 3 in 1000: exactly the threshold
+def test_a_loss_at_or_below_the_threshold_keeps_the_post_training_file(
+    trained, digits, tmp_path, monkeypatch, images_lost
+):
+    assert images_lost / IMAGES <= trial_module.QUANTIZATION_AWARE_THRESHOLD
+    correct = FP32_CORRECT - images_lost
+    deployed, measured, spy = deploy_int8(trained, digits, tmp_path, monkeypatch, correct)
+    assert spy.returned == [] and len(measured.files) == 1
+    assert not deployed.quantization_aware
+    assert deployed.accuracy == deployed.accuracy_post_training == correct / IMAGES
+    assert deployed.path.read_bytes() == measured.files[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import math
 import random
 import re
 
@@ -34,22 +35,22 @@ WIDTH = optuna.distributions.IntDistribution(4, 64)
 DEPTH = optuna.distributions.IntDistribution(1, 3)
 
 
+SETTINGS = {
+    "dataset": "digits",
+    "budgets": BUDGETS.to_dict(),
+    "seed": 0,
+    "subset": None,
+    "data_source": ["digits", "/data"],
+}
+
+
 def known_study(trials: int = 24, seed: int = 0) -> optuna.Study:
     """Accuracy rises with width alone; size and params follow width. Every fourth config
     is rejected before training with the placeholder accuracy 0 and depth 3, so an
     importance that counted placeholders would credit depth. Trial 5 is over budget as
     measured, trial 6 failed."""
     study = optuna.create_study(directions=list(DIRECTIONS), study_name="known")
-    study.set_user_attr(
-        SETTINGS_KEY,
-        {
-            "dataset": "digits",
-            "budgets": BUDGETS.to_dict(),
-            "seed": 0,
-            "subset": None,
-            "data_source": ["digits", "/data"],
-        },
-    )
+    study.set_user_attr(SETTINGS_KEY, SETTINGS)
     draw = random.Random(seed)
     for number in range(trials):
         width = draw.randint(4, 64)
@@ -80,6 +81,76 @@ def known_study(trials: int = 24, seed: int = 0) -> optuna.Study:
             )
         )
     return study
+
+
+# Trial number: (accuracy, size_kb, params, what else is true of it). Within BUDGETS
+# (20,000 params, 50 KB) unless it says otherwise.
+FRONT_TRIALS = {
+    0: (0.70, 3.0, 2_000, "the smallest feasible file"),
+    1: (0.80, 12.0, 8_000, "dominated by 2: less accurate and larger"),
+    2: (0.90, 10.0, 7_000, ""),
+    3: (0.85, 10.0, 7_000, "dominated by 2: as large, less accurate"),
+    4: (0.95, 20.0, 14_000, "the most accurate feasible trial"),
+    5: (0.95, 25.0, 17_000, "dominated by 4: as accurate, larger"),
+    6: (0.99, 2.0, 30_000, "over the params budget as measured; would dominate all"),
+    7: (0.0, 1.0, 500, "rejected before training: the placeholder accuracy 0"),
+    8: (0.98, 60.0, 19_000, "over the KB budget as measured; the most accurate trained"),
+    9: (math.nan, math.nan, 0, "failed"),
+    10: (0.60, 4.0, 2_500, "dominated by 0: less accurate and larger"),
+}
+FRONT = [4, 2, 0]  # most accurate first
+
+
+def front_study() -> optuna.Study:
+    """The trials of FRONT_TRIALS, as the search records them."""
+    study = optuna.create_study(directions=list(DIRECTIONS), study_name="front")
+    study.set_user_attr(SETTINGS_KEY, SETTINGS)
+    for number, (accuracy, size_kb, params, note) in FRONT_TRIALS.items():
+        state = optuna.trial.TrialState.COMPLETE
+        values = [accuracy, size_kb]
+        attrs = {"trained": True, "params": params, "size_kb": size_kb, "macs": params * 10}
+        attrs["accuracy_before_compression"] = accuracy
+        if note.startswith("rejected"):
+            attrs = {"trained": False, "reason": "over budget before training: params"}
+        elif note.startswith("over"):
+            attrs["reason"] = "over budget as measured"
+        elif note == "failed":
+            attrs = {"trained": True, "reason": "TrainingDiverged: the loss is nan"}
+            state, values = optuna.trial.TrialState.FAIL, None
+        study.add_trial(
+            optuna.trial.create_trial(
+                params={"stage1_width": 8 + number, "stage1_depth": 1},
+                distributions={"stage1_width": WIDTH, "stage1_depth": DEPTH},
+                values=values,
+                state=state,
+                user_attrs=attrs,
+            )
+        )
+    return study
+
+
+def test_the_front_keeps_exactly_the_feasible_trials_no_feasible_trial_beats():
+    frame = trials_frame(front_study(), BUDGETS)
+    assert sorted(frame.loc[frame["feasible"], "number"]) == [0, 1, 2, 3, 4, 5, 10]
+    assert list(pareto_front(frame)["number"]) == FRONT
+
+
+def test_the_report_and_the_figure_show_exactly_the_front(tmp_path):
+    study = front_study()
+    frame = trials_frame(study, BUDGETS)
+    figure = pareto_figure(frame, BUDGETS, "front")
+    size_axis, _ = figure.axes
+    # The third set of points: the front's circles, at (size_kb, accuracy in %).
+    circles = sorted(map(tuple, size_axis.collections[2].get_offsets().tolist()))
+    expected = sorted((FRONT_TRIALS[n][1], FRONT_TRIALS[n][0] * 100) for n in FRONT)
+    assert [size for size, _ in circles] == [size for size, _ in expected]
+    assert [value for _, value in circles] == pytest.approx([value for _, value in expected])
+    pyplot().close(figure)
+    write_study_files(study, tmp_path)
+    page = (tmp_path / "report.html").read_text()
+    front_section = page.split("Feasible Pareto front")[1].split("<h2>")[0]
+    shown = re.findall(r'<tr><td class="number">(\d+)</td>', front_section)
+    assert [int(number) for number in shown] == FRONT
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 
 import optuna
@@ -10,7 +11,10 @@ from conftest import SCHEDULE
 from rich.console import Console
 
 from compsearch.objectives.data import load_dataset
+from compsearch.objectives.trial import check_epoch, run_trial
+from compsearch.search import run as run_module
 from compsearch.search.run import (
+    EARLY_STOPPING_MARGIN,
     EARLY_STOPPING_MIN_TRIALS,
     EarlyStopper,
     SearchSettings,
@@ -62,9 +66,9 @@ def test_fitting_gives_up_when_the_narrowest_widths_break_the_budgets():
     assert fit_to_budget(params, SPACE, SCHEDULE, Budgets(params=50, size_kb=0.5)) is None
 
 
-def finished_study(results):
+def finished_study(results, sampler=None):
     """A study of trained trials given as (early accuracy, final accuracy, size_kb)."""
-    study = optuna.create_study(directions=list(DIRECTIONS))
+    study = optuna.create_study(directions=list(DIRECTIONS), sampler=sampler)
     for early, final, size_kb in results:
         trial = study.ask()
         for name, value in dict(
@@ -86,6 +90,42 @@ def test_early_stopping_stops_only_trials_that_cannot_reach_the_front():
     # Too few finished trials to know how much accuracy can still grow.
     few = finished_study(results[: EARLY_STOPPING_MIN_TRIALS - 1])
     assert EarlyStopper(few, size_kb=20.0, budgets=LOOSE)(0.1) is None
+
+
+def test_a_search_stops_trials_early_and_counts_the_epochs_saved(tmp_path, monkeypatch):
+    """Finished trials reached 100% with files smaller than any the space holds, gaining
+    nothing after the check: every new trial short of 100% minus the margin at the check
+    is stopped there, having trained only the check's epochs."""
+    schedule = dataclasses.replace(SCHEDULE, epochs=4)  # the check after 1 of 4 epochs
+    results = [(1.0, 1.0, 0.1)] * EARLY_STOPPING_MIN_TRIALS
+    study = finished_study(results, optuna.samplers.RandomSampler(seed=3))
+    seeded = len(study.trials)
+    epochs_run: dict[int, int] = {}
+
+    def counted_run_trial(config, data, folder, **options):
+        number = int(folder.name)
+        epochs_run[number] = 0
+
+        def on_epoch(epoch: int, epochs: int, resolution: int) -> None:
+            epochs_run[number] += 1
+
+        return run_trial(config, data, folder, **{**options, "on_epoch": on_epoch})
+
+    monkeypatch.setattr(run_module, "run_trial", counted_run_trial)
+    data = load_dataset("digits", seed=0, subset=200)
+    settings = SearchSettings(LOOSE, 2, None, 0, "cpu", tmp_path, early_stopping=True)
+    counts = search(study, SPACE, schedule, data, settings, console=None)
+    new = study.trials[seeded:]
+    stopped = [t for t in new if t.state == optuna.trial.TrialState.PRUNED]
+    assert len(stopped) == counts.stopped_early == 2 and counts.trained == 0
+    assert sorted(epochs_run) == [t.number for t in stopped]  # no other trial trained
+    for trial in stopped:
+        assert trial.user_attrs["reason"].startswith("stopped early: validation accuracy")
+        assert trial.user_attrs["early_accuracy"] + EARLY_STOPPING_MARGIN < 1.0
+        assert epochs_run[trial.number] == check_epoch(schedule) < schedule.epochs
+        assert not (tmp_path / "trials" / f"{trial.number:05d}" / "model.onnx").exists()
+    assert counts.epochs_trained == sum(epochs_run.values())
+    assert counts.epochs_saved == sum(schedule.epochs - run for run in epochs_run.values())
 
 
 @pytest.mark.parametrize(
