@@ -25,14 +25,19 @@ def make_activation(name: str, leaky_relu_slope: float = 0.01) -> ActivationFact
 
 
 class StridedPointwise(nn.Conv2d):
-    """A 1x1 convolution with a stride, which trains on the CPU as subsampling then a
-    stride-1 convolution: the same function. oneDNN's AVX2 kernel for the weight gradient
-    of a strided 1x1 convolution on channels_last input of fewer than 8 channels (which
-    pruning leaves) reads out of bounds, and the process hangs or crashes (torch 2.13).
-    In evaluation, and so in the exported file, it is the plain strided convolution."""
+    """A 1x1 convolution with a stride, which takes gradients on the CPU as subsampling
+    then a stride-1 convolution: the same function. oneDNN's kernel for the weight
+    gradient of a strided 1x1 convolution on channels_last input of fewer input channels
+    than its vector block (8 with AVX2, 16 with AVX-512) writes past its workspace
+    (oneDNN issue 6035, torch 2.13): the process hangs, segfaults or aborts on a
+    corrupted heap. Pruning leaves such widths, and Taylor pruning takes gradients with
+    the model in eval mode, so the detour is taken whenever gradients are, in training
+    or not. Without gradients, and so in the exported file, it is the plain strided
+    convolution."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and torch.is_grad_enabled() and x.device.type == "cpu"):
+        exporting = torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
+        if exporting or not torch.is_grad_enabled() or x.device.type != "cpu":
             return super().forward(x)
         step_y, step_x = self.stride
         subsampled = x[:, :, ::step_y, ::step_x]
