@@ -55,7 +55,8 @@ def test_storages_opened_at_the_same_moment_on_a_new_database_all_open(database)
 def test_workers_started_by_hand_at_once_on_a_new_database_all_join(database, tmp_path):
     (tmp_path / "fast.toml").write_text(FAST_SPACE)
     with DATABASES[database]() as url:
-        args = (*RUN, "--trials", "3", "--epochs", "2", "--storage", url, "--study", "together")
+        args = (*RUN, "--trials", "3", "--epochs", "2", "--subset", "200")
+        args += ("--storage", url, "--study", "together")
         workers = [
             compsearch(*args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
             for _ in range(3)
