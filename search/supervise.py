@@ -103,9 +103,13 @@ def describe_signal(number: int) -> str:
     return f"{name} ({meaning})" if meaning else name
 
 
-def die_with_parent() -> None:
-    """In the child, before it runs: die when the supervisor dies, as a killed worker
-    would (its trial then goes stale and runs again), rather than run on unseen."""
+def prepare_child() -> None:
+    """In the child, before it runs: a process group of its own (Ctrl-C in a terminal
+    then reaches the supervisor alone, which passes it on once: a child that got it
+    twice would not finish its cleanup), and death when the supervisor dies, as a
+    killed worker's (its trial then goes stale and runs again), rather than a life
+    unseen."""
+    os.setpgid(0, 0)
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -115,13 +119,8 @@ def die_with_parent() -> None:
 
 def start_child(command: list[str]) -> tuple[subprocess.Popen, ChildState, threading.Thread]:
     read_end, write_end = os.pipe()
-    # Its own process group: Ctrl-C in a terminal reaches the supervisor alone, which
-    # passes it on once (a child that got it twice would not finish its cleanup).
     child = subprocess.Popen(
-        [*command, REPORT_FD_FLAG, str(write_end)],
-        pass_fds=(write_end,),
-        process_group=0,
-        preexec_fn=die_with_parent,
+        [*command, REPORT_FD_FLAG, str(write_end)], pass_fds=(write_end,), preexec_fn=prepare_child
     )
     os.close(write_end)
     state = ChildState()
