@@ -179,6 +179,15 @@ def fail_crashed_trial(state: ChildState, reason: str) -> bool:
     return True
 
 
+def run_child(command: list[str]) -> tuple[int, ChildState]:
+    """Run `command` as a child to its end: its exit code (negative: the signal that
+    killed it) and the last it said. Raises Stopped when the supervisor was stopped."""
+    child, state, reader = start_child(command)
+    code = wait_forwarding_signals(child)
+    reader.join(timeout=5)  # the rest of what it said, up to its end
+    return code, state
+
+
 def supervise_run(command: list[str], say: Callable[[str], None]) -> int:
     """Run `command` (a `compsearch run`) as a child, again after each crash, until it
     ends by itself; its exit code."""
@@ -186,12 +195,10 @@ def supervise_run(command: list[str], say: Callable[[str], None]) -> int:
     crashed: list[str] = []  # "trial N" of each trial a crash failed
     restart: list[str] = []
     while True:
-        child, state, reader = start_child([*command, *restart])
         try:
-            code = wait_forwarding_signals(child)
+            code, state = run_child([*command, *restart])
         except Stopped as stop:
             return stop.code
-        reader.join(timeout=5)
         if code >= 0:
             if crashed:  # the last child's summary counts only its own trials
                 say(
@@ -230,12 +237,10 @@ def supervise_run(command: list[str], say: Callable[[str], None]) -> int:
 
 def supervise_export(command: list[str], say: Callable[[str], None]) -> int:
     """Run `command` (a `compsearch export`) as a child; say what happened if it crashes."""
-    child, state, reader = start_child(command)
     try:
-        code = wait_forwarding_signals(child)
+        code, state = run_child(command)
     except Stopped as stop:
         return stop.code
-    reader.join(timeout=5)
     if code >= 0:
         return code
     trial = f" of trial {state.trial}" if state.trial is not None else ""
