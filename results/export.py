@@ -17,14 +17,17 @@ import json
 import math
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
-import pandas as pd
 
 from compsearch.spaces.budgets import Budgets, amount
+
+if TYPE_CHECKING:  # a bad --trial is refused before pandas is imported
+    import pandas as pd
 
 EXPORT_EPOCH_FACTOR = 3  # an export trains this many times a trial's epochs by default
 CARD_PACKAGES = ("compsearch", "torch", "onnx", "onnxruntime", "optuna", "numpy")
@@ -42,11 +45,13 @@ def best_feasible(frame: pd.DataFrame) -> pd.Series | None:
     return feasible.sort_values(["accuracy", "size_kb"], ascending=[False, True]).iloc[0]
 
 
-def choose_trial(study: optuna.Study, frame: pd.DataFrame, which: str) -> optuna.trial.FrozenTrial:
-    """`best`: the most accurate feasible trial (the smaller file on a tie); or trial N,
-    which must have been trained."""
+def choose_trial(
+    study: optuna.Study, frame: Callable[[], pd.DataFrame], which: str
+) -> optuna.trial.FrozenTrial:
+    """`best`: the most accurate feasible trial (the smaller file on a tie), from the
+    table `frame()` makes; or trial N, which must have been trained."""
     if which == "best":
-        best = best_feasible(frame)
+        best = best_feasible(frame())
         if best is None:
             raise ExportError(
                 f"study {study.study_name!r} has no feasible trial yet; run more trials "

@@ -834,11 +834,15 @@ def command_export(args: argparse.Namespace, console: Console) -> int:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     from compsearch.results.export import ExportError, choose_trial, export_trial
-    from compsearch.results.table import trials_frame
     from compsearch.search.study import study_budgets
 
     study, folder = locate(args, console)
-    frame = trials_frame(study, study_budgets(study))
+
+    def frame():
+        from compsearch.results.table import trials_frame
+
+        return trials_frame(study, study_budgets(study))
+
     try:
         trial = choose_trial(study, frame, args.trial.strip())
     except ExportError as error:
