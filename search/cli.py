@@ -33,6 +33,7 @@ from compsearch.search.supervise import (
     REPORT_FD_FLAG,
     Reporter,
     launcher,
+    request_stop,
     supervise_export,
     supervise_run,
 )
@@ -220,7 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in ("run", "export"):
         # `kill PID` stops a run as Ctrl-C does: the trial is failed and queued again.
-        signal.signal(signal.SIGTERM, interrupt)
+        signal.signal(signal.SIGTERM, request_stop)
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            signal.signal(signal.SIGINT, request_stop)
     # What was typed, for the worker processes that `run --workers` starts.
     args.argv = without_report_fd(list(sys.argv[1:] if argv is None else argv))
     console = Console()
@@ -235,10 +238,6 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
-
-
-def interrupt(number: int, _frame: object) -> None:
-    raise KeyboardInterrupt
 
 
 def without_report_fd(argv: list[str]) -> list[str]:

@@ -29,7 +29,7 @@ from compsearch.objectives.train import DeviceData, Distillation, TrainingDiverg
 from compsearch.objectives.trial import StoppedEarly, TrialResult, run_trial
 from compsearch.search.optuna_private import heartbeat_thread, storage_of, trial_id
 from compsearch.search.study import Retry, first_line
-from compsearch.search.supervise import Reporter
+from compsearch.search.supervise import STOP_REQUESTED, Reporter
 from compsearch.spaces.budgets import Budgets
 from compsearch.spaces.config import TrainConfig, TrialConfig
 from compsearch.spaces.estimate import estimate
@@ -247,6 +247,8 @@ def search(
     with display or contextlib.nullcontext(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=HEARTBEAT_WARNING)
         while True:
+            if STOP_REQUESTED.is_set():  # a Ctrl-C that a callback swallowed
+                raise KeyboardInterrupt
             fail_stale_trials(study)
             finished, running = finished_and_running(study)
             if finished >= finish_at:

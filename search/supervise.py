@@ -39,6 +39,17 @@ SIGNAL_MEANINGS = {
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
+# Set in the child when Ctrl-C or SIGTERM came. The KeyboardInterrupt the handler raises
+# is lost when it lands in a callback Python runs for the garbage collector (a
+# SQLAlchemy weakref did so); the search then stops at its next trial.
+STOP_REQUESTED = threading.Event()
+
+
+def request_stop(number: int, _frame: object) -> None:
+    STOP_REQUESTED.set()
+    raise KeyboardInterrupt
+
+
 class Reporter:
     """The child's side: one JSON line per message on the pipe; nothing without one."""
 
