@@ -320,7 +320,7 @@ def search(
                             folder,
                             seed=settings.seed + trial.number,
                             on_device=on_device,
-                            on_epoch=display.epoch_done if display else None,
+                            on_epoch=lambda *done: stop_point(display, *done),
                             early_check=stopper,
                             distillation=distillation,
                             on_step=lambda step, number=trial.number: reporter.step(number, step),
@@ -383,6 +383,15 @@ def search(
                 abandon(study, trial)
                 raise
     return counts
+
+
+def stop_point(display: Display | None, epoch: int, epochs: int, resolution: int) -> None:
+    """After each epoch: show it, and stop when a Ctrl-C came whose KeyboardInterrupt was
+    lost (see STOP_REQUESTED)."""
+    if STOP_REQUESTED.is_set():
+        raise KeyboardInterrupt
+    if display:
+        display.epoch_done(epoch, epochs, resolution)
 
 
 def abandon(study: optuna.Study, trial: optuna.Trial) -> None:
