@@ -21,7 +21,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 REPORT_FD_FLAG = "--report-fd"  # the child's end of the pipe; its presence marks a child
@@ -81,7 +81,6 @@ class ChildState:
     trial: int | None = None  # the trial in progress, None between trials
     step: str = "starting"
     finished_trials: int = 0  # trials it finished, by any outcome
-    lines: list[str] = field(default_factory=list)
 
     def read(self, fd: int) -> None:
         with os.fdopen(fd) as stream:
