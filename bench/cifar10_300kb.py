@@ -126,26 +126,23 @@ def main() -> None:
         ],
         out.parent,
     )  # fmt: skip
-    import pandas as pd
+    import compsearch
 
-    from compsearch.results.export import best_feasible
-
-    frame = pd.read_csv(out / STUDY / "trials.csv")
     # The trial `export --trial best` will pick, and its seconds per training image and
     # epoch. Those seconds also hold its measuring and compression, a larger share of a
     # short trial than of the export, so the estimate errs on the slow side and leaves the
     # export's own measuring its time.
-    best = best_feasible(frame)
+    best = compsearch.show(STUDY, out=out).best
     if best is None:
         raise SystemExit("no feasible trial: give the search more --minutes")
-    per_image_epoch = best["seconds"] / (int(args.epochs) * int(args.subset))
+    per_image_epoch = best.seconds / (int(args.epochs) * int(args.subset))
     train_images = 50_000 * 0.8  # the export trains on the training part of the split
     left = budget_seconds - (time.perf_counter() - started)
     affordable = int(left / (per_image_epoch * train_images))
     export_epochs = max(int(args.epochs), min(MAX_EXPORT_FACTOR * int(args.epochs), affordable))
     print(
-        f"trial {int(best['number'])}: {best['accuracy']:.2%} validation accuracy, "
-        f"{best['seconds']:.0f} s for {args.epochs} epochs of {args.subset} images; "
+        f"trial {best.number}: {best.accuracy:.2%} validation accuracy, "
+        f"{best.seconds:.0f} s for {args.epochs} epochs of {args.subset} images; "
         f"{left / 60:.1f} min left: export for {export_epochs} epochs",
         flush=True,
     )

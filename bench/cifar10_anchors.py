@@ -95,7 +95,7 @@ def main() -> None:
     from compsearch.objectives.measure import count_macs, count_params, file_size_kb, onnx_accuracy
     from compsearch.objectives.train import DeviceData, accuracy, autocast_dtype, predict
     from compsearch.objectives.trial import deploy, train_model
-    from compsearch.search.run import default_schedule
+    from compsearch.search.loop import default_schedule
     from compsearch.spaces.space import SearchSpace, sample
 
     started = time.perf_counter()

@@ -53,7 +53,7 @@ from compsearch.objectives.trial import (
     taylor_loss,
     train_model,
 )
-from compsearch.search.run import default_schedule
+from compsearch.search.loop import default_schedule
 from compsearch.spaces.config import (
     PRUNE_CRITERIA,
     PRUNE_SCOPES,

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import torch
 
-from compsearch.objectives import teacher as teacher_module
+from compsearch.objectives import catalog
 from compsearch.objectives.data import load_dataset
 from compsearch.objectives.teacher import prepare_teacher, residual_arch
 from compsearch.objectives.train import DeviceData
 from compsearch.objectives.trial import run_trial
-from compsearch.search.run import default_schedule
+from compsearch.search.loop import default_schedule
 from compsearch.spaces.config import CompressConfig, TrialConfig
 
 SHARED_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg"
@@ -47,8 +47,8 @@ def main() -> None:
         default=list(teacher_module.TEACHER_WIDTHS),
         help="stage widths of the teacher (default: --teacher auto's)",
     )
-    parser.add_argument("--weight", type=float, default=teacher_module.DISTILL_WEIGHT)
-    parser.add_argument("--temperature", type=float, default=teacher_module.DISTILL_TEMPERATURE)
+    parser.add_argument("--weight", type=float, default=catalog.DISTILL_WEIGHT)
+    parser.add_argument("--temperature", type=float, default=catalog.DISTILL_TEMPERATURE)
     parser.add_argument("--out", type=Path, default=Path("runs/bench-distillation"))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()

@@ -67,7 +67,7 @@ def run_job(job: Job) -> dict:
 
     from compsearch.objectives.data import load_dataset
     from compsearch.objectives.trial import check_epoch
-    from compsearch.search.run import SearchSettings, default_schedule, search
+    from compsearch.search.loop import SearchSettings, default_schedule, search
     from compsearch.search.study import DIRECTIONS, make_sampler
     from compsearch.spaces.budgets import Budgets
     from compsearch.spaces.space import space_for

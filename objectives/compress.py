@@ -16,6 +16,8 @@ import onnx
 import torch
 from torch import nn
 
+from compsearch.objectives.catalog import INPUT_NAME, OUTPUT_NAME
+from compsearch.objectives.measure import count_params
 from compsearch.spaces.blocks import get_block
 from compsearch.spaces.builder import Network, read_widths
 from compsearch.spaces.config import (
@@ -28,8 +30,6 @@ from compsearch.spaces.config import (
 )
 from compsearch.spaces.estimate import channel_ratio
 
-INPUT_NAME = "input"
-OUTPUT_NAME = "logits"
 ONNX_OPSET = 17
 
 
@@ -92,9 +92,6 @@ def prune(
             f"unknown pruning scope {compress.prune_scope!r}; valid: {', '.join(PRUNE_SCOPES)}"
         )
     import torch_pruning as tp
-
-    # Here, not at the top: measure imports this module's input name.
-    from compsearch.objectives.measure import count_params
 
     ranking = importance(compress.prune_criterion)
     if compress.prune_criterion == "taylor":

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from compsearch.objectives import formats
-from compsearch.objectives.catalog import SHAPES
+from compsearch.objectives.catalog import FOLDER_PREFIX, SHAPES
 from compsearch.objectives.formats import DataError
 
 if TYPE_CHECKING:
@@ -18,7 +18,6 @@ if TYPE_CHECKING:
     from rich.console import Console
 
 DATASETS = tuple(SHAPES)
-FOLDER_PREFIX = "folder:"
 # digits and folders without a test/ folder have no official test split: a stratified 20%
 # chosen once, with its own fixed seed, serves as one, so every study is tested alike.
 TEST_FRACTION = 0.2

@@ -10,7 +10,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from compsearch.objectives.compress import INPUT_NAME
+from compsearch.objectives.catalog import INPUT_NAME
 from compsearch.objectives.data import Dataset, Split, normalize
 
 

@@ -1,13 +1,11 @@
 """The teacher of knowledge distillation: a large network, trained once per dataset with
 no size budget and cached, or a model file the user gives.
 
-A model file holds the architecture as plain data beside the state dict, so it loads with
-`torch.load(..., weights_only=True)` and rebuilds without pickled modules.
+Both are model files of objectives/modelfile.py.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import time
 from collections.abc import Callable
@@ -16,8 +14,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from compsearch.objectives.catalog import DISTILL_TEMPERATURE, DISTILL_WEIGHT, FOLDER_PREFIX
 from compsearch.objectives.data import Dataset
-from compsearch.objectives.formats import DataError, one_line
+from compsearch.objectives.formats import DataError
+from compsearch.objectives.modelfile import load_model, save_model
 from compsearch.objectives.train import (
     DeviceData,
     Distillation,
@@ -29,16 +29,13 @@ from compsearch.objectives.train import (
     recalibrate_batchnorm,
 )
 from compsearch.spaces.builder import build
-from compsearch.spaces.config import ArchConfig, StageConfig, TrainConfig, arch_from_dict
+from compsearch.spaces.config import ArchConfig, StageConfig, TrainConfig
 
 # The automatic teacher: a residual network wide enough to beat any student that fits a
 # deployment budget, shallow enough to train in a few times a trial's time.
 TEACHER_WIDTHS = (64, 128, 256)  # channels of its three stages
 TEACHER_DEPTH = 2  # residual blocks per stage
 TEACHER_EPOCH_FACTOR = 2  # teacher epochs per epoch of a trial
-
-DISTILL_WEIGHT = 0.5  # share of a student's loss from the teacher
-DISTILL_TEMPERATURE = 4.0  # softening of both distributions
 
 ProgressCallback = Callable[[str], None]
 
@@ -75,56 +72,11 @@ def teacher_arch(channels: int, num_classes: int) -> ArchConfig:
     return residual_arch(channels, num_classes, TEACHER_WIDTHS, TEACHER_DEPTH)
 
 
-def save_model(path: Path, model: nn.Module, arch: ArchConfig, **facts: object) -> None:
-    """Write `model` as its architecture (plain data), its state dict and `facts`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
-    partial = path.with_suffix(".partial")
-    torch.save({"arch": dataclasses.asdict(arch), "state_dict": state, **facts}, partial)
-    partial.replace(path)  # a crash never leaves half a file under the real name
-
-
-def load_model(path: Path) -> tuple[nn.Module, ArchConfig, dict]:
-    """The model in `path` (written by `save_model` or `compsearch export`), eval mode."""
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise DataError(f"teacher file {path} does not exist; give a model.pt file") from None
-    except Exception as error:  # torch raises many kinds for files it cannot unpickle
-        reason = one_line(error)
-        if reason.startswith("Weights only load failed"):
-            reason = "it holds objects other than tensors and plain data"
-        raise DataError(
-            f"teacher file {path} cannot be read as a compsearch model ({reason}); give a "
-            "model.pt written by compsearch"
-        ) from None
-    if not isinstance(saved, dict) or "state_dict" not in saved:
-        raise DataError(f"teacher file {path} holds no state_dict; give a compsearch model.pt")
-    arch_dict = saved.get("arch") or (saved.get("config") or {}).get("arch")
-    if arch_dict is None:
-        raise DataError(f"teacher file {path} holds no architecture; give a compsearch model.pt")
-    try:
-        arch = arch_from_dict(arch_dict)
-    except (KeyError, TypeError, ValueError, AttributeError) as error:
-        raise DataError(
-            f"teacher file {path} holds an architecture compsearch cannot read "
-            f"({one_line(error)}); give a compsearch model.pt"
-        ) from None
-    model = build(arch)
-    try:
-        model.load_state_dict(saved["state_dict"])
-    except RuntimeError as error:
-        first = str(error).splitlines()[0]
-        raise DataError(f"teacher file {path} does not match its architecture: {first}") from None
-    facts = {k: v for k, v in saved.items() if k not in ("arch", "state_dict")}
-    return model.eval(), arch, facts
-
-
 def teacher_file(out: Path, data: Dataset, seed: int, subset: int | None) -> Path:
     """Where the automatic teacher of a dataset, split (seed) and subset is cached."""
     name = data.name
-    if name.startswith("folder:"):  # the folder's name and a digest of its whole path
-        path = Path(name.removeprefix("folder:")).resolve()
+    if name.startswith(FOLDER_PREFIX):  # the folder's name and a digest of its whole path
+        path = Path(name.removeprefix(FOLDER_PREFIX)).resolve()
         name = f"{path.name}-{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
     name += f"-seed{seed}"
     if subset is not None:
@@ -181,9 +133,10 @@ def prepare_teacher(
     if spec == "auto":
         path = teacher_file(out, data, seed, subset)
         if path.exists():
-            model, arch, facts = load_model(path)
+            saved = load_model(path)
+            model, arch = saved.model, saved.arch
             check_teacher(arch, data, path)
-            val = facts.get("val_accuracy", float("nan"))
+            val = saved.facts.get("val_accuracy", float("nan"))
             say(f"teacher: {path} (validation accuracy {val:.2%})")
         else:
             arch = teacher_arch(data.channels, data.num_classes)
@@ -201,7 +154,8 @@ def prepare_teacher(
             say(f"teacher: validation accuracy {val:.2%} after {seconds:.0f} s")
     else:
         path = Path(spec)
-        model, arch, _ = load_model(path)
+        saved = load_model(path)
+        model, arch = saved.model, saved.arch
         check_teacher(arch, data, path)
         val = accuracy(
             predict(model.to(on_device.device), on_device.val, on_device, data.resolution),

@@ -18,13 +18,14 @@ from typing import Any
 import pandas as pd
 
 from compsearch import __version__
+from compsearch.results.records import StudySettings
 from compsearch.results.table import (
     compact_amount,
     outcome_counts,
     pareto_front,
     pruning_summary,
 )
-from compsearch.spaces.budgets import Budgets, amount
+from compsearch.spaces.budgets import amount
 
 REPORT_FILE = "report.html"
 FIGURES = (
@@ -160,19 +161,18 @@ def figure_html(folder: Path) -> str:
     return "".join(parts) or "<p>No figures yet: run <code>compsearch plot</code>.</p>"
 
 
-def write_report(
-    frame: pd.DataFrame, budgets: Budgets, settings: dict[str, Any], folder: Path, name: str
-) -> Path:
+def write_report(frame: pd.DataFrame, settings: StudySettings, folder: Path, name: str) -> Path:
     """folder/report.html from the trials, the figures beside it and export/model.json."""
     card_path = folder / "export" / "model.json"
     card = json.loads(card_path.read_text()) if card_path.exists() else None
     counts = trial_counts(frame)
-    name_given, data_dir = settings.get("data_source") or [settings.get("dataset", ""), ""]
+    budgets = settings.budgets
+    name_given, data_dir = settings.data_source
     dataset_rows = [
-        ["dataset", str(settings.get("dataset", ""))],
+        ["dataset", settings.dataset],
         ["read from", "scikit-learn's bundled copy" if name_given == "digits" else data_dir],
-        ["training subset", str(settings.get("subset") or "all")],
-        ["seed", str(settings.get("seed", ""))],
+        ["training subset", str(settings.subset or "all")],
+        ["seed", str(settings.seed)],
     ]
     if card is not None:
         images = card.get("images", {})

@@ -8,6 +8,7 @@ import optuna
 import pandas as pd
 from rich.table import Table
 
+from compsearch.results.records import read_trials
 from compsearch.spaces.budgets import Budgets
 
 COLUMNS = [
@@ -33,45 +34,20 @@ COLUMNS = [
     "worker",
     "onnx_path",
 ]
-LOST = "worker lost (no heartbeat): killed, out of memory or its machine gone"
 
 
 def trials_frame(study: optuna.Study, budgets: Budgets) -> pd.DataFrame:
-    """One row per trial. Measured columns are empty for trials that were never trained."""
+    """One row per trial (see TrialRecord); every searched parameter as `param_<name>`."""
     rows = []
-    trials = study.get_trials(deepcopy=False)
-    run_again_as = {
-        t.user_attrs["retry_of"]: t.number for t in trials if "retry_of" in t.user_attrs
-    }
-    for trial in trials:
-        attrs = trial.user_attrs
-        trained = bool(attrs.get("trained", False)) and trial.state.name == "COMPLETE"
-        reason = attrs.get("reason", "")
-        if trial.state.name == "FAIL" and not reason:
-            reason = LOST  # failed by another worker, which can no longer write to it
-        if trial.number in run_again_as:
-            reason += f"; run again as trial {run_again_as[trial.number]}"
-        row = {
-            "number": trial.number,
-            "state": trial.state.name,
-            "trained": trained,
-            "accuracy": trial.values[0] if trained and trial.values else math.nan,
-            "reason": reason,
-        }
-        for name in COLUMNS:
-            if name not in row:
-                row[name] = attrs.get(name, math.nan)
-        if not trained:
-            for name in (
-                "params",
-                "size_kb",
-                "macs",
-                "accuracy_before_compression",
-                "accuracy_post_training",
-            ):
+    for record in read_trials(study.get_trials(deepcopy=False)):
+        row = {name: getattr(record, name) for name in COLUMNS if name != "feasible"}
+        row["feasible"] = record.feasible(budgets)
+        for name in ("fitted_from", "retry_of", "quantization_aware"):
+            if row[name] is None:
                 row[name] = math.nan
-        row["feasible"] = trained and not budgets.excess(row["params"], row["size_kb"], row["macs"])
-        for name, value in trial.params.items():
+        row["worker"] = row["worker"] or math.nan
+        row["onnx_path"] = row["onnx_path"] or math.nan
+        for name, value in record.searched.items():
             row[f"param_{name}"] = value
         rows.append(row)
     frame = pd.DataFrame(rows)
@@ -230,10 +206,9 @@ def accuracy_importance(study: optuna.Study, seed: int = 0) -> pd.Series:
     """fANOVA importance of each searched parameter for accuracy, over trained trials only
     (configs rejected before training carry a placeholder accuracy). Empty when fewer than
     MIN_TRIALS_FOR_IMPORTANCE trials were trained."""
+    trials = study.get_trials(deepcopy=False)
     trained = [
-        trial
-        for trial in study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.COMPLETE])
-        if trial.user_attrs.get("trained")
+        trial for trial, record in zip(trials, read_trials(trials), strict=True) if record.trained
     ]
     if len(trained) < MIN_TRIALS_FOR_IMPORTANCE:
         return pd.Series(dtype=float)

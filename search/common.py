@@ -1,14 +1,21 @@
-"""What the command line needs before anything heavy is imported (no optuna, no torch):
-the usage error, names and figures of studies and storages."""
+"""Constants of search/ and the usage error: what the command line needs before anything
+heavy is imported (no optuna, no torch)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 SAMPLERS = ("tpe", "nsga2", "gp", "random")
-SETTINGS_KEY = "compsearch"  # study user attribute holding what the study was created with
 HEARTBEAT_SECONDS = 10  # how often a worker tells the storage that its trial is alive
 GRACE_HEARTBEATS = 6  # a running trial silent for this many heartbeats lost its worker
+DEFAULT_OUT = Path("runs")
+DEFAULT_TRIALS = 40
+DEFAULT_EPOCHS = 12
+EXPORT_EPOCH_FACTOR = 3  # an export trains this many times a trial's epochs by default
+SPACE_FILE = "space.toml"  # the space searched, beside the study
+WORKER_SEED_STRIDE = 1009  # sampler seeds of workers started together differ by this
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
 
 
 class UsageError(ValueError):

@@ -7,24 +7,31 @@ import json
 import random
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import BaseJournalBackend
 from optuna.trial import FrozenTrial, TrialState
 
-from compsearch.search.common import (  # noqa: F401 (re-exported for study's callers)
+from compsearch.results.records import (
+    NotCompsearchStudy,
+    StudySettings,
+    read_settings,
+    retry_attrs,
+    write_settings,
+)
+from compsearch.search.common import (
     GRACE_HEARTBEATS,
     HEARTBEAT_SECONDS,
     SAMPLERS,
-    SETTINGS_KEY,
     UsageError,
     first_line,
     redact,
     storage_url,
 )
+from compsearch.search.options import Location, check_study_name
 from compsearch.search.optuna_private import BaseHeartbeat, trial_id
 from compsearch.spaces.budgets import Budgets
 
@@ -173,8 +180,6 @@ class Retry(RetryHeartbeatStaleTrialCallback):
     MAX_RETRIES times), where the copy says which trial it retries and starts with none
     of the failed trial's outcome."""
 
-    KEPT = ("estimated_params", "estimated_size_kb", "estimated_macs", "fitted_from")
-
     def __init__(self) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -182,8 +187,7 @@ class Retry(RetryHeartbeatStaleTrialCallback):
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         trial = copy.deepcopy(trial)
-        kept = {key: trial.user_attrs[key] for key in self.KEPT if key in trial.user_attrs}
-        trial.user_attrs = kept | {"retry_of": trial.number}
+        trial.user_attrs = retry_attrs(trial)
         super().__call__(study, trial)
 
 
@@ -212,7 +216,7 @@ def existing_trials(storage: optuna.storages.BaseStorage, name: str) -> int:
     return len(storage.get_all_trials(study_id, deepcopy=False))
 
 
-def stored_settings(url: str, name: str) -> dict[str, Any] | None:
+def stored_settings(url: str, name: str) -> StudySettings | None:
     """What study `name` was created with, or None when it does not exist yet.
 
     A local SQLite or journal file that does not exist is not created here: a run that
@@ -226,13 +230,13 @@ def stored_settings(url: str, name: str) -> dict[str, Any] | None:
         study_id = storage.get_study_id_from_name(name)
     except KeyError:
         return None
-    return storage.get_study_user_attrs(study_id).get(SETTINGS_KEY)
+    return read_settings(storage.get_study_user_attrs(study_id))
 
 
 def open_study(
     storage: optuna.storages.BaseStorage,
     name: str,
-    settings: dict[str, Any],
+    settings: StudySettings,
     sampler: optuna.samplers.BaseSampler,
 ) -> optuna.Study:
     """Create the study, or load it after checking it was created with the same settings.
@@ -247,30 +251,43 @@ def open_study(
         except optuna.exceptions.DuplicatedStudyError:
             pass  # another worker started at the same moment created it
     study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
-    stored = study.user_attrs.get(SETTINGS_KEY)
+    stored = read_settings(study.user_attrs)
     study_id = storage.get_study_id_from_name(name)
     # A worker that has just created the study records its settings a moment later.
     deadline = time.monotonic() + SETTINGS_WAIT_SECONDS
     while stored is None and not study.trials and time.monotonic() < deadline:
         time.sleep(0.2)
-        stored = storage.get_study_user_attrs(study_id).get(SETTINGS_KEY)
+        stored = read_settings(storage.get_study_user_attrs(study_id))
     if stored is None:
         raise UsageError(
             f"study {name!r} exists but was not created by compsearch; choose another --study"
         )
-    for key in ("dataset", "budgets"):
-        if stored[key] != settings[key]:
-            raise UsageError(
-                f"study {name!r} was created with {key} {json.dumps(stored[key])}, not "
-                f"{json.dumps(settings[key])}; use the original {key} or a new --study"
-            )
+    check_same_settings(name, stored, settings)
     return study
+
+
+def check_same_settings(name: str, stored: StudySettings, settings: StudySettings) -> None:
+    """What must not change within a study: its dataset and budgets."""
+    if stored.dataset != settings.dataset:
+        raise UsageError(
+            f"study {name!r} was created with dataset {json.dumps(stored.dataset)}, not "
+            f"{json.dumps(settings.dataset)}; use the original dataset or a new --study"
+        )
+    check_same_budgets(name, stored, settings.budgets)
+
+
+def check_same_budgets(name: str, stored: StudySettings, budgets: Budgets) -> None:
+    if stored.budgets != budgets:
+        raise UsageError(
+            f"study {name!r} was created with budgets {json.dumps(stored.budgets.to_dict())}, "
+            f"not {json.dumps(budgets.to_dict())}; use the original budgets or a new --study"
+        )
 
 
 def create_study(
     storage: optuna.storages.BaseStorage,
     name: str,
-    settings: dict[str, Any],
+    settings: StudySettings,
     sampler: optuna.samplers.BaseSampler,
 ) -> optuna.Study:
     study = optuna.create_study(
@@ -279,7 +296,7 @@ def create_study(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.set_metric_names(list(OBJECTIVE_NAMES))
-    study.set_user_attr(SETTINGS_KEY, settings)
+    write_settings(study, settings)
     return study
 
 
@@ -299,5 +316,30 @@ def load_existing_study(storage: optuna.storages.BaseStorage, name: str | None) 
     return optuna.load_study(study_name=name, storage=storage)
 
 
-def study_budgets(study: optuna.Study) -> Budgets:
-    return Budgets(**study.user_attrs[SETTINGS_KEY]["budgets"])
+def locate_study(location: Location, say: Callable[[str], None]) -> tuple[optuna.Study, Path]:
+    """The study `location` means and its folder: --study, else the only or newest one
+    under --out (`say` tells which when there are several)."""
+    if location.storage:
+        study = load_existing_study(open_storage(location.storage), location.study)
+        check_study_name(study.study_name, where="the storage's study")
+        folder = location.out / study.study_name
+    elif location.study:
+        folder = location.out / location.study
+        if not (folder / "study.db").exists():
+            raise UsageError(
+                f"no study {location.study!r} under {location.out}; check --out and --study"
+            )
+    else:
+        found = sorted(location.out.glob("*/study.db"), key=lambda p: p.stat().st_mtime)
+        if not found:
+            raise UsageError(
+                f"no study under {location.out}; run 'compsearch run' first or set --out"
+            )
+        folder = found[-1].parent
+        if len(found) > 1:
+            say(f"{len(found)} studies under {location.out}; using the newest, {folder.name}")
+    if not location.storage:
+        study = load_existing_study(open_storage(storage_url(None, folder)), folder.name)
+    if read_settings(study.user_attrs) is None:
+        raise NotCompsearchStudy(f"study {study.study_name!r} was not created by compsearch")
+    return study, folder

@@ -177,6 +177,7 @@ def fail_crashed_trial(state: ChildState, reason: str) -> bool:
     running (another worker failed it, or the crash came after its outcome was told)."""
     from optuna.trial import TrialState
 
+    from compsearch.results.records import write_failed_in_storage
     from compsearch.search.study import open_storage
 
     storage = open_storage(state.storage)
@@ -184,7 +185,7 @@ def fail_crashed_trial(state: ChildState, reason: str) -> bool:
     trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, state.trial)
     if storage.get_trial(trial_id).state != TrialState.RUNNING:
         return False
-    storage.set_trial_user_attr(trial_id, "reason", reason)
+    write_failed_in_storage(storage, trial_id, reason)
     storage.set_trial_state_values(trial_id, TrialState.FAIL)
     return True
 

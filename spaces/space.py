@@ -189,7 +189,15 @@ def space_for(in_channels: int, num_classes: int, test_resolution: int) -> Searc
 
 
 def load_space(path: Path, base: SearchSpace) -> SearchSpace:
-    """`base` with the fields a TOML file sets; every problem is reported at once."""
+    """`base` with the fields a TOML file sets; every problem is reported at once, with
+    where the fields are documented."""
+    try:
+        return read_space(path, base)
+    except SpaceError as error:
+        raise SpaceError(f"{error}; see the README's 'Search space' section") from None
+
+
+def read_space(path: Path, base: SearchSpace) -> SearchSpace:
     try:
         table = tomllib.loads(path.read_text(encoding="utf-8"))
     except IsADirectoryError:

@@ -13,9 +13,11 @@ import pandas as pd
 import pytest
 from conftest import sampled_configs
 
-from compsearch.objectives.teacher import load_model, save_model, teacher_arch
+from compsearch.objectives.modelfile import load_model, save_model
+from compsearch.objectives.teacher import teacher_arch
 from compsearch.search.cli import parse_amount
-from compsearch.search.study import SETTINGS_KEY, UsageError
+from compsearch.results.records import SETTINGS_KEY
+from compsearch.search.common import UsageError
 from compsearch.spaces.budgets import amount
 from compsearch.spaces.builder import build
 from compsearch.spaces.estimate import estimate
@@ -284,5 +286,5 @@ def test_teacher_auto_is_trained_once_then_reused(tmp_path):
     assert again.returncode == 0, again.stderr + again.stdout
     assert "training one" not in again.stdout and "teacher:" in again.stdout
     assert cached.stat().st_mtime_ns == stamp
-    model, arch, facts = load_model(cached)
-    assert arch == teacher_arch(1, 10) and 0 <= facts["val_accuracy"] <= 1
+    saved = load_model(cached)
+    assert saved.arch == teacher_arch(1, 10) and 0 <= saved.facts["val_accuracy"] <= 1

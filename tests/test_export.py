@@ -17,9 +17,9 @@ from test_cli import compsearch
 from compsearch.objectives import trial as trial_module
 from compsearch.objectives.data import TEST_FRACTION, TEST_SEED, stratified_split
 from compsearch.objectives.train import fit
-from compsearch.results import export as export_module
 from compsearch.search import cli
-from compsearch.search.study import SETTINGS_KEY
+from compsearch.results.records import SETTINGS_KEY
+from compsearch.search import common
 from compsearch.spaces.builder import build
 from compsearch.spaces.config import TrialConfig
 
@@ -213,11 +213,13 @@ def test_an_export_without_epochs_trains_three_times_the_trials_epochs(
     study = optuna.load_study(study_name="digits", storage=f"sqlite:///{folder / 'study.db'}")
     trial_epochs = study.trials[card["trial"]].user_attrs["config"]["train"]["epochs"]
     assert trial_epochs == 2
-    expected = export_module.EXPORT_EPOCH_FACTOR * trial_epochs
+    expected = common.EXPORT_EPOCH_FACTOR * trial_epochs
     assert sum(phase.epochs for phase in phases) == expected  # low resolution + fine-tune
     assert card["epochs"] == card["config"]["train"]["epochs"] == expected
     assert f"{expected} epochs on" in capsys.readouterr().out
 
 
-def test_the_command_line_repeats_the_export_epoch_factor():
-    assert cli.EXPORT_EPOCH_FACTOR == export_module.EXPORT_EPOCH_FACTOR
+def test_the_export_help_states_the_epoch_factor_the_export_uses(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["export", "--help"])
+    assert f"{common.EXPORT_EPOCH_FACTOR} times the trial's" in capsys.readouterr().out

@@ -20,10 +20,11 @@ from conftest import SCHEDULE
 
 from compsearch.objectives.data import load_dataset
 from compsearch.objectives.train import TrainingDiverged
-from compsearch.results.table import LOST, trials_frame
-from compsearch.search import run as run_module
+from compsearch.results.records import LOST
+from compsearch.results.table import trials_frame
+from compsearch.search import loop as run_module
 from compsearch.search.optuna_private import storage_of, trial_id
-from compsearch.search.run import SearchSettings, fail_stale_trials, search
+from compsearch.search.loop import SearchSettings, fail_stale_trials, search
 from compsearch.search.study import DIRECTIONS, open_storage
 from compsearch.spaces.budgets import Budgets
 from compsearch.spaces.space import space_for
@@ -88,7 +89,7 @@ def test_a_schedule_that_always_diverges_stops_the_search_with_the_reason(data, 
     assert reasons[reasons.str.startswith("TrainingDiverged: training loss became")].size == 3
 
 
-@pytest.mark.parametrize("where", ["estimate", "record_result"])
+@pytest.mark.parametrize("where", ["estimate", "write_result"])
 def test_ctrl_c_outside_training_still_fails_the_trial_and_queues_it(
     data, tmp_path, monkeypatch, where
 ):

@@ -26,8 +26,9 @@ from compsearch.results.table import (
     search_history,
     trials_frame,
 )
-from compsearch.search.cli import write_study_files
-from compsearch.search.study import DIRECTIONS, SETTINGS_KEY
+from compsearch.results.files import write_study_files
+from compsearch.results.records import SETTINGS_KEY
+from compsearch.search.study import DIRECTIONS
 from compsearch.spaces.budgets import Budgets
 
 BUDGETS = Budgets(params=20_000, size_kb=50)

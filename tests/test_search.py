@@ -12,8 +12,8 @@ from rich.console import Console
 
 from compsearch.objectives.data import load_dataset
 from compsearch.objectives.trial import check_epoch, run_trial
-from compsearch.search import run as run_module
-from compsearch.search.run import (
+from compsearch.search import loop as run_module
+from compsearch.search.loop import (
     EARLY_STOPPING_MARGIN,
     EARLY_STOPPING_MIN_TRIALS,
     EarlyStopper,

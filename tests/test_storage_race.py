@@ -18,7 +18,8 @@ from test_workers import (
 )
 
 from compsearch.search import study as study_module
-from compsearch.search.study import UsageError, open_storage
+from compsearch.search.common import UsageError
+from compsearch.search.study import open_storage
 
 DATABASES = {"postgresql": postgres_database, "mysql": mariadb_database}
 PROCESSES = 4

@@ -32,7 +32,7 @@ from compsearch.objectives.train import (
     spread_sample,
 )
 from compsearch.objectives.trial import train_model
-from compsearch.search.run import default_schedule
+from compsearch.search.loop import default_schedule
 from compsearch.spaces.builder import build
 from compsearch.spaces.config import ArchConfig, CompressConfig, StageConfig, TrialConfig
 
@@ -212,8 +212,9 @@ def test_model_file_round_trip_and_mismatch(tmp_path, digits):
     arch = teacher_arch(1, 10)
     model = build(arch).eval()
     save_model(tmp_path / "teacher.pt", model, arch, val_accuracy=0.5)
-    loaded, loaded_arch, facts = load_model(tmp_path / "teacher.pt")
-    assert loaded_arch == arch and facts["val_accuracy"] == 0.5
+    saved = load_model(tmp_path / "teacher.pt")
+    loaded = saved.model
+    assert saved.arch == arch and saved.facts["val_accuracy"] == 0.5 and saved.config is None
     x = torch.randn(2, 1, 8, 8)
     assert torch.equal(loaded(x), model(x))
     check_teacher(arch, digits, tmp_path / "teacher.pt")

@@ -20,8 +20,10 @@ import optuna
 import pandas as pd
 import pytest
 
-from compsearch.results.table import LOST, trials_frame
-from compsearch.search.study import GRACE_HEARTBEATS, open_storage, study_budgets
+from compsearch.results.records import LOST, study_settings
+from compsearch.results.table import trials_frame
+from compsearch.search.common import GRACE_HEARTBEATS
+from compsearch.search.study import open_storage
 
 HOST = "127.0.0.1"
 RUN = ("run", "--budget-params", "2e6", "--budget-kb", "300", "--space", "fast.toml")
@@ -188,7 +190,7 @@ def test_a_worker_killed_mid_trial_has_its_trial_run_again_and_nothing_else_lost
             trial = study.trials[number]
             assert (trial.state, trial.values, trial.params) == record
         assert len(finished(study)) == 3
-        reasons = trials_frame(study, study_budgets(study)).set_index("number")["reason"]
+        reasons = trials_frame(study, study_settings(study).budgets).set_index("number")["reason"]
         assert reasons[victim] == f"{LOST}; run again as trial {rerun.number}"
 
 

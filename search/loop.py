@@ -1,4 +1,6 @@
-"""The trial loop: sample, check budgets, train, measure, tell Optuna."""
+"""The search: trial after trial (sample, check budgets, train, measure, tell Optuna) until
+enough have finished, with the rules that stop it early, stop a trial early or shrink a
+config to fit."""
 
 from __future__ import annotations
 
@@ -15,31 +17,36 @@ import optuna
 import torch
 from optuna.trial import TrialState
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeElapsedColumn,
-)
 
 from compsearch.objectives.data import Dataset
 from compsearch.objectives.train import DeviceData, Distillation, TrainingDiverged
 from compsearch.objectives.trial import StoppedEarly, TrialResult, run_trial
+from compsearch.results.records import (
+    INTERRUPTED,
+    fitted_attrs,
+    is_fitted_copy,
+    read_trials,
+    write_estimate,
+    write_failed,
+    write_rejected,
+    write_result,
+    write_stopped_early,
+    write_worker,
+)
+from compsearch.search.common import first_line
 from compsearch.search.optuna_private import heartbeat_thread, storage_of, trial_id
-from compsearch.search.study import Retry, first_line
+from compsearch.search.progress import Display
+from compsearch.search.study import Retry
 from compsearch.search.supervise import STOP_REQUESTED, Reporter
 from compsearch.spaces.budgets import Budgets
 from compsearch.spaces.config import TrainConfig, TrialConfig
-from compsearch.spaces.estimate import estimate
+from compsearch.spaces.estimate import Estimate, estimate
 from compsearch.spaces.space import SearchSpace, sample
 
 # Stop asking when this many configs in a row break the budgets: the space is then
 # almost all infeasible and the user should narrow it or relax the budgets.
 MAX_REJECTIONS_IN_A_ROW = 500
 MAX_FAILURES_IN_A_ROW = 10
-INTERRUPTED = "interrupted before it finished (Ctrl-C)"
 # Which process ran a trial, for the record and for telling workers apart.
 WORKER = f"{socket.gethostname()}:{os.getpid()}"
 WAIT_SECONDS = 2.0  # between looks at the study while other workers finish the last trials
@@ -103,66 +110,27 @@ class SearchCounts:
     failed: int = 0
     infeasible_after_training: int = 0
     stopped_reason: str = ""
+    rejections_in_a_row: int = 0
+    failures_in_a_row: int = 0
+    last_failure: str = ""  # the exception type of the last failed trial
 
-
-class Display:
-    """Rich progress: trials done, the current trial's epoch, the best feasible so far."""
-
-    def __init__(self, console: Console, trials: int) -> None:
-        self.progress = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(bar_width=24),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=console,
-        )
-        self.trials = self.progress.add_task("trials", total=trials)
-        self.epochs: TaskID = self.progress.add_task("epochs", total=1, visible=False)
-        self.best = "none yet"
-        self.best_key = (-1.0, 0.0)
-        self.trial_number = -1
-
-    def __enter__(self) -> Display:
-        self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.progress.__exit__(*exc)
-
-    def start_trial(self, number: int, epochs: int) -> None:
-        self.trial_number = number
-        self.progress.reset(self.epochs, total=epochs, visible=True)
-        self.progress.update(self.epochs, description=f"trial {number} epochs")
-
-    def epoch_done(self, epoch: int, epochs: int, resolution: int) -> None:
-        description = f"trial {self.trial_number} epochs @ {resolution}px"
-        self.progress.update(self.epochs, advance=1, description=description)
-
-    def trial_done(
-        self,
-        counts: SearchCounts,
-        number: int,
-        outcome: str,
-        result: TrialResult | None = None,
-        feasible: bool = False,
-    ) -> None:
-        """Count a trial; where the output is not a terminal (a log file), where progress
-        bars do not show, also print one line with its `outcome`."""
-        if result is not None and feasible:
-            key = (result.accuracy, -result.size_kb)  # on a tie in accuracy, the smaller
-            if key > self.best_key:
-                self.best_key = key
-                self.best = f"{result.accuracy:.2%} @ {result.size_kb:.1f} KB"
-        self.progress.update(
-            self.trials,
-            completed=counts.trained + counts.stopped_early,
-            description=f"trials · best {self.best} · {counts.rejected} rejected",
-        )
-        self.progress.update(self.epochs, visible=False)
-        if not self.progress.console.is_terminal:
-            self.progress.console.print(
-                f"trial {number}: {outcome} · best {self.best}", soft_wrap=True, highlight=False
-            )
+    def add(self, outcome: Outcome) -> None:
+        self.epochs_trained += outcome.epochs_trained
+        self.epochs_saved += outcome.epochs_saved
+        self.rejections_in_a_row = self.rejections_in_a_row + 1 if outcome.kind == "rejected" else 0
+        if outcome.kind == "rejected":
+            self.rejected += 1
+            self.fitted += outcome.fitted
+        elif outcome.kind == "stopped early":
+            self.stopped_early += 1
+        elif outcome.kind == "failed":
+            self.failed += 1
+            self.failures_in_a_row += 1
+            self.last_failure = outcome.failure
+        else:
+            self.trained += 1
+            self.failures_in_a_row = 0
+            self.infeasible_after_training += not outcome.feasible
 
 
 def trained_outcome(result: TrialResult, over: list[str]) -> str:
@@ -214,6 +182,35 @@ def heartbeat(study: optuna.Study, trial: optuna.Trial):
         yield
 
 
+@dataclass(frozen=True)
+class SearchJob:
+    """What every trial of one search shares."""
+
+    study: optuna.Study
+    space: SearchSpace
+    schedule: TrainConfig
+    data: Dataset
+    on_device: DeviceData  # the data on the training device, once: every trial trains from it
+    settings: SearchSettings
+    distillation: Distillation | None
+    display: Display | None
+    reporter: Reporter
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How one trial ended: "rejected", "stopped early", "failed" or "trained"."""
+
+    kind: str
+    text: str  # as a log line shows it
+    epochs_trained: int = 0
+    epochs_saved: int = 0
+    result: TrialResult | None = None
+    feasible: bool = False
+    fitted: bool = False  # a shrunk copy of the rejected config was queued
+    failure: str = ""  # the exception's type, for a failed trial
+
+
 def search(
     study: optuna.Study,
     space: SearchSpace,
@@ -231,20 +228,18 @@ def search(
     estimate are recorded but never trained and do not count. `reporter` is told each
     trial's steps and outcome, for the supervisor that fails a trial whose process died.
     """
-    reporter = reporter or Reporter(None)
+    job = SearchJob(
+        study, space, schedule, data, on_device or DeviceData(data, settings.device), settings,
+        distillation, Display(console, settings.trials) if console is not None else None,
+        reporter or Reporter(None),
+    )  # fmt: skip
     counts = SearchCounts()
     started = time.monotonic()
-    # The data on the training device, once: every trial trains from it.
-    on_device = on_device or DeviceData(data, settings.device)
-    rejections_in_a_row = 0
-    failures_in_a_row = 0
-    last_failure = ""
-    display = Display(console, settings.trials) if console is not None else None
     fail_stale_trials(study)
     finish_at = settings.finish_at
     if finish_at is None:
         finish_at = finished_and_running(study)[0] + settings.trials
-    with display or contextlib.nullcontext(), warnings.catch_warnings():
+    with job.display or contextlib.nullcontext(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=HEARTBEAT_WARNING)
         while True:
             if STOP_REQUESTED.is_set():  # a Ctrl-C that a callback swallowed
@@ -257,132 +252,93 @@ def search(
                 # Other workers are on the last trials; one of them may still fail.
                 time.sleep(WAIT_SECONDS)
                 continue
-            if settings.timeout is not None and time.monotonic() - started > settings.timeout:
-                counts.stopped_reason = f"--timeout {settings.timeout:g} s reached"
-                break
-            if failures_in_a_row >= settings.max_failures_in_a_row:
-                counts.stopped_reason = (
-                    f"{failures_in_a_row} trials in a row failed, the last with {last_failure}; "
-                    "`compsearch show --all` gives each one's reason"
-                )
-                break
-            if rejections_in_a_row >= MAX_REJECTIONS_IN_A_ROW:
-                counts.stopped_reason = (
-                    f"{MAX_REJECTIONS_IN_A_ROW} sampled configs in a row broke the budgets; "
-                    "relax the budgets or narrow the space to smaller models"
-                )
+            counts.stopped_reason = stop_reason(counts, settings, time.monotonic() - started)
+            if counts.stopped_reason:
                 break
             trial = study.ask()
-            reporter.step(trial.number, "sampling its config")
             try:
-                trial.set_user_attr("worker", WORKER)
+                write_worker(trial, WORKER)
                 with heartbeat(study, trial):
-                    config = sample(trial, space, schedule)
-                    expected = estimate(config)
-                    trial.set_user_attr("estimated_params", expected.params)
-                    trial.set_user_attr("estimated_size_kb", expected.size_kb)
-                    trial.set_user_attr("estimated_macs", expected.macs)
-                    over = settings.budgets.excess(expected.params, expected.size_kb, expected.macs)
-                    if over:
-                        reject(study, trial, settings.budgets, expected, over)
-                        reporter.done(trial.number, "rejected")
-                        counts.rejected += 1
-                        rejections_in_a_row += 1
-                        stuck = (
-                            settings.fit_after_rejections > 0
-                            and rejections_in_a_row % settings.fit_after_rejections == 0
-                        )
-                        if stuck and "fitted_from" not in trial.user_attrs:
-                            fitted = fit_to_budget(trial.params, space, schedule, settings.budgets)
-                            if fitted is not None:
-                                study.enqueue_trial(
-                                    fitted, user_attrs={"fitted_from": trial.number}
-                                )
-                                counts.fitted += 1
-                        if display:
-                            display.trial_done(
-                                counts, trial.number, "over budget by estimate: " + ", ".join(over)
-                            )
-                        continue
-                    rejections_in_a_row = 0
-                    if display:
-                        display.start_trial(trial.number, config.train.epochs)
-                    folder = settings.folder / "trials" / f"{trial.number:05d}"
-                    stopper = (
-                        EarlyStopper(study, expected.size_kb, settings.budgets)
-                        if settings.early_stopping
-                        else None
-                    )
-                    try:
-                        result = run_trial(
-                            config,
-                            data,
-                            folder,
-                            seed=settings.seed + trial.number,
-                            on_device=on_device,
-                            on_epoch=lambda *done: stop_point(display, *done),
-                            early_check=stopper,
-                            distillation=distillation,
-                            on_step=lambda step, number=trial.number: reporter.step(number, step),
-                        )
-                    except StoppedEarly as stop:
-                        trial.set_user_attr("trained", False)
-                        trial.set_user_attr("early_accuracy", stop.early_accuracy)
-                        trial.set_user_attr("reason", f"stopped early: {stop}")
-                        study.tell(trial, state=TrialState.PRUNED)
-                        reporter.done(trial.number, "stopped early")
-                        counts.stopped_early += 1
-                        counts.epochs_trained += stop.epochs_done
-                        counts.epochs_saved += config.train.epochs - stop.epochs_done
-                        if display:
-                            display.trial_done(counts, trial.number, f"stopped early: {stop}")
-                        continue
-                    except (TrainingDiverged, torch.OutOfMemoryError) as error:
-                        trial.set_user_attr("trained", True)
-                        trial.set_user_attr(
-                            "reason", f"{type(error).__name__}: {first_line(error)}"
-                        )
-                        study.tell(trial, state=TrialState.FAIL)
-                        reporter.done(trial.number, "failed")
-                        counts.failed += 1
-                        failures_in_a_row += 1
-                        last_failure = type(error).__name__
-                        if display:
-                            display.trial_done(
-                                counts, trial.number, "failed: " + trial.user_attrs["reason"]
-                            )
-                        continue
-                    except Exception as error:
-                        # An internal error: the trial records it, then the run stops with it.
-                        trial.set_user_attr(
-                            "reason", f"{type(error).__name__}: {first_line(error)}"
-                        )
-                        study.tell(trial, state=TrialState.FAIL)
-                        raise
-                    failures_in_a_row = 0
-                    reporter.step(trial.number, "recording its result")
-                    record_constraints(
-                        trial, settings.budgets, result.params, result.size_kb, result.macs
-                    )
-                    over = settings.budgets.excess(result.params, result.size_kb, result.macs)
-                    feasible = not over
-                    record_result(trial, result, settings.folder)
-                    if over:
-                        trial.set_user_attr("reason", "over budget as measured: " + ", ".join(over))
-                        counts.infeasible_after_training += 1
-                    study.tell(trial, [result.accuracy, result.size_kb])
-                    reporter.done(trial.number, "trained")
-                    counts.trained += 1
-                    counts.epochs_trained += config.train.epochs
-                    if display:
-                        outcome = trained_outcome(result, over)
-                        display.trial_done(counts, trial.number, outcome, result, feasible)
+                    outcome = run_one(job, trial, counts.rejections_in_a_row)
             except KeyboardInterrupt:
                 # Wherever in the trial Ctrl-C came: sampling, training, measuring or
                 # telling the storage.
                 abandon(study, trial)
                 raise
+            counts.add(outcome)
+            job.reporter.done(trial.number, outcome.kind)
+            if job.display:
+                job.display.trial_done(
+                    counts.trained + counts.stopped_early, counts.rejected, trial.number,
+                    outcome.text, outcome.result, outcome.feasible,
+                )  # fmt: skip
     return counts
+
+
+def run_one(job: SearchJob, trial: optuna.Trial, rejections_in_a_row: int) -> Outcome:
+    """One trial's path, top to bottom: sample a config, estimate it, reject it when it
+    breaks a budget; else build, train, prune, fine-tune, export and measure it (run_trial),
+    record what its file measured and tell Optuna."""
+    settings, budgets = job.settings, job.settings.budgets
+    job.reporter.step(trial.number, "sampling its config")
+    config = sample(trial, job.space, job.schedule)  # frozen dataclasses, no torch yet
+    expected = estimate(config)
+    write_estimate(trial, expected)
+    over = budgets.excess(expected.params, expected.size_kb, expected.macs)
+    if over:
+        return reject(job, trial, expected, over, rejections_in_a_row + 1)
+    if job.display:
+        job.display.start_trial(trial.number, config.train.epochs)
+    folder = settings.folder / "trials" / f"{trial.number:05d}"
+    stopper = (
+        EarlyStopper(job.study, expected.size_kb, budgets) if settings.early_stopping else None
+    )
+    try:
+        result = run_trial(
+            config, job.data, folder, seed=settings.seed + trial.number, on_device=job.on_device,
+            on_epoch=lambda *done: stop_point(job.display, *done), early_check=stopper,
+            distillation=job.distillation,
+            on_step=lambda step: job.reporter.step(trial.number, step),
+        )  # fmt: skip
+    except StoppedEarly as stop:
+        write_stopped_early(trial, stop.early_accuracy, str(stop))
+        job.study.tell(trial, state=TrialState.PRUNED)
+        saved = config.train.epochs - stop.epochs_done
+        return Outcome("stopped early", f"stopped early: {stop}", stop.epochs_done, saved)
+    except (TrainingDiverged, torch.OutOfMemoryError) as error:
+        reason = f"{type(error).__name__}: {first_line(error)}"
+        write_failed(trial, reason, trained=True)
+        job.study.tell(trial, state=TrialState.FAIL)
+        return Outcome("failed", "failed: " + reason, failure=type(error).__name__)
+    except Exception as error:
+        # An internal error: the trial records it, then the run stops with it.
+        write_failed(trial, f"{type(error).__name__}: {first_line(error)}")
+        job.study.tell(trial, state=TrialState.FAIL)
+        raise
+    job.reporter.step(trial.number, "recording its result")
+    record_constraints(trial, budgets, result.params, result.size_kb, result.macs)
+    over = budgets.excess(result.params, result.size_kb, result.macs)
+    write_result(trial, result, settings.folder, over)
+    job.study.tell(trial, [result.accuracy, result.size_kb])
+    text = trained_outcome(result, over)
+    return Outcome("trained", text, config.train.epochs, 0, result, feasible=not over)
+
+
+def stop_reason(counts: SearchCounts, settings: SearchSettings, elapsed: float) -> str:
+    """Why the search stops before its target, or "" while it goes on."""
+    if settings.timeout is not None and elapsed > settings.timeout:
+        return f"--timeout {settings.timeout:g} s reached"
+    if counts.failures_in_a_row >= settings.max_failures_in_a_row:
+        return (
+            f"{counts.failures_in_a_row} trials in a row failed, the last with "
+            f"{counts.last_failure}; `compsearch show --all` gives each one's reason"
+        )
+    if counts.rejections_in_a_row >= MAX_REJECTIONS_IN_A_ROW:
+        return (
+            f"{MAX_REJECTIONS_IN_A_ROW} sampled configs in a row broke the budgets; "
+            "relax the budgets or narrow the space to smaller models"
+        )
+    return ""
 
 
 def stop_point(display: Display | None, epoch: int, epochs: int, resolution: int) -> None:
@@ -400,22 +356,31 @@ def abandon(study: optuna.Study, trial: optuna.Trial) -> None:
     state = storage_of(study).get_trial(trial_id(trial)).state
     if state != TrialState.RUNNING:
         return
-    trial.set_user_attr("reason", INTERRUPTED)
+    write_failed(trial, INTERRUPTED)
     Retry()(study, study.tell(trial, state=TrialState.FAIL))
 
 
 def reject(
-    study: optuna.Study, trial: optuna.Trial, budgets: Budgets, expected, over: list[str]
-) -> None:
-    """Record a config that breaks the budgets by estimate; it is never trained.
+    job: SearchJob, trial: optuna.Trial, expected: Estimate, over: list[str], in_a_row: int
+) -> Outcome:
+    """Record a config that breaks the budgets by estimate; it is never trained. When the
+    sampler is stuck (`in_a_row` rejections), queue a copy shrunk to fit.
 
     The constraint values teach the sampler where the infeasible region is; accuracy 0
     is a placeholder that no table or plot shows.
     """
+    budgets, every = job.settings.budgets, job.settings.fit_after_rejections
     record_constraints(trial, budgets, expected.params, expected.size_kb, expected.macs)
-    trial.set_user_attr("trained", False)
-    trial.set_user_attr("reason", "over budget before training: " + ", ".join(over))
-    study.tell(trial, [0.0, expected.size_kb])
+    write_rejected(trial, over)
+    job.study.tell(trial, [0.0, expected.size_kb])
+    fitted = None
+    if every > 0 and in_a_row % every == 0 and not is_fitted_copy(trial):
+        fitted = fit_to_budget(trial.params, job.space, job.schedule, budgets)
+        if fitted is not None:
+            job.study.enqueue_trial(fitted, user_attrs=fitted_attrs(trial.number))
+    return Outcome(
+        "rejected", "over budget by estimate: " + ", ".join(over), fitted=fitted is not None
+    )
 
 
 def fit_to_budget(
@@ -468,17 +433,11 @@ class EarlyStopper:
 
     def __init__(self, study: optuna.Study, size_kb: float, budgets: Budgets) -> None:
         self.size_kb = size_kb
-        finished = []
-        for trial in study.get_trials(deepcopy=False, states=[TrialState.COMPLETE]):
-            attrs = trial.user_attrs
-            if not attrs.get("trained") or "early_accuracy" not in attrs:
-                continue
-            early = attrs["early_accuracy"]
-            if early is None or math.isnan(early):  # no check was made
-                continue
-            feasible = not budgets.excess(attrs["params"], attrs["size_kb"], attrs["macs"])
-            finished.append((early, trial.values[0], attrs["size_kb"], feasible))
-        self.finished = finished
+        self.finished = [  # (early accuracy, final accuracy, size_kb, feasible)
+            (record.early_accuracy, record.accuracy, record.size_kb, record.feasible(budgets))
+            for record in read_trials(study.get_trials(deepcopy=False))
+            if record.trained and not math.isnan(record.early_accuracy)  # NaN: no check made
+        ]
 
     def __call__(self, early_accuracy: float) -> str | None:
         if len(self.finished) < EARLY_STOPPING_MIN_TRIALS:
@@ -506,18 +465,3 @@ def record_constraints(
 ) -> None:
     for name, value in budgets.constraints(params, size_kb, macs).items():
         trial.set_constraint(name, value)
-
-
-def record_result(trial: optuna.Trial, result: TrialResult, folder: Path) -> None:
-    trial.set_user_attr("trained", True)
-    trial.set_user_attr("params", result.params)
-    trial.set_user_attr("size_kb", result.size_kb)
-    trial.set_user_attr("macs", result.macs)
-    trial.set_user_attr("seconds", round(result.seconds, 3))
-    trial.set_user_attr("accuracy_before_compression", result.accuracy_before_compression)
-    trial.set_user_attr("accuracy_post_training", result.accuracy_post_training)
-    trial.set_user_attr("quantization_aware", result.quantization_aware)
-    trial.set_user_attr("early_accuracy", result.early_accuracy)
-    trial.set_user_attr("onnx_path", str(result.onnx_path.relative_to(folder)))
-    # The deployed config (widths after pruning), from which the model rebuilds.
-    trial.set_user_attr("config", result.config.to_dict())

@@ -1,0 +1,259 @@
+"""What a study records in Optuna, as typed objects: the settings it was created with and
+each trial's record. This module is the one place that writes them (study and trial
+user attributes) and the one place that reads them back; everything else uses
+`StudySettings` and `TrialRecord`.
+
+It imports neither optuna nor torch: Optuna's studies, trials and storages are used
+through the few methods named here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from compsearch.spaces.budgets import Budgets
+from compsearch.spaces.config import TrialConfig
+from compsearch.spaces.space import SearchSpace
+
+if TYPE_CHECKING:
+    import optuna
+
+    from compsearch.objectives.trial import TrialResult
+    from compsearch.spaces.estimate import Estimate
+
+SETTINGS_KEY = "compsearch"  # the study user attribute holding its StudySettings
+# The reason of a trial that another worker failed: its own worker can no longer write it.
+LOST = "worker lost (no heartbeat): killed, out of memory or its machine gone"
+INTERRUPTED = "interrupted before it finished (Ctrl-C)"
+NAN = math.nan
+
+
+class NotCompsearchStudy(ValueError):
+    """A study that compsearch did not create (it holds no StudySettings)."""
+
+
+@dataclass(frozen=True)
+class StudySettings:
+    """What must stay the same for a study's whole life, and what `export` and the report
+    need to know of how it ran."""
+
+    dataset: str  # the dataset's name as loaded ("digits", "folder:/abs/path")
+    budgets: Budgets
+    seed: int = 0
+    subset: int | None = None  # training images per trial; None: all
+    teacher: str = "none"
+    # The dataset as given (folder: paths absolute) and the folder its files were read
+    # from, so that `export` finds the same data from anywhere.
+    data_source: tuple[str, str] = ("", "data")
+    space: SearchSpace | None = None  # None only in studies older than the space's record
+    version: str = ""
+
+    def to_attrs(self) -> dict[str, Any]:
+        return {
+            "dataset": self.dataset,
+            "budgets": self.budgets.to_dict(),
+            "seed": self.seed,
+            "subset": self.subset,
+            "teacher": self.teacher,
+            "data_source": list(self.data_source),
+            "space": self.space.to_dict() if self.space is not None else None,
+            "version": self.version,
+        }
+
+    @classmethod
+    def from_attrs(cls, attrs: Mapping[str, Any]) -> StudySettings:
+        source = attrs.get("data_source") or [attrs["dataset"], "data"]
+        space = attrs.get("space")
+        return cls(
+            dataset=attrs["dataset"],
+            budgets=Budgets(**attrs["budgets"]),
+            seed=int(attrs.get("seed") or 0),
+            subset=attrs.get("subset"),
+            teacher=attrs.get("teacher") or "none",
+            data_source=(str(source[0]), str(source[1])),
+            space=SearchSpace.from_dict(space) if space else None,
+            version=attrs.get("version", ""),
+        )
+
+
+def write_settings(study: optuna.Study, settings: StudySettings) -> None:
+    study.set_user_attr(SETTINGS_KEY, settings.to_attrs())
+
+
+def read_settings(study_attrs: Mapping[str, Any]) -> StudySettings | None:
+    """The settings in a study's user attributes; None when compsearch did not make it."""
+    attrs = study_attrs.get(SETTINGS_KEY)
+    return StudySettings.from_attrs(attrs) if attrs is not None else None
+
+
+def study_settings(study: optuna.Study) -> StudySettings:
+    settings = read_settings(study.user_attrs)
+    if settings is None:
+        raise NotCompsearchStudy(f"study {study.study_name!r} was not created by compsearch")
+    return settings
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """One trial as the study holds it. Measured figures are NaN for a trial that was not
+    trained to the end; estimates are NaN before its config was sampled."""
+
+    number: int
+    state: str  # Optuna's state name: COMPLETE, PRUNED, FAIL, RUNNING, WAITING
+    trained: bool  # trained to the end and measured
+    accuracy: float  # validation top-1 of the ONNX file in onnxruntime
+    accuracy_before_compression: float  # of the torch fp32 model
+    accuracy_post_training: float  # of the file as first exported
+    quantization_aware: bool | None  # the file is from a quantization-aware fine-tune
+    params: float
+    size_kb: float
+    macs: float
+    seconds: float
+    reason: str  # why it was not trained, failed or broke a budget; "" when none did
+    estimated_params: float
+    estimated_size_kb: float
+    estimated_macs: float
+    early_accuracy: float  # validation accuracy at the early check; NaN: no check made
+    fitted_from: int | None  # the rejected trial this one is a shrunk copy of
+    retry_of: int | None  # the failed trial this one runs again
+    worker: str  # host:pid of the process that ran it
+    onnx_path: str  # the deployed file, relative to the study's folder
+    config: TrialConfig | None  # as deployed (widths after pruning)
+    searched: dict[str, Any] = field(default_factory=dict)  # the sampled parameters
+
+    def feasible(self, budgets: Budgets) -> bool:
+        return self.trained and not budgets.excess(self.params, self.size_kb, self.macs)
+
+
+def read_trial(trial: optuna.trial.FrozenTrial, run_again_as: int | None = None) -> TrialRecord:
+    attrs = trial.user_attrs
+    state = trial.state.name
+    trained = bool(attrs.get("trained", False)) and state == "COMPLETE"
+    reason = attrs.get("reason", "")
+    if state == "FAIL" and not reason:
+        reason = LOST
+    if run_again_as is not None:
+        reason += f"; run again as trial {run_again_as}"
+
+    def measured(name: str) -> float:
+        return attrs.get(name, NAN) if trained else NAN
+
+    config = attrs.get("config")
+    quantization_aware = attrs.get("quantization_aware")
+    return TrialRecord(
+        number=trial.number,
+        state=state,
+        trained=trained,
+        accuracy=trial.values[0] if trained and trial.values else NAN,
+        accuracy_before_compression=measured("accuracy_before_compression"),
+        accuracy_post_training=measured("accuracy_post_training"),
+        quantization_aware=bool(quantization_aware) if quantization_aware is not None else None,
+        params=measured("params"),
+        size_kb=measured("size_kb"),
+        macs=measured("macs"),
+        seconds=attrs.get("seconds", NAN),
+        reason=reason,
+        estimated_params=attrs.get("estimated_params", NAN),
+        estimated_size_kb=attrs.get("estimated_size_kb", NAN),
+        estimated_macs=attrs.get("estimated_macs", NAN),
+        early_accuracy=none_as_nan(attrs.get("early_accuracy", NAN)),
+        fitted_from=attrs.get("fitted_from"),
+        retry_of=attrs.get("retry_of"),
+        worker=attrs.get("worker", ""),
+        onnx_path=attrs.get("onnx_path", ""),
+        config=TrialConfig.from_dict(config) if config else None,
+        searched=dict(trial.params),
+    )
+
+
+def read_trials(trials: Iterable[optuna.trial.FrozenTrial]) -> list[TrialRecord]:
+    """Every trial's record; a failed trial's reason says which trial runs it again."""
+    trials = list(trials)
+    run_again_as = {
+        t.user_attrs["retry_of"]: t.number for t in trials if "retry_of" in t.user_attrs
+    }
+    return [read_trial(trial, run_again_as.get(trial.number)) for trial in trials]
+
+
+def none_as_nan(value: float | None) -> float:
+    return NAN if value is None else value
+
+
+# Writers. A trial's record is written as the trial goes: who runs it, its estimate, then
+# one outcome.
+
+
+def write_worker(trial: optuna.Trial, worker: str) -> None:
+    trial.set_user_attr("worker", worker)
+
+
+def write_estimate(trial: optuna.Trial, expected: Estimate) -> None:
+    trial.set_user_attr("estimated_params", expected.params)
+    trial.set_user_attr("estimated_size_kb", expected.size_kb)
+    trial.set_user_attr("estimated_macs", expected.macs)
+
+
+def write_rejected(trial: optuna.Trial, over: list[str]) -> None:
+    trial.set_user_attr("trained", False)
+    trial.set_user_attr("reason", "over budget before training: " + ", ".join(over))
+
+
+def write_stopped_early(trial: optuna.Trial, early_accuracy: float, reason: str) -> None:
+    trial.set_user_attr("trained", False)
+    trial.set_user_attr("early_accuracy", early_accuracy)
+    trial.set_user_attr("reason", f"stopped early: {reason}")
+
+
+def write_failed(trial: optuna.Trial, reason: str, trained: bool | None = None) -> None:
+    """A trial that failed; `trained` True when training itself failed (diverged, out of
+    memory), None when the failure says nothing of it."""
+    if trained is not None:
+        trial.set_user_attr("trained", trained)
+    trial.set_user_attr("reason", reason)
+
+
+def write_result(trial: optuna.Trial, result: TrialResult, folder: Path, over: list[str]) -> None:
+    """A trained trial's measured figures; `over`: the budgets its file broke."""
+    trial.set_user_attr("trained", True)
+    trial.set_user_attr("params", result.params)
+    trial.set_user_attr("size_kb", result.size_kb)
+    trial.set_user_attr("macs", result.macs)
+    trial.set_user_attr("seconds", round(result.seconds, 3))
+    trial.set_user_attr("accuracy_before_compression", result.accuracy_before_compression)
+    trial.set_user_attr("accuracy_post_training", result.accuracy_post_training)
+    trial.set_user_attr("quantization_aware", result.quantization_aware)
+    trial.set_user_attr("early_accuracy", result.early_accuracy)
+    trial.set_user_attr("onnx_path", str(result.onnx_path.relative_to(folder)))
+    # The deployed config (widths after pruning), from which the model rebuilds.
+    trial.set_user_attr("config", result.config.to_dict())
+    if over:
+        trial.set_user_attr("reason", "over budget as measured: " + ", ".join(over))
+
+
+def write_failed_in_storage(
+    storage: optuna.storages.BaseStorage, trial_id: int, reason: str
+) -> None:
+    """The reason of a trial failed from outside its process (its process crashed)."""
+    storage.set_trial_user_attr(trial_id, "reason", reason)
+
+
+# What a copy of a trial starts with: a retry keeps the estimates of the same config, and
+# a shrunk copy says where it comes from.
+KEPT_BY_RETRY = ("estimated_params", "estimated_size_kb", "estimated_macs", "fitted_from")
+
+
+def retry_attrs(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
+    kept = {key: trial.user_attrs[key] for key in KEPT_BY_RETRY if key in trial.user_attrs}
+    return kept | {"retry_of": trial.number}
+
+
+def fitted_attrs(number: int) -> dict[str, Any]:
+    return {"fitted_from": number}
+
+
+def is_fitted_copy(trial: optuna.Trial) -> bool:
+    return "fitted_from" in trial.user_attrs

@@ -1,0 +1,315 @@
+"""The jobs, once their input is checked (search/prepare.py): a run (open the study, start
+the other workers, prepare the teacher, search, write the results) and an export (retrain
+a trial for longer, verify its file against the budgets, write the model and its card).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import zlib
+from pathlib import Path
+
+import optuna
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+from compsearch import __version__
+from compsearch.objectives.catalog import CACHE_FOLDER
+from compsearch.objectives.data import load_dataset
+from compsearch.objectives.measure import onnx_accuracy
+from compsearch.objectives.teacher import prepare_teacher
+from compsearch.objectives.train import DeviceData, Distillation, EpochCallback
+from compsearch.objectives.trial import TrialResult, run_trial
+from compsearch.results.export import ExportError, model_card, write_export
+from compsearch.results.files import write_study_files
+from compsearch.results.records import StudySettings, read_trials, study_settings
+from compsearch.results.table import pareto_front, trials_frame
+from compsearch.search.common import (
+    EXIT_INTERRUPTED,
+    EXPORT_EPOCH_FACTOR,
+    SPACE_FILE,
+    WORKER_SEED_STRIDE,
+    UsageError,
+    redact,
+)
+from compsearch.search.loop import (
+    SearchSettings,
+    default_schedule,
+    fail_stale_trials,
+    finished_and_running,
+    search,
+    waiting_trials,
+)
+from compsearch.search.options import WorkerRole
+from compsearch.search.prepare import PreparedExport, PreparedRun
+from compsearch.search.study import existing_trials, make_sampler, open_storage, open_study
+from compsearch.search.summaries import ExportSummary, RunSummary, StudyView
+from compsearch.search.supervise import Reporter
+from compsearch.spaces.budgets import Budgets, amount
+from compsearch.spaces.space import sample
+
+
+def execute_run(
+    prepared: PreparedRun, console: Console, role: WorkerRole, reporter: Reporter
+) -> RunSummary:
+    options, data, space = prepared.options, prepared.data, prepared.space
+    name, folder, url = options.study_name, options.folder, options.storage_url
+    device = resolve_device(options.device)
+    if role.threads:
+        torch.set_num_threads(role.threads)
+    schedule = default_schedule(options.epochs, data.resolution)
+    on_device = DeviceData(data, device)
+    # A teacher file is checked before the storage opens; one to train, after.
+    distillation = None
+    if options.teacher != "auto":
+        distillation = teacher(prepared, on_device, console, reporter)
+    storage = open_storage(url, options.heartbeat)  # only now: bad data leaves no empty study
+    settings = StudySettings(
+        dataset=data.name,
+        budgets=options.budgets,
+        seed=options.seed,
+        subset=options.subset,
+        teacher=options.teacher,
+        data_source=options.data_source(),
+        space=space,
+        version=__version__,
+    )
+    # A resumed study gets a fresh sampler seed so it does not repeat its first proposals,
+    # and workers started together get different ones.
+    sampler_seed = options.seed + existing_trials(storage, name) + WORKER_SEED_STRIDE * role.index
+    if options.storage and role.index == 0:
+        # Possibly one of several workers started by hand on a shared storage: without its
+        # own salt it would propose the same first configs as the others.
+        sampler_seed += zlib.crc32(f"{socket.gethostname()}:{os.getpid()}".encode()) % 100_000
+    study = open_study(storage, name, settings, make_sampler(options.sampler, sampler_seed))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / SPACE_FILE).write_text(space.to_toml())
+    fail_stale_trials(study)
+    waiting = waiting_trials(study)
+    before = len(study.trials)
+    finish_at = role.finish_at
+    if finish_at is None:
+        finish_at = finished_and_running(study)[0] + options.trials
+    reporter.send(study=name, storage=url, finish_at=finish_at)
+    children = start_workers(prepared, role, finish_at, device) if options.workers > 1 else []
+    console.print(
+        f"study [bold]{name}[/] in {redact(url)}: {before} trials so far"
+        + (f", {waiting} interrupted or lost trial(s) queued to run again" if waiting else "")
+        + (f"; {len(children) + 1} workers, logs of the others in {folder / 'workers'}"
+           if children else "")
+        + f"; dataset {data.name} ({len(data.train)} train, {len(data.val)} validation images,"
+        f" {data.resolution}x{data.resolution}x{data.channels}); device {device}"
+    )  # fmt: skip
+    run_settings = SearchSettings(
+        options.budgets, options.trials, options.timeout, options.seed, device, folder,
+        finish_at=finish_at,
+    )  # fmt: skip
+    started = time.perf_counter()
+    try:
+        if options.teacher == "auto":
+            distillation = teacher(prepared, on_device, console, reporter)
+        counts = search(
+            study, space, schedule, data, run_settings, console, distillation, on_device,
+            reporter,
+        )  # fmt: skip
+    except KeyboardInterrupt:
+        counts = None
+        for process, _ in children:  # they are in this process's group, not the terminal's
+            if process.poll() is None:
+                process.send_signal(signal.SIGINT)
+    finally:
+        failed_workers = wait_for_workers(children, console)
+    seconds = time.perf_counter() - started
+    if role.index > 0:  # worker 0 writes the results once all have finished
+        return RunSummary(name, redact(url), folder, seconds, counts, None, (), failed_workers)
+    written = tuple(write_study_files(study, folder))
+    view = view_of(study, folder)
+    return RunSummary(name, redact(url), folder, seconds, counts, view, written, failed_workers)
+
+
+def teacher(
+    prepared: PreparedRun, on_device: DeviceData, console: Console, reporter: Reporter
+) -> Distillation | None:
+    """The run's distillation, with the teacher's epochs shown while one is trained."""
+    options, data = prepared.options, prepared.data
+    reporter.send(step=f"preparing the teacher ({options.teacher})")
+    with epoch_progress(console, "teacher epochs") as on_epoch:
+        return prepare_teacher(
+            options.teacher, data, on_device, options.out,
+            default_schedule(options.epochs, data.resolution), options.seed, options.subset,
+            options.distill_weight, options.distill_temperature, say=console.print,
+            on_epoch=on_epoch,
+        )  # fmt: skip
+
+
+class epoch_progress:  # noqa: N801 (a context manager, used as a function)
+    """A transient progress bar of epochs; the context gives its on_epoch callback."""
+
+    def __init__(self, console: Console, description: str) -> None:
+        columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        self.progress = Progress(*columns, console=console, transient=True)
+        self.description = description
+
+    def __enter__(self) -> EpochCallback:
+        self.progress.__enter__()
+        task = self.progress.add_task(self.description, total=None)
+
+        def on_epoch(done: int, total: int, resolution: int) -> None:
+            self.progress.update(
+                task, completed=done, total=total,
+                description=f"{self.description} at {resolution} px",
+            )  # fmt: skip
+
+        return on_epoch
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.__exit__(*exc)
+
+
+def resolve_device(name: str) -> str:
+    """auto, cpu, cuda or cuda:K (checked by RunOptions) as a device this machine has."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return name
+    if not torch.cuda.is_available():
+        raise UsageError(f"--device {name} asked for, but no CUDA GPU is available; use cpu")
+    index = int(name.split(":")[1]) if ":" in name else 0
+    if index >= torch.cuda.device_count():
+        raise UsageError(
+            f"--device {name}: only {torch.cuda.device_count()} CUDA devices are present"
+        )
+    return name
+
+
+def start_workers(
+    prepared: PreparedRun, role: WorkerRole, finish_at: int, device: str
+) -> list[tuple[subprocess.Popen, Path]]:
+    """Start workers 1..K-1 as processes running this same search on the same study.
+
+    With several GPUs each worker gets its own; otherwise they share the device, and on
+    CPU the cores are split between them (this process is worker 0).
+    """
+    options = prepared.options
+    workers = options.workers
+    gpus = torch.cuda.device_count() if device.startswith("cuda") else 0
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    if gpus <= 1:
+        torch.set_num_threads(threads)
+    logs = options.folder / "workers"
+    logs.mkdir(parents=True, exist_ok=True)
+    one = dataclasses.replace(
+        options, workers=1, storage=options.storage_url, study=options.study_name
+    )
+    children = []
+    for index in range(1, workers):
+        command = [
+            *role.launcher, "run", *one.to_argv(),
+            "--worker-index", str(index), "--finish-at", str(finish_at),
+        ]  # fmt: skip
+        if gpus > 1:
+            command += ["--device", f"cuda:{index % gpus}"]
+        else:
+            command += ["--threads", str(threads)]
+        log = logs / f"worker-{index}.log"
+        with open(log, "w") as stream:
+            children.append(
+                (subprocess.Popen(command, stdout=stream, stderr=subprocess.STDOUT), log)
+            )
+    return children
+
+
+def wait_for_workers(children: list[tuple[subprocess.Popen, Path]], console: Console) -> int:
+    """Wait for the other workers; say which failed and where their log is."""
+    failed = 0
+    for process, log in children:
+        try:
+            code = process.wait()
+        except KeyboardInterrupt:  # a second Ctrl-C: they got the first one too
+            code = process.wait()
+        if code not in (0, EXIT_INTERRUPTED):
+            failed += 1
+            console.print(f"a worker exited with code {code}; its log: {log}")
+    return failed
+
+
+def view_of(study: optuna.Study, folder: Path) -> StudyView:
+    settings = study_settings(study)
+    records = tuple(read_trials(study.get_trials(deepcopy=False)))
+    frame = trials_frame(study, settings.budgets)
+    by_number = {record.number: record for record in records}
+    front = tuple(by_number[int(number)] for number in pareto_front(frame)["number"])
+    return StudyView(study.study_name, settings.budgets, folder, records, front, frame)
+
+
+def execute_export(prepared: PreparedExport, console: Console, reporter: Reporter) -> ExportSummary:
+    """Retrain the trial's config for `--epochs` (default EXPORT_EPOCH_FACTOR times the
+    trial's) on the whole training split, compress it as the trial did, and write
+    `export/` only when the file meets every budget (ExportError otherwise, with the
+    figures, and nothing written)."""
+    options, record, settings = prepared.options, prepared.record, prepared.settings
+    budgets, seed = settings.budgets, settings.seed
+    device = resolve_device(options.device)
+    trial_epochs = record.config.train.epochs
+    epochs = options.epochs or EXPORT_EPOCH_FACTOR * trial_epochs
+    data = load_dataset(
+        prepared.dataset, seed=seed, data_dir=prepared.data_dir,
+        cache_folder=options.out / CACHE_FOLDER,
+    )  # fmt: skip
+    schedule = default_schedule(epochs, data.resolution)
+    try:  # the config as sampled, before pruning, with the export's schedule
+        config = sample(optuna.trial.FixedTrial(record.searched), settings.space, schedule)
+    except ValueError as error:
+        raise ExportError(f"trial {record.number}'s parameters no longer fit: {error}") from None
+    on_device = DeviceData(data, device)
+    teacher_spec = options.teacher or settings.teacher
+
+    def step(text: str) -> None:
+        reporter.step(record.number, text)
+
+    folder = prepared.folder
+    folder.mkdir(parents=True, exist_ok=True)
+    with epoch_progress(console, "epochs") as on_epoch:
+        step(f"preparing the teacher ({teacher_spec})")
+        distillation = prepare_teacher(
+            teacher_spec, data, on_device, options.out, schedule, seed, None,
+            say=console.print, on_epoch=on_epoch,
+        )  # fmt: skip
+        console.print(
+            f"exporting trial {record.number}: {epochs} epochs on {len(data.train)} training "
+            f"images (the trial had {trial_epochs}), teacher {teacher_spec}"
+        )
+        with tempfile.TemporaryDirectory(dir=folder, prefix=".export-") as work:
+            work = Path(work)
+            result = run_trial(
+                config, data, work, seed, on_device, on_epoch=on_epoch,
+                distillation=distillation, on_step=step,
+            )  # fmt: skip
+            check_export_budgets(record.number, result, budgets)
+            test_accuracy = onnx_accuracy(result.onnx_path, data.test, data, data.resolution)
+            card = model_card(
+                prepared.study.study_name, record, result, data, budgets, seed, epochs,
+                teacher_spec, test_accuracy,
+            )  # fmt: skip
+            target = write_export(folder, work, result, card)
+    # The report shows the export's verified figures from now on.
+    report = write_study_files(prepared.study, folder)[-1]
+    return ExportSummary(target, card, budgets, report)
+
+
+def check_export_budgets(number: int, result: TrialResult, budgets: Budgets) -> None:
+    over = budgets.excess(result.params, result.size_kb, result.macs)
+    if over:
+        raise ExportError(
+            f"the exported model of trial {number} breaks the budgets "
+            f"({', '.join(over)}): params {result.params:,}, size {result.size_kb:.1f} KB, "
+            f"MACs {amount(result.macs)} against {budgets.describe()}; nothing was written. "
+            "Export another trial (compsearch show) or a smaller one"
+        )
