@@ -126,13 +126,16 @@ def main() -> None:
         ],
         out.parent,
     )  # fmt: skip
-    import compsearch
+    import pandas as pd
 
+    from compsearch.search import api
+
+    frame = pd.read_csv(out / STUDY / "trials.csv")
     # The trial `export --trial best` will pick, and its seconds per training image and
     # epoch. Those seconds also hold its measuring and compression, a larger share of a
     # short trial than of the export, so the estimate errs on the slow side and leaves the
     # export's own measuring its time.
-    best = compsearch.show(STUDY, out=out).best
+    best = api.show(STUDY, out=out).best
     if best is None:
         raise SystemExit("no feasible trial: give the search more --minutes")
     per_image_epoch = best.seconds / (int(args.epochs) * int(args.subset))

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from compsearch.objectives import catalog
+from compsearch.objectives import teacher as teacher_module
 from compsearch.objectives.data import load_dataset
 from compsearch.objectives.teacher import prepare_teacher, residual_arch
 from compsearch.objectives.train import DeviceData

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -11,7 +12,7 @@ import numpy as np
 
 from compsearch.objectives import formats
 from compsearch.objectives.catalog import FOLDER_PREFIX, SHAPES
-from compsearch.objectives.formats import DataError
+from compsearch.objectives.errors import DataError
 
 if TYPE_CHECKING:
     import torch
@@ -401,19 +402,23 @@ def read_folder(name: str, console: Console | None, cache_folder: Path | None) -
     )
 
 
+# How each named dataset is read from --data-dir; its shape is in catalog.SHAPES.
+READERS: dict[str, Callable[[Path], Source]] = {
+    "digits": lambda data_dir: read_digits(),
+    "mnist": lambda data_dir: read_mnist_like("mnist", data_dir),
+    "fashion-mnist": lambda data_dir: read_mnist_like("fashion-mnist", data_dir),
+    "cifar10": lambda data_dir: read_cifar("cifar10", data_dir),
+    "cifar100": lambda data_dir: read_cifar("cifar100", data_dir),
+    "svhn": read_svhn,
+    "stl10": read_stl10,
+}
+
+
 def read_source(
     name: str, data_dir: Path, console: Console | None, cache_folder: Path | None = None
 ) -> Source:
-    if name == "digits":
-        return read_digits()
-    if name in ("mnist", "fashion-mnist"):
-        return read_mnist_like(name, data_dir)
-    if name in ("cifar10", "cifar100"):
-        return read_cifar(name, data_dir)
-    if name == "svhn":
-        return read_svhn(data_dir)
-    if name == "stl10":
-        return read_stl10(data_dir)
+    if name in READERS:
+        return READERS[name](data_dir)
     if name.startswith(FOLDER_PREFIX):
         return read_folder(name, console, cache_folder)
     raise DataError(

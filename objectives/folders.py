@@ -34,7 +34,7 @@ from typing import NamedTuple
 import numpy as np
 from rich.console import Console
 
-from compsearch.objectives.formats import DataError, one_line
+from compsearch.objectives.errors import DataError, one_line
 
 IMAGE_SUFFIXES = frozenset(
     (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".ppm", ".pgm", ".pbm", ".tif", ".tiff", ".webp")

@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from compsearch.objectives.errors import DataError, one_line
+
 # IDX element types (the third byte of the magic number) and their numpy dtypes.
 IDX_TYPES = {
     0x08: np.dtype(np.uint8),
@@ -21,10 +23,6 @@ IDX_TYPES = {
     0x0D: np.dtype(">f4"),
     0x0E: np.dtype(">f8"),
 }
-
-
-class DataError(ValueError):
-    """The data cannot be used as given; the message says what is wrong and what to do."""
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -51,12 +49,6 @@ def read_idx(path: Path) -> np.ndarray:
             "again"
         )
     return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
-
-
-def one_line(error: BaseException) -> str:
-    """An exception as one short line: messages from libraries may span lines or be empty."""
-    text = " ".join(str(error).split()) or type(error).__name__
-    return text if len(text) <= 200 else text[:197] + "..."
 
 
 # What a CIFAR pickle may build: numpy arrays and the bytes inside them. Any other global

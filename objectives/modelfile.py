@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from compsearch.objectives.formats import DataError, one_line
+from compsearch.objectives.errors import DataError, one_line
 from compsearch.spaces.config import ArchConfig, TrialConfig, arch_from_dict
 
 if TYPE_CHECKING:

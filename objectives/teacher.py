@@ -16,7 +16,7 @@ from torch import nn
 
 from compsearch.objectives.catalog import DISTILL_TEMPERATURE, DISTILL_WEIGHT, FOLDER_PREFIX
 from compsearch.objectives.data import Dataset
-from compsearch.objectives.formats import DataError
+from compsearch.objectives.errors import DataError
 from compsearch.objectives.modelfile import load_model, save_model
 from compsearch.objectives.train import (
     DeviceData,

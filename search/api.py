@@ -127,8 +127,8 @@ def show(
 
 
 def show_job(location: Location, console: Console) -> StudyView:
-    from compsearch.search.jobs import view_of
-    from compsearch.search.study import locate_study
+    from compsearch.search.study import locate_study  # optuna
+    from compsearch.search.views import view_of  # pandas
 
     return view_of(*locate_study(location, console.print))
 
@@ -145,7 +145,7 @@ def plot(
 
 
 def plot_job(location: Location, console: Console) -> list[Path]:
-    from compsearch.results.files import write_study_files
-    from compsearch.search.study import locate_study
+    from compsearch.results.files import write_study_files  # pandas, matplotlib
+    from compsearch.search.study import locate_study  # optuna
 
     return write_study_files(*locate_study(location, console.print))

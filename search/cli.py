@@ -15,9 +15,6 @@ from rich.console import Console
 
 from compsearch import __version__
 from compsearch.objectives.catalog import DISTILL_TEMPERATURE, DISTILL_WEIGHT
-from compsearch.objectives.formats import DataError
-from compsearch.results.export import ExportError
-from compsearch.results.records import NotCompsearchStudy
 from compsearch.search import api
 from compsearch.search.common import (
     DEFAULT_EPOCHS,
@@ -41,10 +38,17 @@ from compsearch.search.supervise import (
     supervise_export,
     supervise_run,
 )
-from compsearch.spaces.space import SpaceError
 
-# Every error a user's input can cause: main() prints it as one line and exits 2.
-EXPECTED_ERRORS = (UsageError, DataError, SpaceError, ExportError, NotCompsearchStudy)
+# Every error a user's input can cause, where it lives: main() prints it as one line and
+# exits 2. Named rather than imported, so that the command line loads none of their
+# modules before a command needs them.
+EXPECTED_ERRORS = (
+    "compsearch.search.common.UsageError",
+    "compsearch.objectives.errors.DataError",
+    "compsearch.spaces.space.SpaceError",
+    "compsearch.results.export.ExportError",
+    "compsearch.results.records.NotCompsearchStudy",
+)
 _SUFFIXES = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}
 
 
@@ -222,9 +226,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "export":
             return command_export(args, console)
         return command_plot(args, console)
-    except EXPECTED_ERRORS as error:
+    except Exception as error:
+        if not expected(error):
+            raise
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
+
+
+def expected(error: Exception) -> bool:
+    """Whether `error` is one of EXPECTED_ERRORS (or a subclass of one)."""
+    return any(
+        f"{kind.__module__}.{kind.__qualname__}" in EXPECTED_ERRORS for kind in type(error).__mro__
+    )
 
 
 def run_options(args: argparse.Namespace) -> RunOptions:

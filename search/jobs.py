@@ -29,8 +29,7 @@ from compsearch.objectives.train import DeviceData, Distillation, EpochCallback
 from compsearch.objectives.trial import TrialResult, run_trial
 from compsearch.results.export import ExportError, model_card, write_export
 from compsearch.results.files import write_study_files
-from compsearch.results.records import StudySettings, read_trials, study_settings
-from compsearch.results.table import pareto_front, trials_frame
+from compsearch.results.records import StudySettings
 from compsearch.search.common import (
     EXIT_INTERRUPTED,
     EXPORT_EPOCH_FACTOR,
@@ -50,8 +49,9 @@ from compsearch.search.loop import (
 from compsearch.search.options import WorkerRole
 from compsearch.search.prepare import PreparedExport, PreparedRun
 from compsearch.search.study import existing_trials, make_sampler, open_storage, open_study
-from compsearch.search.summaries import ExportSummary, RunSummary, StudyView
+from compsearch.search.summaries import ExportSummary, RunSummary
 from compsearch.search.supervise import Reporter
+from compsearch.search.views import view_of
 from compsearch.spaces.budgets import Budgets, amount
 from compsearch.spaces.space import sample
 
@@ -238,15 +238,6 @@ def wait_for_workers(children: list[tuple[subprocess.Popen, Path]], console: Con
             failed += 1
             console.print(f"a worker exited with code {code}; its log: {log}")
     return failed
-
-
-def view_of(study: optuna.Study, folder: Path) -> StudyView:
-    settings = study_settings(study)
-    records = tuple(read_trials(study.get_trials(deepcopy=False)))
-    frame = trials_frame(study, settings.budgets)
-    by_number = {record.number: record for record in records}
-    front = tuple(by_number[int(number)] for number in pareto_front(frame)["number"])
-    return StudyView(study.study_name, settings.budgets, folder, records, front, frame)
 
 
 def execute_export(prepared: PreparedExport, console: Console, reporter: Reporter) -> ExportSummary:

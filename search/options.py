@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -285,5 +286,6 @@ class WorkerRole:
     index: int = 0
     finish_at: int | None = None  # finished trials at which every worker stops
     threads: int | None = None  # CPU threads for torch
-    # How to start a worker process: the interpreter and `compsearch` or `-m ...`.
-    launcher: tuple[str, ...] = ("python", "-m", "compsearch")
+    # How to start a worker process: this interpreter and the program or module that
+    # started this one (search/supervise.py's `launcher`).
+    launcher: tuple[str, ...] = (sys.executable, "-m", "compsearch")

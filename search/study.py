@@ -192,19 +192,9 @@ class Retry(RetryHeartbeatStaleTrialCallback):
 
 
 def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
-    if name == "tpe":
-        # One density per parameter: on bench/search_efficiency.py it reached a better front
-        # than multivariate TPE, whose joint density needs far more trials in a space of
-        # some 35 parameters. constant_liar keeps parallel workers from proposing the same
-        # config.
-        return optuna.samplers.TPESampler(constant_liar=True, seed=seed)
-    if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed)
-    if name == "gp":
-        return optuna.samplers.GPSampler(seed=seed)
-    if name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    raise UsageError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+    if name not in SAMPLERS:
+        raise UsageError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+    return SAMPLERS[name](optuna.samplers, seed)
 
 
 def existing_trials(storage: optuna.storages.BaseStorage, name: str) -> int:

@@ -15,8 +15,8 @@ from conftest import sampled_configs
 
 from compsearch.objectives.modelfile import load_model, save_model
 from compsearch.objectives.teacher import teacher_arch
-from compsearch.search.cli import parse_amount
 from compsearch.results.records import SETTINGS_KEY
+from compsearch.search.cli import parse_amount
 from compsearch.search.common import UsageError
 from compsearch.spaces.budgets import amount
 from compsearch.spaces.builder import build

@@ -362,3 +362,12 @@ def test_the_real_cifar10_batches_built_from_the_shared_copy(tmp_path):
     assert np.allclose(data.mean, (0.4913, 0.4821, 0.4465), atol=0.002)
     official = np.loadtxt(SHARED / "cifar10-jpeg" / "test_labels.txt", dtype=np.int64)
     assert data.test.labels.tolist() == official.tolist()
+
+
+def test_every_named_dataset_has_a_shape_and_a_reader():
+    """A dataset is added in two places, catalog.SHAPES (known before loading, for the
+    budget checks) and data.READERS; each must name the same datasets."""
+    from compsearch.objectives.catalog import SHAPES
+    from compsearch.objectives.data import READERS
+
+    assert set(READERS) == set(SHAPES)

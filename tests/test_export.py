@@ -17,9 +17,8 @@ from test_cli import compsearch
 from compsearch.objectives import trial as trial_module
 from compsearch.objectives.data import TEST_FRACTION, TEST_SEED, stratified_split
 from compsearch.objectives.train import fit
-from compsearch.search import cli
 from compsearch.results.records import SETTINGS_KEY
-from compsearch.search import common
+from compsearch.search import cli, common
 from compsearch.spaces.builder import build
 from compsearch.spaces.config import TrialConfig
 

@@ -23,8 +23,8 @@ from compsearch.objectives.train import TrainingDiverged
 from compsearch.results.records import LOST
 from compsearch.results.table import trials_frame
 from compsearch.search import loop as run_module
-from compsearch.search.optuna_private import storage_of, trial_id
 from compsearch.search.loop import SearchSettings, fail_stale_trials, search
+from compsearch.search.optuna_private import storage_of, trial_id
 from compsearch.search.study import DIRECTIONS, open_storage
 from compsearch.spaces.budgets import Budgets
 from compsearch.spaces.space import space_for

@@ -9,8 +9,8 @@ import pickle
 import numpy as np
 import pytest
 
+from compsearch.objectives.errors import DataError
 from compsearch.objectives.formats import (
-    DataError,
     read_cifar_batch,
     read_idx,
     read_label_names,

@@ -10,6 +10,7 @@ import re
 import optuna
 import pytest
 
+from compsearch.results.files import write_study_files
 from compsearch.results.plots import (
     history_figure,
     importance_figure,
@@ -17,6 +18,7 @@ from compsearch.results.plots import (
     pareto_plotly,
     pyplot,
 )
+from compsearch.results.records import SETTINGS_KEY
 from compsearch.results.report import trial_counts
 from compsearch.results.table import (
     MIN_TRIALS_FOR_IMPORTANCE,
@@ -26,8 +28,6 @@ from compsearch.results.table import (
     search_history,
     trials_frame,
 )
-from compsearch.results.files import write_study_files
-from compsearch.results.records import SETTINGS_KEY
 from compsearch.search.study import DIRECTIONS
 from compsearch.spaces.budgets import Budgets
 

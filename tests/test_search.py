@@ -177,3 +177,14 @@ def test_a_search_logged_to_a_file_prints_one_line_per_trial(tmp_path):
             assert f"{trial.values[0]:.2%} at {trial.values[1]:.1f} KB" in line
         else:
             assert "over budget by estimate: " in line
+
+
+@pytest.mark.parametrize("name", ["tpe", "nsga2", "gp", "random"])
+def test_every_sampler_the_command_line_names_is_made_with_its_seed(name):
+    from compsearch.search.common import SAMPLERS
+    from compsearch.search.study import make_sampler
+
+    assert name in SAMPLERS
+    sampler = make_sampler(name, seed=7)
+    assert isinstance(sampler, optuna.samplers.BaseSampler)
+    assert type(sampler).__name__.lower().startswith(name[:2])
