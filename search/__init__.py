@@ -1,1 +1,3 @@
-"""The Optuna study: storage, sampler, constraints, the trial loop and the command line."""
+"""Every job that drives work: options and their checks, the Optuna study and storages,
+the search loop, workers, crash supervision, the export's retraining, the Python API
+(search/api.py) and the command line (search/cli.py)."""

@@ -59,6 +59,9 @@ from compsearch.spaces.space import sample
 def execute_run(
     prepared: PreparedRun, console: Console, role: WorkerRole, reporter: Reporter
 ) -> RunSummary:
+    """Open (or create) the study, start the other workers, prepare the teacher, search
+    until the study holds its target of finished trials, then write trials.csv, the
+    figures and the report (worker 0 only, once all workers have finished)."""
     options, data, space = prepared.options, prepared.data, prepared.space
     name, folder, url = options.study_name, options.folder, options.storage_url
     device = resolve_device(options.device)
