@@ -13,6 +13,7 @@ import numpy as np
 from compsearch.objectives import formats
 from compsearch.objectives.catalog import FOLDER_PREFIX, SHAPES
 from compsearch.objectives.errors import DataError
+from compsearch.objectives.folders import read_image_folder
 
 if TYPE_CHECKING:
     import torch
@@ -137,8 +138,6 @@ def find_idx_folder(data_dir: Path, fashion: bool) -> Path | None:
 
 def read_mnist_like(name: str, data_dir: Path) -> Source:
     """MNIST or Fashion-MNIST from their IDX files, gzipped or not."""
-    from compsearch.objectives.formats import read_idx
-
     fashion = name == "fashion-mnist"
     folder = find_idx_folder(data_dir, fashion) if data_dir.is_dir() else None
     if folder is None:
@@ -159,7 +158,7 @@ def read_mnist_like(name: str, data_dir: Path) -> Source:
         found = [folder / (stem + ext) for ext in (".gz", "") if (folder / (stem + ext)).exists()]
         if not found:
             raise DataError(f"{folder / stem}[.gz] is missing; {name} needs all four IDX files")
-        arrays[key] = read_idx(found[0])
+        arrays[key] = formats.read_idx(found[0])
     for split in ("train", "test"):
         images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
@@ -379,8 +378,6 @@ def read_stl10(data_dir: Path) -> Source:
 def read_folder(name: str, console: Console | None, cache_folder: Path | None) -> Source:
     """The user's images under `name`'s PATH; without a test/ folder, a fixed stratified
     20% of them is the test split. Decoded images are cached in `cache_folder`."""
-    from compsearch.objectives.folders import read_image_folder
-
     path = name[len(FOLDER_PREFIX) :]
     if not path:
         raise DataError("folder: needs a path, as in folder:photos (one sub-folder per class)")
