@@ -3,11 +3,11 @@
 Two commands, as a user types them, timed end to end:
 
     compsearch run --dataset folder:DATA --budget-params 2e6 --budget-kb 300 \\
-        --timeout SEARCH_S --epochs E --subset S ...
+        --time SEARCH_S --epochs E --subset S ...
     compsearch export --epochs X ...
 
 The search gets `--minutes` times (1 - `--export-share`, default 0.5) of wall time
-(`--timeout`: no trial starts after it; the one running finishes). The export then gets
+(`--time`: no trial starts after it; the one running finishes). The export then gets
 as many epochs on the training part of the split as the time left allows, judged from
 the chosen trial's own speed (at least the trials' epochs, at most ten times them).
 Printed at the end: the test
@@ -119,7 +119,7 @@ def main() -> None:
     search_wall = compsearch(
         [
             "run", "--dataset", f"folder:{args.data.resolve()}", "--budget-params", "2e6",
-            "--budget-kb", "300", "--timeout", f"{search_seconds:.0f}", "--trials", "100000",
+            "--budget-kb", "300", "--time", f"{search_seconds:.0f}", "--trials", "100000",
             "--epochs", args.epochs, "--subset", args.subset, "--workers", args.workers,
             "--device", args.device, *where,
             *(["--budget-macs", args.budget_macs] if args.budget_macs else []),

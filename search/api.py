@@ -37,7 +37,7 @@ def run(
     dataset: str = "digits",
     data_dir: Path | str = Path("data"),
     trials: int = DEFAULT_TRIALS,
-    timeout: float | None = None,
+    time: float | None = None,
     sampler: str = "tpe",
     subset: int | None = None,
     space: Path | str | None = None,
@@ -56,13 +56,14 @@ def run(
 ) -> RunSummary:
     """Search for the most accurate model within the budgets, as `compsearch run` does
     (see its --help for each argument), in this process; `quiet` shows no progress.
+    `time` is the search's wall time in seconds.
 
     Returns what the run did and the study as it then stands (`summary.view.front`, the
     feasible Pareto front, most accurate first). Ctrl-C stops it after the current trial
     is failed and queued again; the summary then says `interrupted`.
     """
     options = RunOptions(
-        budget_params, budget_kb, budget_macs, dataset, data_dir, trials, timeout, sampler,
+        budget_params, budget_kb, budget_macs, dataset, data_dir, trials, time, sampler,
         subset, space, epochs, seed, device, teacher, distill_weight, distill_temperature,
         workers, heartbeat, study, out, storage,
     )  # fmt: skip
@@ -90,6 +91,7 @@ def export(
     trial: int | str = "best",
     *,
     epochs: int | None = None,
+    time: float | None = None,
     teacher: str | None = None,
     data_dir: Path | str | None = None,
     device: str = "auto",
@@ -99,8 +101,9 @@ def export(
     quiet: bool = False,
 ) -> ExportSummary:
     """Retrain a trial for longer, verify its file against the budgets and write
-    OUT/STUDY/export/ (model.onnx, model.pt, model.json), as `compsearch export` does."""
-    options = ExportOptions(trial, epochs, teacher, data_dir, device, study, out, storage)
+    OUT/STUDY/export/ (model.onnx, model.pt, model.json), as `compsearch export` does.
+    `time`: seconds of training instead of `epochs`, sized from the trial's own speed."""
+    options = ExportOptions(trial, epochs, time, teacher, data_dir, device, study, out, storage)
     return export_job(options, Console(quiet=quiet))
 
 

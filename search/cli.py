@@ -78,8 +78,39 @@ def parse_fraction(text: str, what: str) -> float:
     return value
 
 
+DURATION = re.compile(
+    r"(?:(?P<h>[0-9]*\.?[0-9]+)h)?(?:(?P<m>[0-9]*\.?[0-9]+)m)?(?:(?P<s>[0-9]*\.?[0-9]+)s?)?"
+)
+
+
+def parse_duration(text: str, what: str) -> float:
+    """'90s', '20m', '1h30m', '1.5h', '45' (seconds) -> seconds; 'M' (minutes or
+    million?) and anything else is a usage error."""
+    compact = text.strip().replace(" ", "")
+    if re.fullmatch(r"[0-9.]+[KMG]", compact):
+        raise UsageError(
+            f"{what} {text!r} is ambiguous: write minutes as {compact[:-1]}m (units: s, m, h)"
+        )
+    match = DURATION.fullmatch(compact.lower()) if compact else None
+    seconds = math.nan
+    if match and any(match.groups()):
+        hours, minutes, rest = (float(part or 0) for part in match.group("h", "m", "s"))
+        seconds = hours * 3600 + minutes * 60 + rest
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise UsageError(
+            f"{what} must be a duration > 0 such as 90s, 20m or 1h30m (a bare number is "
+            f"seconds), but got {text!r}"
+        )
+    return seconds
+
+
 class Parser(argparse.ArgumentParser):
-    """argparse that reports a usage error as one line and exit code 2."""
+    """argparse that reports a usage error as one line and exit code 2, and takes no
+    abbreviated option (a misspelt --tim must not pass for --time)."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         print(f"error: {message} (see '{self.prog} --help')", file=sys.stderr)
@@ -117,7 +148,13 @@ def build_parser() -> Parser:
         help="folder holding the dataset's files, or a parent of it (default: ./data)",
     )
     run.add_argument("--trials", default=str(DEFAULT_TRIALS), help="trained trials to add")
-    run.add_argument("--timeout", help="seconds after which no new trial starts")
+    run.add_argument(
+        "--time",
+        "--timeout",
+        dest="time",
+        help="wall time of the search, such as 90s, 20m or 1h30m (a bare number is seconds): "
+        "no trial starts after it, the running one finishes (--timeout is an alias)",
+    )
     run.add_argument("--sampler", default="tpe", help=f"one of {', '.join(SAMPLERS)}")
     run.add_argument("--subset", help="train each trial on this many training images")
     run.add_argument("--space", help="TOML file narrowing or widening the search space")
@@ -178,6 +215,11 @@ def build_parser() -> Parser:
     export.add_argument(
         "--epochs",
         help=f"training epochs (default: {EXPORT_EPOCH_FACTOR} times the trial's)",
+    )
+    export.add_argument(
+        "--time",
+        help="wall time of the export's training instead of --epochs, such as 20m: the "
+        "epochs are sized from the trial's own seconds per image and epoch",
     )
     export.add_argument(
         "--teacher", help="none, auto or a model.pt path (default: what the study used)"
@@ -250,7 +292,7 @@ def run_options(args: argparse.Namespace) -> RunOptions:
     trials = parse_count(args.trials, "--trials")
     epochs = parse_count(args.epochs, "--epochs")
     subset = parse_count(args.subset, "--subset") if args.subset else None
-    timeout = parse_amount(args.timeout, "--timeout") if args.timeout else None
+    time = parse_duration(args.time, "--time") if args.time else None
     if not re.fullmatch(r"[0-9]+", args.seed.strip()):
         raise UsageError(f"--seed must be a whole number >= 0, but got {args.seed!r}")
     return RunOptions(
@@ -258,7 +300,7 @@ def run_options(args: argparse.Namespace) -> RunOptions:
         dataset=args.dataset,
         data_dir=args.data_dir,
         trials=trials,
-        timeout=timeout,
+        time=time,
         sampler=args.sampler,
         subset=subset,
         space=Path(args.space) if args.space else None,
@@ -365,6 +407,7 @@ def command_export(args: argparse.Namespace, console: Console) -> int:
     options = ExportOptions(
         trial=args.trial,
         epochs=parse_count(args.epochs, "--epochs") if args.epochs else None,
+        time=parse_duration(args.time, "--time") if args.time else None,
         teacher=args.teacher,
         data_dir=args.data_dir,
         device=args.device,

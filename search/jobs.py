@@ -29,7 +29,7 @@ from compsearch.objectives.train import DeviceData, Distillation, EpochCallback
 from compsearch.objectives.trial import TrialResult, run_trial
 from compsearch.results.export import ExportError, model_card, write_export
 from compsearch.results.files import write_study_files
-from compsearch.results.records import StudySettings
+from compsearch.results.records import StudySettings, TrialRecord
 from compsearch.search.common import (
     EXIT_INTERRUPTED,
     EXPORT_EPOCH_FACTOR,
@@ -111,7 +111,7 @@ def execute_run(
         f" {data.resolution}x{data.resolution}x{data.channels}); device {device}"
     )  # fmt: skip
     run_settings = SearchSettings(
-        options.budgets, options.trials, options.timeout, options.seed, device, folder,
+        options.budgets, options.trials, options.time, options.seed, device, folder,
         finish_at=finish_at,
     )  # fmt: skip
     started = time.perf_counter()
@@ -257,6 +257,10 @@ def execute_export(prepared: PreparedExport, console: Console, reporter: Reporte
         prepared.dataset, seed=seed, data_dir=prepared.data_dir,
         cache_folder=options.out / CACHE_FOLDER,
     )  # fmt: skip
+    sized = ""
+    if options.time is not None:
+        epochs = epochs_for_time(record, settings.subset, len(data.train), options.time)
+        sized = f", sized to --time {options.time:g} s from the trial's {record.seconds:.0f} s"
     schedule = default_schedule(epochs, data.resolution)
     try:  # the config as sampled, before pruning, with the export's schedule
         config = sample(optuna.trial.FixedTrial(record.searched), settings.space, schedule)
@@ -278,7 +282,7 @@ def execute_export(prepared: PreparedExport, console: Console, reporter: Reporte
         )  # fmt: skip
         console.print(
             f"exporting trial {record.number}: {epochs} epochs on {len(data.train)} training "
-            f"images (the trial had {trial_epochs}), teacher {teacher_spec}"
+            f"images (the trial had {trial_epochs}{sized}), teacher {teacher_spec}"
         )
         with tempfile.TemporaryDirectory(dir=folder, prefix=".export-") as work:
             work = Path(work)
@@ -296,6 +300,26 @@ def execute_export(prepared: PreparedExport, console: Console, reporter: Reporte
     # The report shows the export's verified figures from now on.
     report = write_study_files(prepared.study, folder)[-1]
     return ExportSummary(target, card, budgets, report)
+
+
+# The export's training gets this share of --time; the rest is for pruning, writing and
+# measuring the file (which the trial's own seconds also held, so they err long).
+TRAINING_SHARE_OF_TIME = 0.9
+
+
+def epochs_for_time(
+    record: TrialRecord, subset: int | None, train_images: int, seconds: float
+) -> int:
+    """The epochs on `train_images` images that fit `seconds`, at the trial's own measured
+    seconds per image and epoch (at least 2: train, then fine-tune)."""
+    trial_images = min(subset, train_images) if subset else train_images
+    if not record.seconds > 0:
+        raise ExportError(
+            f"trial {record.number} has no measured training time to size --time from; "
+            "give --epochs instead"
+        )
+    per_image_epoch = record.seconds / (record.config.train.epochs * trial_images)
+    return max(2, int(TRAINING_SHARE_OF_TIME * seconds / (per_image_epoch * train_images)))
 
 
 def check_export_budgets(number: int, result: TrialResult, budgets: Budgets) -> None:

@@ -327,7 +327,7 @@ def run_one(job: SearchJob, trial: optuna.Trial, rejections_in_a_row: int) -> Ou
 def stop_reason(counts: SearchCounts, settings: SearchSettings, elapsed: float) -> str:
     """Why the search stops before its target, or "" while it goes on."""
     if settings.timeout is not None and elapsed > settings.timeout:
-        return f"--timeout {settings.timeout:g} s reached"
+        return f"--time {settings.timeout:g} s reached"
     if counts.failures_in_a_row >= settings.max_failures_in_a_row:
         return (
             f"{counts.failures_in_a_row} trials in a row failed, the last with "

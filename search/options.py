@@ -144,7 +144,7 @@ class RunOptions:
     dataset: str = "digits"
     data_dir: Path = Path("data")
     trials: int = DEFAULT_TRIALS
-    timeout: float | None = None  # seconds after which no new trial starts
+    time: float | None = None  # seconds of the search's wall time: no trial starts after
     sampler: str = "tpe"
     subset: int | None = None
     space: Path | None = None  # a TOML file narrowing or widening the space
@@ -174,8 +174,8 @@ class RunOptions:
         check_epochs(self.epochs)
         if self.subset is not None:
             check_number(self.subset, "--subset", low=1, whole=True)
-        if self.timeout is not None:
-            check_number(self.timeout, "--timeout")
+        if self.time is not None:
+            check_number(self.time, "--time")
         check_number(self.seed, "--seed", low=0, whole=True)
         if self.sampler not in SAMPLERS:
             raise UsageError(
@@ -252,7 +252,8 @@ class ExportOptions:
     """`compsearch export`'s arguments, typed."""
 
     trial: int | str = "best"  # "best" (the most accurate feasible trial) or a number
-    epochs: int | None = None  # None: EXPORT_EPOCH_FACTOR times the trial's
+    epochs: int | None = None  # None: EXPORT_EPOCH_FACTOR times the trial's, or from `time`
+    time: float | None = None  # seconds of training, instead of `epochs`
     teacher: str | None = None  # None: what the study used
     data_dir: Path | None = None  # None: where the study read its data
     device: str = "auto"
@@ -266,6 +267,10 @@ class ExportOptions:
             raise UsageError(f"--trial must be best or a trial number, but got {self.trial!r}")
         object.__setattr__(self, "trial", trial)
         check_epochs(self.epochs)
+        if self.time is not None:
+            check_number(self.time, "--time")
+            if self.epochs is not None:
+                raise UsageError("give --epochs or --time, not both")
         check_teacher(self.teacher)
         object.__setattr__(self, "data_dir", as_path(self.data_dir))
         if self.data_dir is not None:

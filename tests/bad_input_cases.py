@@ -250,7 +250,11 @@ CASES = [
          ("show", "--storage", "mysql://root@127.0.0.1:3399/none"),
          "cannot open storage mysql://root@127.0.0.1:3399/none"),
     # Numbers and words.
-    Case("timeout text", run("--timeout", "soon"), "--timeout must be a number > 0"),
+    Case("timeout text", run("--timeout", "soon"), "--time must be a duration > 0"),
+    Case("time in millions", run("--time", "2M"), "ambiguous: write minutes as 2m"),
+    Case("time misspelt", run("--tim", "5m"), "unrecognized arguments: --tim"),
+    Case("export for epochs and a time", ("export", "--epochs", "4", "--time", "2m"),
+         "give --epochs or --time, not both"),
     Case("subset 0", run("--subset", "0"), "--subset must be a number > 0"),
     Case("subset fraction", run("--subset", "2.5"), "--subset must be a whole number"),
     Case("heartbeat 0", run("--heartbeat", "0"), "--heartbeat must be a number > 0"),

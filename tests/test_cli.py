@@ -16,7 +16,7 @@ from conftest import sampled_configs
 from compsearch.objectives.modelfile import load_model, save_model
 from compsearch.objectives.teacher import teacher_arch
 from compsearch.results.records import SETTINGS_KEY
-from compsearch.search.cli import parse_amount
+from compsearch.search.cli import parse_amount, parse_duration
 from compsearch.search.common import UsageError
 from compsearch.spaces.budgets import amount
 from compsearch.spaces.builder import build
@@ -47,6 +47,39 @@ def test_amounts_people_write_are_understood(text, value):
 def test_bad_amounts_are_usage_errors(text):
     with pytest.raises(UsageError, match="must be a number > 0"):
         parse_amount(text, "--budget-params")
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("90s", 90), ("20m", 1200), ("1h30m", 5400), ("1.5h", 5400), ("45", 45), ("4m", 240),
+     ("2h5s", 7205), (" 3 m ", 180), ("0.5m", 30)],
+)  # fmt: skip
+def test_durations_take_units_and_a_bare_number_is_seconds(text, seconds):
+    assert parse_duration(text, "--time") == seconds
+
+
+@pytest.mark.parametrize("text", ["0", "0m", "-5m", "4x", "", "m", "1h-30m", "1d", "nan", "5 min"])
+def test_bad_durations_are_usage_errors(text):
+    with pytest.raises(UsageError, match="must be a duration > 0 such as 90s, 20m or 1h30m"):
+        parse_duration(text, "--time")
+
+
+@pytest.mark.parametrize("text", ["2M", "4M", "1.5M", "3K"])
+def test_a_capital_suffix_is_refused_as_ambiguous(text):
+    with pytest.raises(UsageError, match="ambiguous: write minutes as"):
+        parse_duration(text, "--time")
+
+
+def test_timeout_is_an_alias_of_time_and_abbreviations_are_refused(capsys):
+    from compsearch.search.cli import build_parser, run_options
+
+    budgets = ["run", "--budget-params", "2e6", "--budget-kb", "300"]
+    parser = build_parser()
+    assert run_options(parser.parse_args([*budgets, "--timeout", "4m"])).time == 240
+    assert run_options(parser.parse_args([*budgets, "--time", "1h30m"])).time == 5400
+    with pytest.raises(SystemExit) as stopped:
+        parser.parse_args([*budgets, "--tim", "4m"])
+    assert stopped.value.code == 2 and "unrecognized arguments: --tim" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,7 @@ from compsearch.objectives import trial as trial_module
 from compsearch.objectives.data import TEST_FRACTION, TEST_SEED, stratified_split
 from compsearch.objectives.train import fit
 from compsearch.results.records import SETTINGS_KEY
+from compsearch.search import api as compsearch_api
 from compsearch.search import cli, common
 from compsearch.spaces.builder import build
 from compsearch.spaces.config import TrialConfig
@@ -216,6 +217,34 @@ def test_an_export_without_epochs_trains_three_times_the_trials_epochs(
     assert sum(phase.epochs for phase in phases) == expected  # low resolution + fine-tune
     assert card["epochs"] == card["config"]["train"]["epochs"] == expected
     assert f"{expected} epochs on" in capsys.readouterr().out
+
+
+def test_an_export_given_a_time_sizes_its_epochs_from_the_trials_own_speed(study_folder):
+    """`--time`: epochs = the share of the time for training / (the trial's seconds per
+    image and epoch x the export's training images); twice the time, about twice the
+    epochs."""
+    from compsearch.search.jobs import TRAINING_SHARE_OF_TIME, epochs_for_time
+
+    study = optuna.load_study(
+        study_name="digits", storage=f"sqlite:///{study_folder / 'runs/digits/study.db'}"
+    )
+    record = compsearch_api.show(out=study_folder / "runs").best
+    images = 1151  # digits' training split
+    per_image_epoch = record.seconds / (record.config.train.epochs * images)
+    seconds = 40.5 * per_image_epoch * images  # 40.5 of the trial's epochs, off any rounding edge
+    assert epochs_for_time(record, None, images, seconds) == int(40.5 * TRAINING_SHARE_OF_TIME)
+    assert epochs_for_time(record, None, images, 2 * seconds) == int(81 * TRAINING_SHARE_OF_TIME)
+    assert epochs_for_time(record, None, images, 1e-3) == 2  # never below train + fine-tune
+    # With a subset of 200 images, each trial epoch was 200 images, not the 1151.
+    assert epochs_for_time(record, 200, images, seconds) < epochs_for_time(
+        record, None, images, seconds
+    )
+    assert study.trials[record.number].user_attrs["seconds"] == record.seconds
+    result = compsearch("export", "--time", f"{seconds / 4:.3f}", cwd=study_folder)
+    assert result.returncode == 0, result.stderr
+    card = json.loads((study_folder / "runs/digits/export/model.json").read_text())
+    assert card["epochs"] == epochs_for_time(record, None, images, float(f"{seconds / 4:.3f}"))
+    assert "sized to --time" in result.stdout
 
 
 def test_the_export_help_states_the_epoch_factor_the_export_uses(capsys):
