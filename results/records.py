@@ -121,6 +121,7 @@ class TrialRecord:
     fitted_from: int | None  # the rejected trial this one is a shrunk copy of
     retry_of: int | None  # the failed trial this one runs again
     worker: str  # host:pid of the process that ran it
+    anchor: str  # the known architecture it is ("resnet8", ...), "" for a sampled config
     onnx_path: str  # the deployed file, relative to the study's folder
     config: TrialConfig | None  # as deployed (widths after pruning)
     searched: dict[str, Any] = field(default_factory=dict)  # the sampled parameters
@@ -164,6 +165,7 @@ def read_trial(trial: optuna.trial.FrozenTrial, run_again_as: int | None = None)
         fitted_from=attrs.get("fitted_from"),
         retry_of=attrs.get("retry_of"),
         worker=attrs.get("worker", ""),
+        anchor=attrs.get("anchor", ""),
         onnx_path=attrs.get("onnx_path", ""),
         config=TrialConfig.from_dict(config) if config else None,
         searched=dict(trial.params),
@@ -243,12 +245,22 @@ def write_failed_in_storage(
 
 # What a copy of a trial starts with: a retry keeps the estimates of the same config, and
 # a shrunk copy says where it comes from.
-KEPT_BY_RETRY = ("estimated_params", "estimated_size_kb", "estimated_macs", "fitted_from")
+KEPT_BY_RETRY = (
+    "estimated_params",
+    "estimated_size_kb",
+    "estimated_macs",
+    "fitted_from",
+    "anchor",
+)
 
 
 def retry_attrs(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
     kept = {key: trial.user_attrs[key] for key in KEPT_BY_RETRY if key in trial.user_attrs}
     return kept | {"retry_of": trial.number}
+
+
+def anchor_attrs(name: str) -> dict[str, Any]:
+    return {"anchor": name}
 
 
 def fitted_attrs(number: int) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from compsearch.results.table import (
     outcome_counts,
     pareto_front,
     pruning_summary,
+    trial_label,
 )
 from compsearch.spaces.budgets import amount
 
@@ -84,7 +85,7 @@ def front_html(front: pd.DataFrame) -> str:
         return "<p>No feasible trial yet.</p>"
     rows = [
         [
-            str(row["number"]),
+            trial_label(row),
             f"{row['accuracy']:.2%}",
             f"{row['accuracy_before_compression']:.2%}",
             f"{int(row['params']):,}",

@@ -13,6 +13,7 @@ from compsearch.spaces.budgets import Budgets
 
 COLUMNS = [
     "number",
+    "anchor",
     "state",
     "feasible",
     "trained",
@@ -101,6 +102,12 @@ def study_counts(frame: pd.DataFrame) -> str:
     return text
 
 
+def trial_label(row: pd.Series) -> str:
+    """ "12", or "0 resnet8" for an anchor: the trial as tables name it."""
+    anchor = row.get("anchor")
+    return f"{row['number']} {anchor}" if isinstance(anchor, str) and anchor else str(row["number"])
+
+
 def compact_amount(value: float) -> str:
     """500, 20k, 1.72M: short enough for tables and tick labels."""
     for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
@@ -128,7 +135,7 @@ def front_table(front: pd.DataFrame, title: str) -> Table:
         table.add_column(name, justify=justify)
     for _, row in front.iterrows():
         table.add_row(
-            str(row["number"]),
+            trial_label(row),
             f"{row['accuracy']:.2%}",
             f"{row['accuracy_before_compression']:.2%}",
             f"{int(row['params']):,}",
@@ -156,7 +163,7 @@ def all_trials_table(frame: pd.DataFrame, title: str) -> Table:
         table.add_column(name)
     for _, row in frame.iterrows():
         table.add_row(
-            str(row["number"]),
+            trial_label(row),
             row["state"],
             "yes" if row["feasible"] else "no",
             "" if math.isnan(row["accuracy"]) else f"{row['accuracy']:.2%}",

@@ -49,6 +49,7 @@ def run(
     distill_temperature: float = DISTILL_TEMPERATURE,
     workers: int = 1,
     heartbeat: int = HEARTBEAT_SECONDS,
+    anchors: bool = True,
     study: str | None = None,
     out: Path | str = DEFAULT_OUT,
     storage: str | None = None,
@@ -65,7 +66,7 @@ def run(
     options = RunOptions(
         budget_params, budget_kb, budget_macs, dataset, data_dir, trials, time, sampler,
         subset, space, epochs, seed, device, teacher, distill_weight, distill_temperature,
-        workers, heartbeat, study, out, storage,
+        workers, heartbeat, anchors, study, out, storage,
     )  # fmt: skip
     return run_job(options, Console(quiet=quiet))
 

@@ -189,6 +189,13 @@ def build_parser() -> Parser:
         help="seconds between a worker's heartbeats; a trial whose worker misses "
         f"{GRACE_HEARTBEATS} in a row is failed and run again (default {HEARTBEAT_SECONDS})",
     )
+    run.add_argument(
+        "--no-anchors",
+        dest="anchors",
+        action="store_false",
+        help="leave out the known architectures (ResNet-8, ResNet-20, a MobileNetV2 and a "
+        "DS-CNN, fitted to the budgets) that a new study otherwise trains first",
+    )
     # Set by `--workers` for the processes it starts.
     run.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
     run.add_argument("--finish-at", type=int, help=argparse.SUPPRESS)
@@ -312,6 +319,7 @@ def run_options(args: argparse.Namespace) -> RunOptions:
         distill_temperature=parse_amount(args.distill_temperature, "--distill-temperature"),
         workers=parse_count(args.workers, "--workers"),
         heartbeat=parse_count(args.heartbeat, "--heartbeat"),
+        anchors=args.anchors,
         study=args.study,
         out=args.out,
         storage=args.storage,

@@ -30,6 +30,7 @@ from compsearch.objectives.trial import TrialResult, run_trial
 from compsearch.results.export import ExportError, model_card, write_export
 from compsearch.results.files import write_study_files
 from compsearch.results.records import StudySettings, TrialRecord
+from compsearch.search.anchors import queue_anchors
 from compsearch.search.common import (
     EXIT_INTERRUPTED,
     EXPORT_EPOCH_FACTOR,
@@ -95,8 +96,10 @@ def execute_run(
     folder.mkdir(parents=True, exist_ok=True)
     (folder / SPACE_FILE).write_text(space.to_toml())
     fail_stale_trials(study)
-    waiting = waiting_trials(study)
+    waiting = waiting_trials(study)  # interrupted or lost trials, before any anchor is queued
     before = len(study.trials)
+    if options.anchors and before == 0 and role.index == 0:
+        queue_anchors(study, space, schedule, options.budgets, console.print)
     finish_at = role.finish_at
     if finish_at is None:
         finish_at = finished_and_running(study)[0] + options.trials

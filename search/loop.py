@@ -162,8 +162,10 @@ def finished_and_running(study: optuna.Study) -> tuple[int, int]:
 
 
 def waiting_trials(study: optuna.Study) -> int:
-    """Configs queued to run again after their worker was interrupted or lost."""
-    return len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+    """Configs queued to run again after their worker was interrupted or lost (not the
+    anchors or shrunk copies also waiting in the queue)."""
+    waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+    return sum(record.retry_of is not None for record in read_trials(waiting))
 
 
 def fail_stale_trials(study: optuna.Study) -> None:

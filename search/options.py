@@ -156,6 +156,7 @@ class RunOptions:
     distill_temperature: float = DISTILL_TEMPERATURE
     workers: int = 1
     heartbeat: int = HEARTBEAT_SECONDS  # seconds between a worker's heartbeats
+    anchors: bool = True  # known architectures (search/anchors.py) as a new study's first trials
     study: str | None = None
     out: Path = DEFAULT_OUT
     storage: str | None = None
@@ -243,7 +244,10 @@ class RunOptions:
             if value is None or value == option.default:
                 continue
             flag = "--" + option.name.replace("_", "-")
-            argv += [flag, repr(float(value)) if isinstance(value, float) else str(value)]
+            if isinstance(value, bool):  # a switch: only its non-default form has a flag
+                argv.append(flag if value else f"--no-{option.name.replace('_', '-')}")
+            else:
+                argv += [flag, repr(float(value)) if isinstance(value, float) else str(value)]
         return argv
 
 

@@ -34,6 +34,7 @@ def test_run_returns_what_it_did_and_the_study_as_it_stands(searched):
     assert summary.study == "digits" and summary.folder == out / "digits"
     assert summary.exit_code == 0 and not summary.interrupted
     assert summary.counts.trained == 2
+    assert [r.anchor for r in summary.view.records[:2]] == ["resnet8", "resnet20"]
     study = optuna.load_study(study_name="digits", storage=summary.storage)
     assert [r.number for r in summary.view.records] == [t.number for t in study.trials]
     budgets = Budgets(50e3, 50)
@@ -115,7 +116,8 @@ def test_worker_arguments_parse_back_to_the_same_options(tmp_path):
     options = RunOptions(
         1234567, 299.5, budget_macs=3e6, dataset="mnist", data_dir=tmp_path, trials=7,
         time=90.5, sampler="nsga2", subset=1000, epochs=5, seed=3, teacher="auto",
-        distill_weight=0.25, distill_temperature=2.5, workers=3, heartbeat=4, study="s",
+        distill_weight=0.25, distill_temperature=2.5, workers=3, heartbeat=4, anchors=False,
+        study="s",
         out=tmp_path / "runs", storage=str(tmp_path / "journal.log"),
     )  # fmt: skip
     parsed = run_options(build_parser().parse_args(["run", *options.to_argv()]))

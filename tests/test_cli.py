@@ -104,7 +104,7 @@ def test_run_show_plot_and_resume(tmp_path):
     out = tmp_path / "runs"
     budget_params, budget_kb = 60_000, 60.0
     budget_args = ["--budget-params", "60k", "--budget-kb", str(budget_kb), "--out", str(out)]
-    common = [*budget_args, "--epochs", "2", "--subset", "400", "--seed", "1"]
+    common = [*budget_args, "--epochs", "2", "--subset", "400", "--seed", "1", "--no-anchors"]
     result = compsearch("run", *common, "--trials", "3", cwd=tmp_path)
     assert result.returncode == 0, result.stderr + result.stdout
     folder = out / "digits"

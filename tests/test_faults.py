@@ -141,7 +141,7 @@ def test_ctrl_c_keeps_every_finished_trial_and_queues_the_interrupted_one(tmp_pa
     failed with its reason and run again by the next `run`."""
     command = [
         sys.executable, "-m", "compsearch.search.cli", "run", "--budget-params", "2e6",
-        "--budget-kb", "300", "--trials", "3", "--out", str(tmp_path),
+        "--budget-kb", "300", "--trials", "3", "--out", str(tmp_path), "--no-anchors",
     ]  # fmt: skip
     env = os.environ | {"PYTHONUNBUFFERED": "1"}
     first = subprocess.Popen(
