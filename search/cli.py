@@ -39,6 +39,10 @@ from compsearch.search.supervise import (
     supervise_run,
 )
 
+DESCRIPTION = (
+    "Find the most accurate image classifier that fits hard deployment budgets: run searches, "
+    "show and plot the Pareto front, export the best model."
+)
 # Every error a user's input can cause, where it lives: main() prints it as one line and
 # exits 2. Named rather than imported, so that the command line loads none of their
 # modules before a command needs them.
@@ -118,7 +122,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> Parser:
-    parser = Parser(prog="compsearch", description=__doc__.splitlines()[0])
+    parser = Parser(prog="compsearch", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"compsearch {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
