@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from compsearch.objectives.catalog import FOLDER_PREFIX, INPUT_NAME, OUTPUT_NAME
 from compsearch.objectives.modelfile import save_model
-from compsearch.results.records import TrialRecord
+from compsearch.results.records import TrialRecord, best_feasible
 from compsearch.spaces.budgets import Budgets
 
 if TYPE_CHECKING:
@@ -33,12 +33,6 @@ EXPORT_FILES = ("model.onnx", "model.pt", "model.json")
 
 class ExportError(ValueError):
     """The trial cannot be exported, or its model broke a budget; says what to do."""
-
-
-def best_feasible(records: list[TrialRecord], budgets: Budgets) -> TrialRecord | None:
-    """The most accurate feasible trial (the smaller file on a tie), if any."""
-    feasible = [record for record in records if record.feasible(budgets)]
-    return max(feasible, key=lambda r: (r.accuracy, -r.size_kb, -r.number), default=None)
 
 
 def choose_trial(
@@ -72,12 +66,11 @@ def choose_trial(
 
 
 def write_export(folder: Path, work: Path, result: TrialResult, card: dict[str, Any]) -> Path:
-    """`folder/export/` from the verified `result` (its file in `work`) and its `card`;
-    the files of an earlier export are replaced only once the new ones are written."""
+    """`folder/export/` from the verified `result`, whose model.onnx run_trial wrote in
+    `work`, and its `card`; the files of an earlier export are replaced only once the new
+    ones are written."""
     save_model(work / "model.pt", result.model, result.config.arch, result.config)
     (work / "model.json").write_text(json.dumps(card, indent=2) + "\n")
-    if result.onnx_path != work / "model.onnx":
-        shutil.copyfile(result.onnx_path, work / "model.onnx")
     target = folder / "export"
     for stale in EXPORT_FILES:
         (target / stale).unlink(missing_ok=True)

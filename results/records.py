@@ -181,6 +181,12 @@ def read_trials(trials: Iterable[optuna.trial.FrozenTrial]) -> list[TrialRecord]
     return [read_trial(trial, run_again_as.get(trial.number)) for trial in trials]
 
 
+def best_feasible(records: Iterable[TrialRecord], budgets: Budgets) -> TrialRecord | None:
+    """The most accurate feasible trial (the smaller file on a tie), if any."""
+    feasible = [record for record in records if record.feasible(budgets)]
+    return max(feasible, key=lambda r: (r.accuracy, -r.size_kb, -r.number), default=None)
+
+
 def none_as_nan(value: float | None) -> float:
     return NAN if value is None else value
 

@@ -127,9 +127,9 @@ def queue_anchors(
     present = {record.anchor for record in read_trials(study.get_trials(deepcopy=False))}
     queued, notes = [], []
     for name, anchor in ANCHORS.items():
-        params = anchor_params(anchor, space)
         if name in present:
             continue
+        params = anchor_params(anchor, space)
         if params is None:
             notes.append(f"{name} (the space cannot express it)")
             continue

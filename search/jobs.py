@@ -5,6 +5,7 @@ a trial for longer, verify its file against the budgets, write the model and its
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import signal
@@ -13,6 +14,7 @@ import subprocess
 import tempfile
 import time
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
@@ -54,6 +56,7 @@ from compsearch.search.summaries import ExportSummary, RunSummary
 from compsearch.search.supervise import Reporter
 from compsearch.search.views import view_of
 from compsearch.spaces.budgets import Budgets, amount
+from compsearch.spaces.config import TrainConfig
 from compsearch.spaces.space import sample
 
 
@@ -73,7 +76,7 @@ def execute_run(
     # A teacher file is checked before the storage opens; one to train, after.
     distillation = None
     if options.teacher != "auto":
-        distillation = teacher(prepared, on_device, console, reporter)
+        distillation = teacher(prepared, on_device, schedule, console, reporter)
     storage = open_storage(url, options.heartbeat)  # only now: bad data leaves no empty study
     settings = StudySettings(
         dataset=data.name,
@@ -120,7 +123,7 @@ def execute_run(
     started = time.perf_counter()
     try:
         if options.teacher == "auto":
-            distillation = teacher(prepared, on_device, console, reporter)
+            distillation = teacher(prepared, on_device, schedule, console, reporter)
         counts = search(
             study, space, schedule, data, run_settings, console, distillation, on_device,
             reporter,
@@ -141,42 +144,36 @@ def execute_run(
 
 
 def teacher(
-    prepared: PreparedRun, on_device: DeviceData, console: Console, reporter: Reporter
+    prepared: PreparedRun,
+    on_device: DeviceData,
+    schedule: TrainConfig,
+    console: Console,
+    reporter: Reporter,
 ) -> Distillation | None:
     """The run's distillation, with the teacher's epochs shown while one is trained."""
     options, data = prepared.options, prepared.data
     reporter.send(step=f"preparing the teacher ({options.teacher})")
     with epoch_progress(console, "teacher epochs") as on_epoch:
         return prepare_teacher(
-            options.teacher, data, on_device, options.out,
-            default_schedule(options.epochs, data.resolution), options.seed, options.subset,
-            options.distill_weight, options.distill_temperature, say=console.print,
-            on_epoch=on_epoch,
+            options.teacher, data, on_device, options.out, schedule, options.seed,
+            options.subset, options.distill_weight, options.distill_temperature,
+            say=console.print, on_epoch=on_epoch,
         )  # fmt: skip
 
 
-class epoch_progress:  # noqa: N801 (a context manager, used as a function)
+@contextlib.contextmanager
+def epoch_progress(console: Console, description: str) -> Iterator[EpochCallback]:
     """A transient progress bar of epochs; the context gives its on_epoch callback."""
-
-    def __init__(self, console: Console, description: str) -> None:
-        columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-        self.progress = Progress(*columns, console=console, transient=True)
-        self.description = description
-
-    def __enter__(self) -> EpochCallback:
-        self.progress.__enter__()
-        task = self.progress.add_task(self.description, total=None)
+    columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task(description, total=None)
 
         def on_epoch(done: int, total: int, resolution: int) -> None:
-            self.progress.update(
-                task, completed=done, total=total,
-                description=f"{self.description} at {resolution} px",
-            )  # fmt: skip
+            progress.update(
+                task, completed=done, total=total, description=f"{description} at {resolution} px"
+            )
 
-        return on_epoch
-
-    def __exit__(self, *exc: object) -> None:
-        self.progress.__exit__(*exc)
+        yield on_epoch
 
 
 def resolve_device(name: str) -> str:

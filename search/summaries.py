@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from compsearch.results.records import TrialRecord
+from compsearch.results.records import TrialRecord, best_feasible
 from compsearch.search.common import EXIT_INTERRUPTED
 from compsearch.spaces.budgets import Budgets
 
@@ -34,8 +34,9 @@ class StudyView:
 
     @property
     def best(self) -> TrialRecord | None:
-        """The most accurate feasible trial (the smaller file on a tie)."""
-        return self.front[0] if self.front else None
+        """The most accurate feasible trial (the smaller file on a tie): what
+        `export --trial best` exports."""
+        return best_feasible(self.records, self.budgets)
 
 
 @dataclass(frozen=True)
