@@ -37,8 +37,10 @@ from compsearch.objectives.train import (
     recalibrate_batchnorm,
     spread_sample,
 )
+from compsearch.spaces.budgets import Budgets
 from compsearch.spaces.builder import build
 from compsearch.spaces.config import TrainConfig, TrialConfig
+from compsearch.spaces.estimate import estimate
 
 EarlyCheck = Callable[[float], str | None]  # validation accuracy -> why to stop, or None
 # Told the step a trial is starting ("pruning"), so that a crash can say where it came.
@@ -288,3 +290,105 @@ def deploy(
         return first
     candidate.replace(path)
     return Deployed(tuned, path, measured_tuned, measured, quantization_aware=True)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One deployable file of a trained model, as the export measures it to choose."""
+
+    name: str  # "fp32", "fp16", "int8 post-training" or "int8 quantization-aware"
+    precision: str
+    quantization_aware: bool
+    accuracy: float  # validation top-1 of the file in onnxruntime; NaN when not written
+    params: int
+    macs: int
+    size_kb: float  # of the file, or the estimate when not written
+    path: Path | None  # None when not written
+    model: torch.nn.Module | None  # what the file holds (the tuned copy for QAT)
+    note: str = ""  # why it was not written, or "" when it was
+
+    @property
+    def written(self) -> bool:
+        return self.path is not None
+
+    def excess(self, budgets: Budgets) -> list[str]:
+        return budgets.excess(self.params, self.size_kb, self.macs)
+
+
+def compression_candidates(
+    model: torch.nn.Module,
+    config: TrialConfig,
+    data: Dataset,
+    on_device: DeviceData,
+    folder: Path,
+    seed: int,
+    precisions: tuple[str, ...],
+    budgets: Budgets,
+    on_step: StepCallback = no_step,
+) -> list[Candidate]:
+    """Every file of the trained, pruned `model` (its widths in `config.arch`) that can
+    fit the budgets, each measured on the validation split: fp32 and fp16, int8 after
+    post-training calibration, and int8 after a quantization-aware fine-tune. A precision
+    over the budgets by estimate is listed with the reason and not written."""
+    train = config.train
+    unpruned = dataclasses.replace(config.compress, prune_fraction=0.0)  # arch is pruned
+    candidates = []
+    for precision in precisions:
+        names = (
+            ["int8 post-training", "int8 quantization-aware"]
+            if precision == "int8"
+            else [precision]
+        )
+        compress = dataclasses.replace(unpruned, precision=precision)
+        expected = estimate(dataclasses.replace(config, compress=compress))
+        over = budgets.excess(expected.params, expected.size_kb, expected.macs)
+        if over:
+            note = "over budget by estimate, not written: " + ", ".join(over)
+            candidates += [
+                Candidate(name, precision, "aware" in name, math.nan, expected.params,
+                          expected.macs, expected.size_kb, None, None, note)
+                for name in names
+            ]  # fmt: skip
+            continue
+        calibration = None
+        if precision == "int8":
+            calibration = calibration_images(data, train.test_resolution, CALIBRATION_IMAGES, seed)
+        for name in names:
+            aware = name == "int8 quantization-aware"
+            written = model
+            if aware:
+                on_step("the quantization-aware fine-tune")
+                try:
+                    written = quantization_aware_finetune(
+                        model, on_device,
+                        finetune_phase(train, QUANTIZATION_AWARE_LEARNING_RATE_FACTOR),
+                        torch.Generator().manual_seed(seed + 1),
+                    )  # fmt: skip
+                except TrainingDiverged as error:
+                    candidates.append(
+                        Candidate(name, precision, True, math.nan, expected.params,
+                                  expected.macs, expected.size_kb, None, None,
+                                  f"the fine-tune diverged ({error})")
+                    )  # fmt: skip
+                    continue
+            path = folder / f"model-{name.replace(' ', '-')}.onnx"
+            on_step(f"exporting the {name} file")
+            copied = copy.deepcopy(written).cpu().eval()
+            export(copied, precision, train.test_resolution, data.channels, path, calibration)
+            on_step(f"measuring the {name} file in onnxruntime")
+            measured = onnx_accuracy(path, data.val, data, train.test_resolution)
+            copied = copy.deepcopy(written).cpu().eval()
+            candidates.append(
+                Candidate(
+                    name, precision, aware, measured, count_params(copied),
+                    count_macs(copied, data.channels, train.test_resolution),
+                    file_size_kb(path), path, written,
+                )
+            )  # fmt: skip
+    return candidates
+
+
+def best_candidate(candidates: list[Candidate], budgets: Budgets) -> Candidate | None:
+    """The most accurate written file within the budgets (the smaller on a tie)."""
+    fitting = [c for c in candidates if c.written and not c.excess(budgets)]
+    return max(fitting, key=lambda c: (c.accuracy, -c.size_kb), default=None)

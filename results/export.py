@@ -142,7 +142,11 @@ def model_card(
     epochs: int,
     teacher: str,
     test_accuracy: float,
+    candidates: list[dict[str, Any]] = (),
 ) -> dict[str, Any]:
+    """The card: `candidates` are every compressed file the export measured to choose
+    model.onnx (name, precision, validation accuracy, size, whether it fit)."""
+
     def finite(value: float) -> float | None:
         return value if math.isfinite(value) else None
 
@@ -168,6 +172,7 @@ def model_card(
             "criterion": config.compress.prune_criterion,
             "scope": config.compress.prune_scope,
         },
+        "candidates": list(candidates),
         "epochs": epochs,
         "teacher": teacher,
         "seed": seed,

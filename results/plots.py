@@ -49,7 +49,7 @@ def pareto_figure(frame: pd.DataFrame, budgets: Budgets, title: str):
     feasible = trained[trained["feasible"].astype(bool)]
     infeasible = trained[~trained["feasible"].astype(bool)]
     front = pareto_front(frame)
-    rejected, stopped = outcome_counts(frame)
+    rejected, stopped, _ = outcome_counts(frame)
     figure, axes = plt.subplots(1, 2, figsize=(12, 5), constrained_layout=True)
     compact = FuncFormatter(lambda value, _: compact_amount(value))
     for axis, (column, label, budget_name) in zip(axes, AXES, strict=True):

@@ -10,6 +10,7 @@ through the few methods named here.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,6 +123,13 @@ class TrialRecord:
     retry_of: int | None  # the failed trial this one runs again
     worker: str  # host:pid of the process that ran it
     anchor: str  # the known architecture it is ("resnet8", ...), "" for a sampled config
+    # The cost model's seconds for the config, before it trained (NaN: none predicted).
+    predicted_seconds: float
+    # Its work (spaces/cost.py Work's fields), from which the cost model is refitted.
+    work: tuple[float, ...] | None
+    # Wall-clock time (seconds since the epoch) after which no trial of its run was to end
+    # by prediction; None: the run had no --time.
+    deadline: float | None
     onnx_path: str  # the deployed file, relative to the study's folder
     config: TrialConfig | None  # as deployed (widths after pruning)
     searched: dict[str, Any] = field(default_factory=dict)  # the sampled parameters
@@ -166,6 +174,9 @@ def read_trial(trial: optuna.trial.FrozenTrial, run_again_as: int | None = None)
         retry_of=attrs.get("retry_of"),
         worker=attrs.get("worker", ""),
         anchor=attrs.get("anchor", ""),
+        predicted_seconds=attrs.get("predicted_seconds", NAN),
+        work=tuple(attrs["work"]) if "work" in attrs else None,
+        deadline=attrs.get("deadline"),
         onnx_path=attrs.get("onnx_path", ""),
         config=TrialConfig.from_dict(config) if config else None,
         searched=dict(trial.params),
@@ -185,6 +196,46 @@ def best_feasible(records: Iterable[TrialRecord], budgets: Budgets) -> TrialReco
     """The most accurate feasible trial (the smaller file on a tie), if any."""
     feasible = [record for record in records if record.feasible(budgets)]
     return max(feasible, key=lambda r: (r.accuracy, -r.size_kb, -r.number), default=None)
+
+
+@dataclass(frozen=True)
+class PredictionErrors:
+    """How far the cost model's predictions were from the measured seconds, over the
+    trials trained to the end, as relative errors (predicted - measured) / measured:
+    negative where a trial took longer than predicted."""
+
+    trials: int
+    median: float  # of the absolute relative errors
+    worst: float  # the largest absolute relative error, with its sign
+    worst_trial: int
+
+    @classmethod
+    def of(cls, records: Iterable[TrialRecord]) -> PredictionErrors | None:
+        return cls.of_pairs(
+            (r.number, r.predicted_seconds, r.seconds) for r in records if r.trained
+        )
+
+    @classmethod
+    def of_pairs(cls, trials: Iterable[tuple[int, float, float]]) -> PredictionErrors | None:
+        """From (trial number, predicted seconds, measured seconds) of trained trials;
+        None when none has both."""
+        pairs = [
+            (number, (predicted - seconds) / seconds)
+            for number, predicted, seconds in trials
+            if seconds > 0 and not math.isnan(predicted)
+        ]
+        if not pairs:
+            return None
+        number, worst = max(pairs, key=lambda pair: abs(pair[1]))
+        median = statistics.median(abs(error) for _, error in pairs)
+        return cls(len(pairs), median, worst, number)
+
+    def describe(self) -> str:
+        return (
+            f"cost model: predicted seconds off by {self.median:.0%} (median) and at worst "
+            f"{self.worst:+.0%} (trial {self.worst_trial}; negative: slower than predicted) "
+            f"over {self.trials} trained trials"
+        )
 
 
 def none_as_nan(value: float | None) -> float:
@@ -208,6 +259,21 @@ def write_estimate(trial: optuna.Trial, expected: Estimate) -> None:
 def write_rejected(trial: optuna.Trial, over: list[str]) -> None:
     trial.set_user_attr("trained", False)
     trial.set_user_attr("reason", "over budget before training: " + ", ".join(over))
+
+
+def write_prediction(
+    trial: optuna.Trial, seconds: float, work: tuple[float, ...], deadline: float | None
+) -> None:
+    """What the cost model predicted for the config before it could start."""
+    trial.set_user_attr("predicted_seconds", round(seconds, 3))
+    trial.set_user_attr("work", list(work))
+    if deadline is not None:
+        trial.set_user_attr("deadline", deadline)
+
+
+def write_too_slow(trial: optuna.Trial, reason: str) -> None:
+    trial.set_user_attr("trained", False)
+    trial.set_user_attr("reason", "too slow for the time left: " + reason)
 
 
 def write_stopped_early(trial: optuna.Trial, early_accuracy: float, reason: str) -> None:

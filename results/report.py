@@ -18,7 +18,7 @@ from typing import Any
 import pandas as pd
 
 from compsearch import __version__
-from compsearch.results.records import StudySettings
+from compsearch.results.records import PredictionErrors, StudySettings
 from compsearch.results.table import (
     compact_amount,
     outcome_counts,
@@ -50,7 +50,7 @@ img { max-width: 100%; border: 1px solid #ddd; margin: 0.4em 0; }
 
 def trial_counts(frame: pd.DataFrame) -> dict[str, int]:
     """Every trial falls in exactly one of these, and they add up to `total`."""
-    rejected, stopped = outcome_counts(frame)
+    rejected, stopped, too_slow = outcome_counts(frame)
     trained = frame["trained"].astype(bool)
     feasible = frame["feasible"].astype(bool)
     return {
@@ -58,10 +58,20 @@ def trial_counts(frame: pd.DataFrame) -> dict[str, int]:
         "finished, within budget": int(feasible.sum()),
         "finished, over budget as measured": int((trained & ~feasible).sum()),
         "infeasible by estimate, never trained": rejected,
+        "predicted too slow for the time left, never trained": too_slow,
         "stopped early": stopped,
         "failed": int((frame["state"] == "FAIL").sum()),
         "running or waiting": int(frame["state"].isin(["RUNNING", "WAITING"]).sum()),
     }
+
+
+def cost_html(frame: pd.DataFrame) -> str:
+    """The cost model's error over the trained trials, as a paragraph; "" without one."""
+    trained = frame[frame["trained"].astype(bool)]
+    errors = PredictionErrors.of_pairs(
+        zip(trained["number"], trained["predicted_seconds"], trained["seconds"], strict=True)
+    )
+    return f'<p class="note">{html.escape(errors.describe())}</p>' if errors else ""
 
 
 def table_html(header: list[str], rows: list[list[str]], numeric: set[int]) -> str:
@@ -137,10 +147,33 @@ def export_html(card: dict[str, Any] | None) -> str:
         ["sha256 of model.onnx", card["sha256"]],
         ["created", card.get("created", "")],
     ]
-    return table_html(["", "export/model.onnx"], rows, numeric=set()) + (
-        '<p class="note">Every figure was measured on model.onnx itself; export/model.json '
-        "holds the preprocessing that reproduces the test accuracy.</p>"
+    return (
+        table_html(["", "export/model.onnx"], rows, numeric=set())
+        + (
+            '<p class="note">Every figure was measured on model.onnx itself; '
+            "export/model.json holds the preprocessing that reproduces the test accuracy.</p>"
+        )
+        + candidates_html(card.get("candidates", []))
     )
+
+
+def candidates_html(candidates: list[dict[str, Any]]) -> str:
+    """The compressed files the export measured on the validation split to choose."""
+    if not candidates:
+        return ""
+    rows = [
+        [
+            c["name"] + (" (chosen)" if c["chosen"] else ""),
+            "" if c["validation_accuracy"] is None else f"{c['validation_accuracy']:.2%}",
+            f"{c['size_kb']:.1f}",
+            f"{c['params']:,}",
+            "yes" if c["within_budgets"] else "no",
+            c["note"],
+        ]
+        for c in candidates
+    ]
+    header = ["file", "validation accuracy", "size (KB)", "params", "within budgets", "note"]
+    return "<h3>Compression candidates</h3>" + table_html(header, rows, numeric={1, 2, 3})
 
 
 def pct(card: dict[str, Any], key: str) -> str:
@@ -207,6 +240,7 @@ running each trial's ONNX file in onnxruntime; only the export touches the test 
 {table_html(["", ""], dataset_rows, numeric=set())}
 <h2>Trials</h2>
 {table_html(["outcome", "trials"], [[k, str(v)] for k, v in counts.items()], numeric={1})}
+{cost_html(frame)}
 <h2>Feasible Pareto front (most accurate first)</h2>
 {front_html(pareto_front(frame))}
 <h2>Export</h2>

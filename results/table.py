@@ -25,6 +25,7 @@ COLUMNS = [
     "size_kb",
     "macs",
     "seconds",
+    "predicted_seconds",
     "reason",
     "estimated_params",
     "estimated_size_kb",
@@ -73,12 +74,14 @@ def pareto_front(frame: pd.DataFrame) -> pd.DataFrame:
     return feasible.loc[keep].sort_values(["accuracy", "size_kb"], ascending=[False, True])
 
 
-def outcome_counts(frame: pd.DataFrame) -> tuple[int, int]:
-    """(trials over budget before training, trials stopped early), from their reasons."""
+def outcome_counts(frame: pd.DataFrame) -> tuple[int, int, int]:
+    """(trials over budget before training, trials stopped early, trials predicted too
+    slow for the time left), from their reasons."""
     reasons = frame["reason"].fillna("").astype(str)
     return (
         int(reasons.str.startswith("over budget before training").sum()),
         int(reasons.str.startswith("stopped early").sum()),
+        int(reasons.str.startswith("too slow for the time left").sum()),
     )
 
 
@@ -87,7 +90,7 @@ def study_counts(frame: pd.DataFrame) -> str:
     total = len(frame)
     if total == 0:
         return "no trials yet"
-    rejected, stopped = outcome_counts(frame)
+    rejected, stopped, too_slow = outcome_counts(frame)
     trained = int(frame["trained"].sum())
     failed = int((frame["state"] == "FAIL").sum())
     text = (
@@ -95,6 +98,8 @@ def study_counts(frame: pd.DataFrame) -> str:
         f"{rejected} infeasible before training ({rejected / total:.0%} of sampled configs, "
         f"never trained)"
     )
+    if too_slow:
+        text += f", {too_slow} predicted too slow for the time left (never trained)"
     if stopped:
         text += f", {stopped} stopped early"
     if failed:

@@ -21,6 +21,7 @@ from compsearch.objectives.catalog import DISTILL_TEMPERATURE, DISTILL_WEIGHT
 from compsearch.search.common import (
     DEFAULT_EPOCHS,
     DEFAULT_OUT,
+    DEFAULT_TIME,
     DEFAULT_TRIALS,
     HEARTBEAT_SECONDS,
 )
@@ -37,7 +38,7 @@ def run(
     dataset: str = "digits",
     data_dir: Path | str = Path("data"),
     trials: int = DEFAULT_TRIALS,
-    time: float | None = None,
+    time: float | None = DEFAULT_TIME,
     sampler: str = "tpe",
     subset: int | None = None,
     space: Path | str | None = None,
@@ -57,7 +58,7 @@ def run(
 ) -> RunSummary:
     """Search for the most accurate model within the budgets, as `compsearch run` does
     (see its --help for each argument), in this process; `quiet` shows no progress.
-    `time` is the search's wall time in seconds.
+    `time` is the search's wall time in seconds (None: no limit).
 
     Returns what the run did and the study as it then stands (`summary.view.front`, the
     feasible Pareto front, most accurate first). Ctrl-C stops it after the current trial

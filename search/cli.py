@@ -19,6 +19,7 @@ from compsearch.search import api
 from compsearch.search.common import (
     DEFAULT_EPOCHS,
     DEFAULT_OUT,
+    DEFAULT_TIME,
     DEFAULT_TRIALS,
     EXIT_USAGE,
     EXPORT_EPOCH_FACTOR,
@@ -156,8 +157,10 @@ def build_parser() -> Parser:
         "--time",
         "--timeout",
         dest="time",
-        help="wall time of the search, such as 90s, 20m or 1h30m (a bare number is seconds): "
-        "no trial starts after it, the running one finishes (--timeout is an alias)",
+        default=f"{DEFAULT_TIME / 60:g}m",
+        help="wall time of the search, such as 90s, 20m or 1h30m (a bare number is seconds), "
+        "or none: no trial starts whose predicted end lies past it, and no trial may take "
+        "more than a third of it (default: %(default)s; --timeout is an alias)",
     )
     run.add_argument("--sampler", default="tpe", help=f"one of {', '.join(SAMPLERS)}")
     run.add_argument("--subset", help="train each trial on this many training images")
@@ -303,7 +306,7 @@ def run_options(args: argparse.Namespace) -> RunOptions:
     trials = parse_count(args.trials, "--trials")
     epochs = parse_count(args.epochs, "--epochs")
     subset = parse_count(args.subset, "--subset") if args.subset else None
-    time = parse_duration(args.time, "--time") if args.time else None
+    time = None if args.time.strip().lower() == "none" else parse_duration(args.time, "--time")
     if not re.fullmatch(r"[0-9]+", args.seed.strip()):
         raise UsageError(f"--seed must be a whole number >= 0, but got {args.seed!r}")
     return RunOptions(
@@ -344,6 +347,8 @@ def command_run(args: argparse.Namespace, console: Console) -> int:
         )
         return summary.exit_code
     console.print(run_line(summary))
+    if summary.view is not None and summary.view.prediction_errors is not None:
+        console.print(summary.view.prediction_errors.describe())
     print_paths(console, summary)
     return summary.exit_code
 
@@ -351,12 +356,16 @@ def command_run(args: argparse.Namespace, console: Console) -> int:
 def run_line(summary: RunSummary) -> str:
     """How the run's trials went, in one line."""
     counts = summary.counts
-    asked = counts.trained + counts.rejected + counts.failed + counts.stopped_early
+    asked = (
+        counts.trained + counts.rejected + counts.too_slow + counts.failed + counts.stopped_early
+    )
     line = (
         f"{counts.trained} trials trained in {summary.seconds:.0f} s; {counts.rejected} of "
         f"{asked} sampled configs ({counts.rejected / max(1, asked):.0%}) over budget by "
         "estimate and never trained"
     )
+    if counts.too_slow:
+        line += f", {counts.too_slow} predicted too slow for the time left"
     if counts.fitted:
         line += f" ({counts.fitted} shrunk copies of them queued to fit the budgets)"
     if counts.stopped_early:
@@ -400,6 +409,8 @@ def command_show(args: argparse.Namespace, console: Console) -> int:
 
     view = api.show_job(location(args), console)
     console.print(study_counts(view.frame))
+    if view.prediction_errors is not None:
+        console.print(view.prediction_errors.describe())
     if args.all:
         console.print(all_trials_table(view.frame, f"All trials of {view.title}"))
     elif not view.front:
@@ -439,6 +450,15 @@ def print_export(console: Console, exported: ExportSummary) -> None:
         f"{card['params']:,} params, {card['size_kb']:.1f} KB, {card['precision']}, "
         f"within {exported.budgets.describe()}"
     )
+    for candidate in card.get("candidates", []):
+        accuracy = candidate["validation_accuracy"]
+        console.print(
+            f"  {'*' if candidate['chosen'] else ' '} {candidate['name']}: "
+            + (f"{accuracy:.2%} validation, " if accuracy is not None else "")
+            + f"{candidate['size_kb']:.1f} KB"
+            + ("" if candidate["within_budgets"] else ", over budget")
+            + (f" ({candidate['note']})" if candidate["note"] else "")
+        )
     for file in ("model.onnx", "model.pt", "model.json"):
         console.print(f"  {exported.folder / file}")
     console.print(f"  {exported.report}")

@@ -22,6 +22,9 @@ HEARTBEAT_SECONDS = 10  # how often a worker tells the storage that its trial is
 GRACE_HEARTBEATS = 6  # a running trial silent for this many heartbeats lost its worker
 DEFAULT_OUT = Path("runs")
 DEFAULT_TRIALS = 40
+# A run's default --time: the default digits search, results included, within five
+# minutes on a two-core machine without AVX-512 (see the README).
+DEFAULT_TIME = 4 * 60.0
 DEFAULT_EPOCHS = 12
 EXPORT_EPOCH_FACTOR = 3  # an export trains this many times a trial's epochs by default
 SPACE_FILE = "space.toml"  # the space searched, beside the study

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import signal
 import socket
@@ -16,6 +17,7 @@ import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import optuna
 import torch
@@ -27,8 +29,14 @@ from compsearch.objectives.catalog import CACHE_FOLDER
 from compsearch.objectives.data import load_dataset
 from compsearch.objectives.measure import onnx_accuracy
 from compsearch.objectives.teacher import prepare_teacher
-from compsearch.objectives.train import DeviceData, Distillation, EpochCallback
-from compsearch.objectives.trial import TrialResult, run_trial
+from compsearch.objectives.train import DeviceData, Distillation, EpochCallback, accuracy, predict
+from compsearch.objectives.trial import (
+    Candidate,
+    TrialResult,
+    best_candidate,
+    compression_candidates,
+    train_model,
+)
 from compsearch.results.export import ExportError, model_card, write_export
 from compsearch.results.files import write_study_files
 from compsearch.results.records import StudySettings, TrialRecord
@@ -41,6 +49,7 @@ from compsearch.search.common import (
     UsageError,
     redact,
 )
+from compsearch.search.cost import TimeLimit
 from compsearch.search.loop import (
     SearchSettings,
     default_schedule,
@@ -56,7 +65,7 @@ from compsearch.search.summaries import ExportSummary, RunSummary
 from compsearch.search.supervise import Reporter
 from compsearch.search.views import view_of
 from compsearch.spaces.budgets import Budgets, amount
-from compsearch.spaces.config import TrainConfig
+from compsearch.spaces.config import TrainConfig, TrialConfig
 from compsearch.spaces.space import sample
 
 
@@ -68,6 +77,8 @@ def execute_run(
     figures and the report (worker 0 only, once all workers have finished)."""
     options, data, space = prepared.options, prepared.data, prepared.space
     name, folder, url = options.study_name, options.folder, options.storage_url
+    # --time counts from here: the teacher and the cost model's calibration are in it.
+    time_limit = TimeLimit.after(options.time) if options.time is not None else None
     device = resolve_device(options.device)
     if role.threads:
         torch.set_num_threads(role.threads)
@@ -117,7 +128,7 @@ def execute_run(
         f" {data.resolution}x{data.resolution}x{data.channels}); device {device}"
     )  # fmt: skip
     run_settings = SearchSettings(
-        options.budgets, options.trials, options.time, options.seed, device, folder,
+        options.budgets, options.trials, time_limit, options.seed, device, folder,
         finish_at=finish_at,
     )  # fmt: skip
     started = time.perf_counter()
@@ -259,7 +270,10 @@ def execute_export(prepared: PreparedExport, console: Console, reporter: Reporte
     )  # fmt: skip
     sized = ""
     if options.time is not None:
-        epochs = epochs_for_time(record, settings.subset, len(data.train), options.time)
+        epochs = epochs_for_time(
+            record, settings.subset, len(data.train), options.time,
+            quantization_aware="int8" in settings.space.precisions,
+        )  # fmt: skip
         sized = f", sized to --time {options.time:g} s from the trial's {record.seconds:.0f} s"
     schedule = default_schedule(epochs, data.resolution)
     try:  # the config as sampled, before pruning, with the export's schedule
@@ -286,15 +300,30 @@ def execute_export(prepared: PreparedExport, console: Console, reporter: Reporte
         )
         with tempfile.TemporaryDirectory(dir=folder, prefix=".export-") as work:
             work = Path(work)
-            result = run_trial(
-                config, data, work, seed, on_device, on_epoch=on_epoch,
-                distillation=distillation, on_step=step,
+            started = time.perf_counter()
+            model, deployed = train_model(
+                config, on_device, seed, on_epoch, distillation=distillation, on_step=step
+            )
+            step("measuring the trained model")
+            resolution = deployed.train.test_resolution
+            accuracy_torch = accuracy(
+                predict(model, on_device.val, on_device, resolution), on_device.val.labels
+            )
+            candidates = compression_candidates(
+                model, deployed, data, on_device, work, seed, settings.space.precisions,
+                budgets, step,
             )  # fmt: skip
-            check_export_budgets(record.number, result, budgets)
+            chosen = best_candidate(candidates, budgets)
+            if chosen is None:
+                raise ExportError(no_candidate_fits(record.number, candidates, budgets))
+            result = chosen_result(
+                deployed, chosen, candidates, accuracy_torch, work / "model.onnx",
+                time.perf_counter() - started,
+            )  # fmt: skip
             test_accuracy = onnx_accuracy(result.onnx_path, data.test, data, data.resolution)
             card = model_card(
                 prepared.study.study_name, record, result, data, budgets, seed, epochs,
-                teacher_spec, test_accuracy,
+                teacher_spec, test_accuracy, candidate_rows(candidates, chosen, budgets),
             )  # fmt: skip
             target = write_export(folder, work, result, card)
     # The report shows the export's verified figures from now on.
@@ -303,15 +332,23 @@ def execute_export(prepared: PreparedExport, console: Console, reporter: Reporte
 
 
 # The export's training gets this share of --time; the rest is for pruning, writing and
-# measuring the file (which the trial's own seconds also held, so they err long).
+# measuring the files (which the trial's own seconds also held, so they err long).
 TRAINING_SHARE_OF_TIME = 0.9
+# An int8 candidate adds a quantization-aware fine-tune: a quarter of the epochs again,
+# in fp32 with rounding, counted as this share of the export's epochs.
+QUANTIZATION_AWARE_SHARE = 0.4
 
 
 def epochs_for_time(
-    record: TrialRecord, subset: int | None, train_images: int, seconds: float
+    record: TrialRecord,
+    subset: int | None,
+    train_images: int,
+    seconds: float,
+    quantization_aware: bool = False,
 ) -> int:
     """The epochs on `train_images` images that fit `seconds`, at the trial's own measured
-    seconds per image and epoch (at least 2: train, then fine-tune)."""
+    seconds per image and epoch (at least 2: train, then fine-tune), leaving time for a
+    quantization-aware fine-tune when `quantization_aware`."""
     trial_images = min(subset, train_images) if subset else train_images
     if not record.seconds > 0:
         raise ExportError(
@@ -319,15 +356,71 @@ def epochs_for_time(
             "give --epochs instead"
         )
     per_image_epoch = record.seconds / (record.config.train.epochs * trial_images)
-    return max(2, int(TRAINING_SHARE_OF_TIME * seconds / (per_image_epoch * train_images)))
+    share = TRAINING_SHARE_OF_TIME / (1 + QUANTIZATION_AWARE_SHARE * quantization_aware)
+    return max(2, int(share * seconds / (per_image_epoch * train_images)))
 
 
-def check_export_budgets(number: int, result: TrialResult, budgets: Budgets) -> None:
-    over = budgets.excess(result.params, result.size_kb, result.macs)
-    if over:
-        raise ExportError(
-            f"the exported model of trial {number} breaks the budgets "
-            f"({', '.join(over)}): params {result.params:,}, size {result.size_kb:.1f} KB, "
-            f"MACs {amount(result.macs)} against {budgets.describe()}; nothing was written. "
-            "Export another trial (compsearch show) or a smaller one"
-        )
+def no_candidate_fits(number: int, candidates: list[Candidate], budgets: Budgets) -> str:
+    """The export's refusal when no file of the retrained model meets the budgets."""
+    figures = "; ".join(
+        f"{c.name}: {c.size_kb:.1f} KB, {c.params:,} params, {amount(c.macs)} MACs"
+        + (f" ({c.note})" if c.note else "")
+        for c in candidates
+    )
+    return (
+        f"no file of trial {number}'s retrained model meets {budgets.describe()} ({figures}); "
+        "nothing was written. Export another trial (compsearch show) or a smaller one"
+    )
+
+
+def chosen_result(
+    config: TrialConfig,
+    chosen: Candidate,
+    candidates: list[Candidate],
+    accuracy_torch: float,
+    path: Path,
+    seconds: float,
+) -> TrialResult:
+    """The export's result: the chosen candidate's file moved to `path`, its figures."""
+    chosen.path.replace(path)
+    post_training = next(
+        (c.accuracy for c in candidates if c.name == "int8 post-training" and c.written),
+        chosen.accuracy,
+    )
+    compress = dataclasses.replace(config.compress, precision=chosen.precision)
+    return TrialResult(
+        config=dataclasses.replace(config, compress=compress),
+        accuracy=chosen.accuracy,
+        accuracy_before_compression=accuracy_torch,
+        accuracy_post_training=post_training if chosen.precision == "int8" else chosen.accuracy,
+        quantization_aware=chosen.quantization_aware,
+        params=chosen.params,
+        macs=chosen.macs,
+        size_kb=chosen.size_kb,
+        onnx_path=path,
+        model=chosen.model.cpu().eval(),
+        seconds=seconds,
+        early_accuracy=math.nan,
+    )
+
+
+def candidate_rows(
+    candidates: list[Candidate], chosen: Candidate, budgets: Budgets
+) -> list[dict[str, Any]]:
+    """Every candidate's figures, for the card."""
+    return [
+        {
+            "name": c.name,
+            "precision": c.precision,
+            "quantization_aware": c.quantization_aware,
+            "validation_accuracy": c.accuracy if c.written else None,
+            "size_kb": round(c.size_kb, 3),
+            "params": c.params,
+            "macs": c.macs,
+            "written": c.written,
+            "within_budgets": not c.excess(budgets),
+            "chosen": c is chosen,
+            "note": c.note,
+        }
+        for c in candidates
+    ]

@@ -10,6 +10,7 @@ import os
 import socket
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,17 +24,21 @@ from compsearch.objectives.train import DeviceData, Distillation, TrainingDiverg
 from compsearch.objectives.trial import StoppedEarly, TrialResult, run_trial
 from compsearch.results.records import (
     INTERRUPTED,
+    TrialRecord,
     fitted_attrs,
     is_fitted_copy,
     read_trials,
     write_estimate,
     write_failed,
+    write_prediction,
     write_rejected,
     write_result,
     write_stopped_early,
+    write_too_slow,
     write_worker,
 )
 from compsearch.search.common import first_line
+from compsearch.search.cost import CostModel, TimeLimit, calibrate, work_of
 from compsearch.search.optuna_private import heartbeat_thread, storage_of, trial_id
 from compsearch.search.progress import Display
 from compsearch.search.study import Retry
@@ -47,6 +52,10 @@ from compsearch.spaces.space import SearchSpace, sample
 # almost all infeasible and the user should narrow it or relax the budgets.
 MAX_REJECTIONS_IN_A_ROW = 500
 MAX_FAILURES_IN_A_ROW = 10
+# With --time, stop when this many configs in a row (those over budget aside) were
+# predicted too slow for the time left: the sampler has little chance of proposing one
+# quick enough.
+MAX_TOO_SLOW_IN_A_ROW = 25
 # Which process ran a trial, for the record and for telling workers apart.
 WORKER = f"{socket.gethostname()}:{os.getpid()}"
 WAIT_SECONDS = 2.0  # between looks at the study while other workers finish the last trials
@@ -83,7 +92,8 @@ def default_schedule(epochs: int, resolution: int) -> TrainConfig:
 class SearchSettings:
     budgets: Budgets
     trials: int  # trained trials to add
-    timeout: float | None  # seconds after which no new trial starts
+    # --time: no trial starts whose predicted end lies past its deadline; None: no limit.
+    time_limit: TimeLimit | None
     seed: int
     device: str
     folder: Path  # the study's folder: trial files go below it
@@ -103,6 +113,7 @@ class SearchSettings:
 class SearchCounts:
     trained: int = 0
     rejected: int = 0  # over budget by estimate, never trained
+    too_slow: int = 0  # predicted to overrun the time left (--time), never trained
     fitted: int = 0  # shrunk copies of rejected configs queued to fit the budgets
     stopped_early: int = 0
     epochs_trained: int = 0
@@ -111,6 +122,7 @@ class SearchCounts:
     infeasible_after_training: int = 0
     stopped_reason: str = ""
     rejections_in_a_row: int = 0
+    too_slow_in_a_row: int = 0
     failures_in_a_row: int = 0
     last_failure: str = ""  # the exception type of the last failed trial
 
@@ -118,7 +130,14 @@ class SearchCounts:
         self.epochs_trained += outcome.epochs_trained
         self.epochs_saved += outcome.epochs_saved
         self.rejections_in_a_row = self.rejections_in_a_row + 1 if outcome.kind == "rejected" else 0
-        if outcome.kind == "rejected":
+        # Configs over budget in between do not break a run of configs too slow.
+        if outcome.kind == "too slow":
+            self.too_slow_in_a_row += 1
+        elif outcome.kind != "rejected":
+            self.too_slow_in_a_row = 0
+        if outcome.kind == "too slow":
+            self.too_slow += 1
+        elif outcome.kind == "rejected":
             self.rejected += 1
             self.fitted += outcome.fitted
         elif outcome.kind == "stopped early":
@@ -184,6 +203,22 @@ def heartbeat(study: optuna.Study, trial: optuna.Trial):
         yield
 
 
+class Costs:
+    """The search's cost model: calibrated when the first config needs a prediction (a
+    worker with nothing left to do never times anything), then refitted on the study's
+    finished trials before each trial (other workers may have trained them)."""
+
+    def __init__(self, calibrate: Callable[[list[TrialRecord]], CostModel]) -> None:
+        self.calibrate = calibrate
+        self.model: CostModel | None = None
+
+    def refit(self, records: list[TrialRecord]) -> CostModel:
+        if self.model is None:
+            self.model = self.calibrate(records)
+        self.model = self.model.refit(records)
+        return self.model
+
+
 @dataclass(frozen=True)
 class SearchJob:
     """What every trial of one search shares."""
@@ -197,11 +232,13 @@ class SearchJob:
     distillation: Distillation | None
     display: Display | None
     reporter: Reporter
+    costs: Costs
 
 
 @dataclass(frozen=True)
 class Outcome:
-    """How one trial ended: "rejected", "stopped early", "failed" or "trained"."""
+    """How one trial ended: "rejected" (over budget), "too slow" (for the time left),
+    "stopped early", "failed" or "trained"."""
 
     kind: str
     text: str  # as a log line shows it
@@ -230,13 +267,16 @@ def search(
     estimate are recorded but never trained and do not count. `reporter` is told each
     trial's steps and outcome, for the supervisor that fails a trial whose process died.
     """
+    on_device = on_device or DeviceData(data, settings.device)
+    reporter = reporter or Reporter(None)
+    costs = Costs(
+        lambda records: calibrate(space, schedule, data, on_device, settings.seed, records)
+    )
     job = SearchJob(
-        study, space, schedule, data, on_device or DeviceData(data, settings.device), settings,
-        distillation, Display(console, settings.trials) if console is not None else None,
-        reporter or Reporter(None),
+        study, space, schedule, data, on_device, settings, distillation,
+        Display(console, settings.trials) if console is not None else None, reporter, costs,
     )  # fmt: skip
     counts = SearchCounts()
-    started = time.monotonic()
     fail_stale_trials(study)
     finish_at = settings.finish_at
     if finish_at is None:
@@ -254,7 +294,7 @@ def search(
                 # Other workers are on the last trials; one of them may still fail.
                 time.sleep(WAIT_SECONDS)
                 continue
-            counts.stopped_reason = stop_reason(counts, settings, time.monotonic() - started)
+            counts.stopped_reason = stop_reason(counts, settings)
             if counts.stopped_reason:
                 break
             trial = study.ask()
@@ -271,7 +311,8 @@ def search(
             job.reporter.done(trial.number, outcome.kind)
             if job.display:
                 job.display.trial_done(
-                    counts.trained + counts.stopped_early, counts.rejected, trial.number,
+                    counts.trained + counts.stopped_early, counts.rejected + counts.too_slow,
+                    trial.number,
                     outcome.text, outcome.result, outcome.feasible,
                 )  # fmt: skip
     return counts
@@ -289,6 +330,19 @@ def run_one(job: SearchJob, trial: optuna.Trial, rejections_in_a_row: int) -> Ou
     over = budgets.excess(expected.params, expected.size_kb, expected.macs)
     if over:
         return reject(job, trial, expected, over, rejections_in_a_row + 1)
+    work = work_of(config, job.data)
+    if job.costs.model is None:
+        job.reporter.step(trial.number, "timing a few training steps for the cost model")
+    predicted = job.costs.refit(read_trials(job.study.get_trials(deepcopy=False))).predict(work)
+    limit = settings.time_limit
+    write_prediction(trial, predicted, work.vector(), limit.deadline if limit else None)
+    if limit is not None:
+        allowance = limit.allowance()
+        too_slow = limit.too_slow(predicted)
+        # Relative, as the budgets' constraints are; <= 0 for a config given the time.
+        trial.set_constraint("seconds", predicted / max(allowance, 1e-9) - 1.0)
+        if too_slow:
+            return reject_too_slow(job, trial, expected, too_slow)
     if job.display:
         job.display.start_trial(trial.number, config.train.epochs)
     folder = settings.folder / "trials" / f"{trial.number:05d}"
@@ -326,10 +380,16 @@ def run_one(job: SearchJob, trial: optuna.Trial, rejections_in_a_row: int) -> Ou
     return Outcome("trained", text, config.train.epochs, 0, result, feasible=not over)
 
 
-def stop_reason(counts: SearchCounts, settings: SearchSettings, elapsed: float) -> str:
+def stop_reason(counts: SearchCounts, settings: SearchSettings) -> str:
     """Why the search stops before its target, or "" while it goes on."""
-    if settings.timeout is not None and elapsed > settings.timeout:
-        return f"--time {settings.timeout:g} s reached"
+    limit = settings.time_limit
+    if limit is not None and limit.left() <= 0:
+        return "--time reached"
+    if counts.too_slow_in_a_row >= MAX_TOO_SLOW_IN_A_ROW:
+        return (
+            f"{counts.too_slow_in_a_row} sampled configs in a row were predicted too slow "
+            f"for the {max(0, limit.left()) if limit else 0:.0f} s left of --time"
+        )
     if counts.failures_in_a_row >= settings.max_failures_in_a_row:
         return (
             f"{counts.failures_in_a_row} trials in a row failed, the last with "
@@ -383,6 +443,20 @@ def reject(
     return Outcome(
         "rejected", "over budget by estimate: " + ", ".join(over), fitted=fitted is not None
     )
+
+
+def reject_too_slow(
+    job: SearchJob, trial: optuna.Trial, expected: Estimate, reason: str
+) -> Outcome:
+    """Record a config within the budgets that the cost model predicts would not finish
+    in the time it may take; it is never trained. Its "seconds" constraint (set by
+    run_one) tells the sampler so, apart from the budgets, so that it stays feasible in
+    the deployment sense."""
+    budgets = job.settings.budgets
+    record_constraints(trial, budgets, expected.params, expected.size_kb, expected.macs)
+    write_too_slow(trial, reason)
+    job.study.tell(trial, [0.0, expected.size_kb])
+    return Outcome("too slow", "too slow for the time left: " + reason)
 
 
 def fit_to_budget(

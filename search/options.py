@@ -23,6 +23,7 @@ from compsearch.objectives.modelfile import check_model_file
 from compsearch.search.common import (
     DEFAULT_EPOCHS,
     DEFAULT_OUT,
+    DEFAULT_TIME,
     DEFAULT_TRIALS,
     HEARTBEAT_SECONDS,
     SAMPLERS,
@@ -144,7 +145,9 @@ class RunOptions:
     dataset: str = "digits"
     data_dir: Path = Path("data")
     trials: int = DEFAULT_TRIALS
-    time: float | None = None  # seconds of the search's wall time: no trial starts after
+    # Seconds of the search's wall time (no trial starts whose predicted end lies past
+    # it); None: no limit.
+    time: float | None = DEFAULT_TIME
     sampler: str = "tpe"
     subset: int | None = None
     space: Path | None = None  # a TOML file narrowing or widening the space
@@ -241,9 +244,12 @@ class RunOptions:
         argv = []
         for option in fields(self):
             value = getattr(self, option.name)
-            if value is None or value == option.default:
+            if value == option.default:
                 continue
             flag = "--" + option.name.replace("_", "-")
+            if value is None:  # only --time has a default that None overrides
+                argv += [flag, "none"]
+                continue
             if isinstance(value, bool):  # a switch: only its non-default form has a flag
                 argv.append(flag if value else f"--no-{option.name.replace('_', '-')}")
             else:

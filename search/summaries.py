@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from compsearch.results.records import TrialRecord, best_feasible
+from compsearch.results.records import PredictionErrors, TrialRecord, best_feasible
 from compsearch.search.common import EXIT_INTERRUPTED
 from compsearch.spaces.budgets import Budgets
 
@@ -37,6 +37,11 @@ class StudyView:
         """The most accurate feasible trial (the smaller file on a tie): what
         `export --trial best` exports."""
         return best_feasible(self.records, self.budgets)
+
+    @property
+    def prediction_errors(self) -> PredictionErrors | None:
+        """How far the cost model's seconds were from the trials' measured seconds."""
+        return PredictionErrors.of(self.records)
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,9 @@ class LayerCounts:
     # Squeeze-and-excitation modules: each adds a pool, a sigmoid and a product beyond
     # its two convolutions and activation.
     squeeze_excitations: int = 0
+    # Values the convolutions write per image (channels x height x width of each output):
+    # memory traffic, which sets the time of depthwise and 1x1 layers more than MACs do.
+    activation_values: int = 0
 
     def __add__(self, other: LayerCounts) -> LayerCounts:
         return LayerCounts(*(a + b for a, b in zip(astuple(self), astuple(other), strict=True)))
@@ -78,6 +81,7 @@ def conv_bn_counts(
         macs=out_side * out_side * weights,
         batchnorm_channels=out_width,
         convolutions=1,
+        activation_values=out_width * out_side * out_side,
     )
 
 

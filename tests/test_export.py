@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -86,6 +87,42 @@ def test_export_writes_a_verified_model_and_its_card(exported, study_folder):
     assert card["trial"] == best["number"]
 
 
+def test_export_keeps_the_most_accurate_candidate_within_the_budgets(exported):
+    folder, stdout = exported
+    card = json.loads((folder / "model.json").read_text())
+    candidates = card["candidates"]
+    assert [c["name"] for c in candidates] == [
+        "fp32", "fp16", "int8 post-training", "int8 quantization-aware",
+    ]  # fmt: skip
+    fitting = [c for c in candidates if c["written"] and c["within_budgets"]]
+    assert fitting
+    best = max(fitting, key=lambda c: (c["validation_accuracy"], -c["size_kb"]))
+    assert [c for c in candidates if c["chosen"]] == [best]
+    assert card["validation_accuracy"] == best["validation_accuracy"]
+    assert card["size_kb"] == pytest.approx(best["size_kb"], abs=1e-3)
+    assert card["precision"] == best["precision"]
+    assert card["quantization_aware"] == best["quantization_aware"]
+    for candidate in candidates:
+        assert candidate["name"] in stdout
+
+
+def test_the_choice_of_candidate_skips_what_breaks_a_budget_or_was_not_written():
+    from compsearch.objectives.trial import Candidate, best_candidate
+    from compsearch.spaces.budgets import Budgets
+
+    def candidate(name, accuracy, size_kb, written=True):
+        path = Path(f"{name}.onnx") if written else None
+        return Candidate(name, "int8", False, accuracy, 1000, 1000, size_kb, path, None)
+
+    budgets = Budgets(params=1e6, size_kb=10.0)
+    over = candidate("over", 0.99, 12.0)
+    unwritten = candidate("unwritten", 0.98, 5.0, written=False)
+    large, small = candidate("large", 0.9, 9.0), candidate("small", 0.9, 4.0)
+    worse = candidate("worse", 0.8, 1.0)
+    assert best_candidate([over, unwritten, large, small, worse], budgets) is small
+    assert best_candidate([over, unwritten], budgets) is None
+
+
 def test_following_the_card_by_hand_reproduces_its_test_accuracy(exported):
     folder, _ = exported
     card = json.loads((folder / "model.json").read_text())
@@ -145,7 +182,7 @@ def test_an_export_over_budget_writes_nothing_and_exits_2(study_folder):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
-    assert "breaks the budgets" in lines[0] and "nothing was written" in lines[0]
+    assert "no file of trial" in lines[0] and "nothing was written" in lines[0]
     assert "size_kb" in lines[0] and "0.5 KB" in lines[0]
     after = {p.name: p.read_bytes() for p in folder.iterdir()} if folder.exists() else {}
     assert after == before
@@ -243,7 +280,13 @@ def test_an_export_given_a_time_sizes_its_epochs_from_the_trials_own_speed(study
     result = compsearch("export", "--time", f"{seconds / 4:.3f}", cwd=study_folder)
     assert result.returncode == 0, result.stderr
     card = json.loads((study_folder / "runs/digits/export/model.json").read_text())
-    assert card["epochs"] == epochs_for_time(record, None, images, float(f"{seconds / 4:.3f}"))
+    # The default space holds int8, so time is left for a quantization-aware fine-tune.
+    assert card["epochs"] == epochs_for_time(
+        record, None, images, float(f"{seconds / 4:.3f}"), quantization_aware=True
+    )
+    assert epochs_for_time(record, None, images, seconds, quantization_aware=True) < (
+        epochs_for_time(record, None, images, seconds)
+    )
     assert "sized to --time" in result.stdout
 
 
