@@ -99,7 +99,7 @@ def test_sigterm_stops_a_run_as_ctrl_c_does_and_is_no_crash(tmp_path):
     (tmp_path / "fast.toml").write_text(FAST_SPACE)
     env = {**os.environ, "CRASH_MARKER": str(tmp_path / "crashed"), "PYTHONUNBUFFERED": "1"}
     run = subprocess.Popen(
-        [sys.executable, str(SCRIPT), *RUN, "--epochs", "400", "--trials", "2"],
+        [sys.executable, str(SCRIPT), *RUN, "--epochs", "400", "--time", "none", "--trials", "2"],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     try:

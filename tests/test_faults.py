@@ -145,7 +145,7 @@ def test_ctrl_c_keeps_every_finished_trial_and_queues_the_interrupted_one(tmp_pa
     ]  # fmt: skip
     env = os.environ | {"PYTHONUNBUFFERED": "1"}
     first = subprocess.Popen(
-        [*command, "--epochs", "400"],
+        [*command, "--epochs", "400", "--time", "none"],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

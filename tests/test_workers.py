@@ -169,7 +169,7 @@ def test_a_worker_killed_mid_trial_has_its_trial_run_again_and_nothing_else_lost
         kept = {t.number: (t.state, t.values, t.params) for t in study.trials}
 
         doomed = compsearch(
-            *RUN, "--trials", "1", "--epochs", "5000", *where, cwd=tmp_path,
+            *RUN, "--trials", "1", "--epochs", "5000", "--time", "none", *where, cwd=tmp_path,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         victim = wait_for_training(study, kept, deadline=time.monotonic() + 120)
