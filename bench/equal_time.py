@@ -109,11 +109,7 @@ def anchor_row(name: str, args: argparse.Namespace, out: Path) -> dict:
     from compsearch.objectives.trial import best_candidate, compression_candidates, train_model
     from compsearch.search.anchors import ANCHORS as KNOWN
     from compsearch.search.anchors import anchor_params
-    from compsearch.search.jobs import (
-        QUANTIZATION_AWARE_SHARE,
-        TRAINING_SHARE_OF_TIME,
-        resolve_device,
-    )
+    from compsearch.search.jobs import resolve_device, training_share
     from compsearch.search.loop import default_schedule, fit_to_budget
     from compsearch.spaces.budgets import Budgets
     from compsearch.spaces.space import sample, space_for
@@ -134,7 +130,7 @@ def anchor_row(name: str, args: argparse.Namespace, out: Path) -> dict:
     images = 20 * schedule.batch_size
     per_image = time_training(probe, on_device, data.resolution, images, seed=0) / images
     left = args.minutes * 60 - (time.perf_counter() - started)
-    share = TRAINING_SHARE_OF_TIME / (1 + QUANTIZATION_AWARE_SHARE)
+    share = training_share(quantization_aware="int8" in space.precisions)
     epochs = max(2, int(share * left / (per_image * len(data.train))))
     config = sample(
         optuna.trial.FixedTrial(params), space, default_schedule(epochs, data.resolution)

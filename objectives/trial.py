@@ -258,11 +258,10 @@ def deploy(
         calibration = calibration_images(data, train.test_resolution, CALIBRATION_IMAGES, seed)
 
     def write(model: torch.nn.Module, path: Path) -> float:
-        on_step(f"exporting the {precision} file")
-        copied = copy.deepcopy(model).cpu().eval()
-        export(copied, precision, train.test_resolution, data.channels, path, calibration)
-        on_step("measuring the file in onnxruntime")
-        return onnx_accuracy(path, split, data, train.test_resolution)
+        return write_and_measure(
+            model, precision, precision, path, data, split, train.test_resolution, calibration,
+            on_step,
+        )  # fmt: skip
 
     measured = write(model, path)
     first = Deployed(model, path, measured, measured, quantization_aware=False)
@@ -273,12 +272,7 @@ def deploy(
         return first
     on_step("the quantization-aware fine-tune")
     try:
-        tuned = quantization_aware_finetune(
-            model,
-            on_device,
-            finetune_phase(train, QUANTIZATION_AWARE_LEARNING_RATE_FACTOR),
-            torch.Generator().manual_seed(seed + 1),
-        )
+        tuned = quantization_aware_copy(model, on_device, train, seed)
     except TrainingDiverged:
         # Without batch norms (folded into the convolutions) the fine-tune can blow up
         # (a ResNet-8 on CIFAR-10 did); the post-training file stands.
@@ -290,6 +284,36 @@ def deploy(
         return first
     candidate.replace(path)
     return Deployed(tuned, path, measured_tuned, measured, quantization_aware=True)
+
+
+def write_and_measure(
+    model: torch.nn.Module,
+    precision: str,
+    name: str,
+    path: Path,
+    data: Dataset,
+    split: Split,
+    resolution: int,
+    calibration: torch.Tensor | None,
+    on_step: StepCallback,
+) -> float:
+    """Write `model` (left untouched) as a `precision` file at `path`; its top-1 on
+    `split` in onnxruntime. `name` is what the steps call the file."""
+    on_step(f"exporting the {name} file")
+    copied = copy.deepcopy(model).cpu().eval()
+    export(copied, precision, resolution, data.channels, path, calibration)
+    on_step(f"measuring the {name} file in onnxruntime")
+    return onnx_accuracy(path, split, data, resolution)
+
+
+def quantization_aware_copy(
+    model: torch.nn.Module, on_device: DeviceData, train: TrainConfig, seed: int
+) -> torch.nn.Module:
+    """A copy of `model` after the quantization-aware fine-tune that trials and exports
+    share; raises TrainingDiverged when it blows up."""
+    phase = finetune_phase(train, QUANTIZATION_AWARE_LEARNING_RATE_FACTOR)
+    generator = torch.Generator().manual_seed(seed + 1)
+    return quantization_aware_finetune(model, on_device, phase, generator)
 
 
 @dataclass(frozen=True)
@@ -359,11 +383,7 @@ def compression_candidates(
             if aware:
                 on_step("the quantization-aware fine-tune")
                 try:
-                    written = quantization_aware_finetune(
-                        model, on_device,
-                        finetune_phase(train, QUANTIZATION_AWARE_LEARNING_RATE_FACTOR),
-                        torch.Generator().manual_seed(seed + 1),
-                    )  # fmt: skip
+                    written = quantization_aware_copy(model, on_device, train, seed)
                 except TrainingDiverged as error:
                     candidates.append(
                         Candidate(name, precision, True, math.nan, expected.params,
@@ -372,11 +392,10 @@ def compression_candidates(
                     )  # fmt: skip
                     continue
             path = folder / f"model-{name.replace(' ', '-')}.onnx"
-            on_step(f"exporting the {name} file")
-            copied = copy.deepcopy(written).cpu().eval()
-            export(copied, precision, train.test_resolution, data.channels, path, calibration)
-            on_step(f"measuring the {name} file in onnxruntime")
-            measured = onnx_accuracy(path, data.val, data, train.test_resolution)
+            measured = write_and_measure(
+                written, precision, name, path, data, data.val, train.test_resolution,
+                calibration, on_step,
+            )  # fmt: skip
             copied = copy.deepcopy(written).cpu().eval()
             candidates.append(
                 Candidate(

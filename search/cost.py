@@ -11,8 +11,9 @@ those and every finished trial of the study, refitted after each one.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -107,15 +108,15 @@ def calibrate(
     return CostModel.fit(observations).refit(records)
 
 
-class optuna_quiet:
+@contextlib.contextmanager
+def optuna_quiet() -> Iterator[None]:
     """Optuna's info messages off for the probes' throwaway study."""
-
-    def __enter__(self) -> None:
-        self.level = optuna.logging.get_verbosity()
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-
-    def __exit__(self, *exc) -> None:
-        optuna.logging.set_verbosity(self.level)
+    level = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(level)
 
 
 def work_of(config: TrialConfig, data: Dataset) -> Work:

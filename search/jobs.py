@@ -356,8 +356,13 @@ def epochs_for_time(
             "give --epochs instead"
         )
     per_image_epoch = record.seconds / (record.config.train.epochs * trial_images)
-    share = TRAINING_SHARE_OF_TIME / (1 + QUANTIZATION_AWARE_SHARE * quantization_aware)
+    share = training_share(quantization_aware)
     return max(2, int(share * seconds / (per_image_epoch * train_images)))
+
+
+def training_share(quantization_aware: bool) -> float:
+    """The share of an export's --time its training gets."""
+    return TRAINING_SHARE_OF_TIME / (1 + QUANTIZATION_AWARE_SHARE * quantization_aware)
 
 
 def no_candidate_fits(number: int, candidates: list[Candidate], budgets: Budgets) -> str:

@@ -130,11 +130,8 @@ class SearchCounts:
         self.epochs_trained += outcome.epochs_trained
         self.epochs_saved += outcome.epochs_saved
         self.rejections_in_a_row = self.rejections_in_a_row + 1 if outcome.kind == "rejected" else 0
-        # Configs over budget in between do not break a run of configs too slow.
-        if outcome.kind == "too slow":
-            self.too_slow_in_a_row += 1
-        elif outcome.kind != "rejected":
-            self.too_slow_in_a_row = 0
+        if outcome.kind != "rejected":  # configs over budget do not break a run of slow ones
+            self.too_slow_in_a_row = self.too_slow_in_a_row + 1 if outcome.kind == "too slow" else 0
         if outcome.kind == "too slow":
             self.too_slow += 1
         elif outcome.kind == "rejected":
