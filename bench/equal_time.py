@@ -10,7 +10,8 @@ parameters and 300 KB:
   `compsearch run` queues them), trained by the same trainer for T minutes (its epochs
   sized from a timed run of a few batches) and compressed by the export's own choice:
   every precision that can fit, the most accurate file on the validation split that fits;
-- **a random search**: the same two commands with `--sampler random --no-anchors`.
+- **a random search**: the same two commands with `--sampler random --no-anchors
+  --rungs 1` (one fidelity).
 
 It prints one table (test accuracy of each model.onnx in onnxruntime, size, params, MACs,
 minutes, machine) and compsearch's difference from the best anchor and from the random
@@ -229,7 +230,8 @@ def main() -> None:
         if name == "compsearch":
             rows.append(searched("compsearch", [], args, out))
         elif name == "random":
-            row = searched("random", ["--sampler", "random", "--no-anchors"], args, out)
+            one_fidelity = ["--sampler", "random", "--no-anchors", "--rungs", "1"]
+            row = searched("random", one_fidelity, args, out)
             rows.append(row | {"model": "random search"})
         else:
             rows.append(anchor_row(name, args, out))

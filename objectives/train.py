@@ -15,6 +15,7 @@ batch-norm statistics are then recalibrated on unaugmented images at that resolu
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -113,6 +114,16 @@ class DeviceData:
         self.resolution = data.resolution
         self.channels = data.channels
         self.autocast = autocast_dtype(self.device) if mixed_precision else None
+
+    def subset(self, count: int) -> DeviceData:
+        """The same data with `count` of its training images, a fixed random draw: a
+        smaller subset lies within a larger one. Itself when `count` covers them all."""
+        if count >= len(self.train):
+            return self
+        view = copy.copy(self)
+        index = spread_sample(count, len(self.train)).to(self.device)
+        view.train = Split(self.train.images[index], self.train.labels[index])
+        return view
 
     def inputs(self, images: torch.Tensor, resolution: int) -> torch.Tensor:
         """uint8 (N, C, H, W) on the device to normalized float at `resolution`,

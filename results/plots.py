@@ -47,6 +47,10 @@ def pareto_figure(frame: pd.DataFrame, budgets: Budgets, title: str):
 
     trained = frame[frame["trained"].astype(bool)]
     feasible = trained[trained["feasible"].astype(bool)]
+    # Like with like: the front and the blue points are the trials of the highest
+    # fidelity reached; those of lower rungs, trained less, are grey.
+    lower = feasible[~feasible["top_fidelity"].astype(bool)]
+    feasible = feasible[feasible["top_fidelity"].astype(bool)]
     infeasible = trained[~trained["feasible"].astype(bool)]
     front = pareto_front(frame)
     rejected, stopped, _ = outcome_counts(frame)
@@ -58,9 +62,19 @@ def pareto_figure(frame: pd.DataFrame, budgets: Budgets, title: str):
             feasible["accuracy"] * 100,
             s=28,
             color="tab:blue",
-            label=f"feasible ({len(feasible)})",
+            label=f"feasible ({len(feasible)})" + (", highest rung" if len(lower) else ""),
             zorder=3,
         )
+        if len(lower):
+            axis.scatter(
+                lower[column],
+                lower["accuracy"] * 100,
+                s=18,
+                color="tab:gray",
+                alpha=0.6,
+                label=f"feasible, lower rungs ({len(lower)})",
+                zorder=2,
+            )
         axis.scatter(
             infeasible[column],
             infeasible["accuracy"] * 100,
@@ -134,7 +148,7 @@ def pareto_plotly(frame: pd.DataFrame, budgets: Budgets, title: str):
     trained = frame[frame["trained"].astype(bool)].copy()
     params = [c for c in frame.columns if c.startswith("param_")]
     trained["hover"] = [
-        f"trial {row['number']}<br>accuracy {row['accuracy']:.2%}<br>"
+        f"trial {row['number']} (rung {row['rung']})<br>accuracy {row['accuracy']:.2%}<br>"
         f"size {row['size_kb']:.1f} KB<br>params {int(row['params']):,}<br>"
         + "<br>".join(f"{p.removeprefix('param_')}: {json.dumps(row[p])}" for p in params)
         for _, row in trained.iterrows()
@@ -144,11 +158,13 @@ def pareto_plotly(frame: pd.DataFrame, budgets: Budgets, title: str):
         rows=1, cols=2, subplot_titles=("accuracy against size", "accuracy against params")
     )
     for col, (column, label, budget_name) in enumerate(AXES, start=1):
-        for feasible, name, color, symbol in (
-            (True, "feasible", "royalblue", "circle"),
-            (False, "over budget as measured", "crimson", "x"),
+        feasible = trained["feasible"].astype(bool)
+        top = trained["top_fidelity"].astype(bool)
+        for part, name, color, symbol in (
+            (trained[top], "feasible", "royalblue", "circle"),
+            (trained[feasible & ~top], "feasible, lower rungs", "darkgray", "circle"),
+            (trained[~feasible], "over budget as measured", "crimson", "x"),
         ):
-            part = trained[trained["feasible"].astype(bool) == feasible]
             figure.add_trace(
                 go.Scatter(
                     x=part[column],

@@ -123,6 +123,12 @@ class TrialRecord:
     retry_of: int | None  # the failed trial this one runs again
     worker: str  # host:pid of the process that ran it
     anchor: str  # the known architecture it is ("resnet8", ...), "" for a sampled config
+    # Its fidelity (search/fidelity.py): rung `rung` (from 0) of a ladder of `rungs`, on
+    # `train_images` training images (None: a study from before fidelities, one for all).
+    rung: int
+    rungs: int
+    train_images: int | None
+    promoted_from: int | None  # the trial at the rung below whose config this one is
     # The cost model's seconds for the config, before it trained (NaN: none predicted).
     predicted_seconds: float
     # Its work (spaces/cost.py Work's fields), from which the cost model is refitted.
@@ -136,6 +142,14 @@ class TrialRecord:
 
     def feasible(self, budgets: Budgets) -> bool:
         return self.trained and not budgets.excess(self.params, self.size_kb, self.macs)
+
+    @property
+    def fidelity(self) -> tuple[int, int]:
+        """(training images x epochs, rung): trials with equal figures trained alike, and
+        the larger trained more; (0, 0) for a trial from before fidelities or untrained."""
+        if self.config is None or self.train_images is None:
+            return (0, 0)
+        return (self.train_images * self.config.train.epochs, self.rung)
 
 
 def read_trial(trial: optuna.trial.FrozenTrial, run_again_as: int | None = None) -> TrialRecord:
@@ -174,6 +188,10 @@ def read_trial(trial: optuna.trial.FrozenTrial, run_again_as: int | None = None)
         retry_of=attrs.get("retry_of"),
         worker=attrs.get("worker", ""),
         anchor=attrs.get("anchor", ""),
+        rung=attrs.get("rung", 0),
+        rungs=attrs.get("rungs", 1),
+        train_images=attrs.get("train_images"),
+        promoted_from=attrs.get("promoted_from"),
         predicted_seconds=attrs.get("predicted_seconds", NAN),
         work=tuple(attrs["work"]) if "work" in attrs else None,
         deadline=attrs.get("deadline"),
@@ -192,10 +210,22 @@ def read_trials(trials: Iterable[optuna.trial.FrozenTrial]) -> list[TrialRecord]
     return [read_trial(trial, run_again_as.get(trial.number)) for trial in trials]
 
 
-def best_feasible(records: Iterable[TrialRecord], budgets: Budgets) -> TrialRecord | None:
-    """The most accurate feasible trial (the smaller file on a tie), if any."""
+def at_top_fidelity(records: Iterable[TrialRecord], budgets: Budgets) -> list[TrialRecord]:
+    """The feasible trials at the highest fidelity any feasible trial reached: the ones
+    that compare like with like at the end of a multi-fidelity search."""
     feasible = [record for record in records if record.feasible(budgets)]
-    return max(feasible, key=lambda r: (r.accuracy, -r.size_kb, -r.number), default=None)
+    top = max((record.fidelity for record in feasible), default=None)
+    return [record for record in feasible if record.fidelity == top]
+
+
+def best_feasible(records: Iterable[TrialRecord], budgets: Budgets) -> TrialRecord | None:
+    """The most accurate feasible trial at the highest fidelity reached (the smaller file
+    on a tie), if any."""
+    return max(
+        at_top_fidelity(records, budgets),
+        key=lambda r: (r.accuracy, -r.size_kb, -r.number),
+        default=None,
+    )
 
 
 @dataclass(frozen=True)
@@ -271,6 +301,14 @@ def write_prediction(
         trial.set_user_attr("deadline", deadline)
 
 
+def write_fidelity(trial: optuna.Trial, rung: int, rungs: int, train_images: int) -> None:
+    """The trial's rung of the run's fidelity ladder and its training images (its epochs
+    are in its config)."""
+    trial.set_user_attr("rung", rung)
+    trial.set_user_attr("rungs", rungs)
+    trial.set_user_attr("train_images", train_images)
+
+
 def write_too_slow(trial: optuna.Trial, reason: str) -> None:
     trial.set_user_attr("trained", False)
     trial.set_user_attr("reason", "too slow for the time left: " + reason)
@@ -323,6 +361,9 @@ KEPT_BY_RETRY = (
     "estimated_macs",
     "fitted_from",
     "anchor",
+    "rung",
+    "rungs",
+    "promoted_from",
 )
 
 
@@ -333,6 +374,13 @@ def retry_attrs(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
 
 def anchor_attrs(name: str) -> dict[str, Any]:
     return {"anchor": name}
+
+
+def promoted_attrs(record: TrialRecord, rung: int) -> dict[str, Any]:
+    """What a promoted copy of `record` starts with: its rung, where it comes from, and
+    the anchor's name when it is one."""
+    attrs = {"rung": rung, "rungs": record.rungs, "promoted_from": record.number}
+    return attrs | ({"anchor": record.anchor} if record.anchor else {})
 
 
 def fitted_attrs(number: int) -> dict[str, Any]:

@@ -8,12 +8,17 @@ import optuna
 import pandas as pd
 from rich.table import Table
 
-from compsearch.results.records import read_trials
+from compsearch.results.records import at_top_fidelity, read_trials
 from compsearch.spaces.budgets import Budgets
 
 COLUMNS = [
     "number",
     "anchor",
+    "rung",
+    "epochs",
+    "train_images",
+    "promoted_from",
+    "top_fidelity",
     "state",
     "feasible",
     "trained",
@@ -39,12 +44,21 @@ COLUMNS = [
 
 
 def trials_frame(study: optuna.Study, budgets: Budgets) -> pd.DataFrame:
-    """One row per trial (see TrialRecord); every searched parameter as `param_<name>`."""
+    """One row per trial (see TrialRecord); every searched parameter as `param_<name>`.
+    `rung` counts from 1 (the cheapest); `top_fidelity` marks the feasible trials trained
+    at the highest fidelity reached, the ones the front compares."""
     rows = []
-    for record in read_trials(study.get_trials(deepcopy=False)):
-        row = {name: getattr(record, name) for name in COLUMNS if name != "feasible"}
+    records = read_trials(study.get_trials(deepcopy=False))
+    top = {record.number for record in at_top_fidelity(records, budgets)}
+    computed = ("feasible", "epochs", "top_fidelity")
+    for record in records:
+        row = {name: getattr(record, name) for name in COLUMNS if name not in computed}
         row["feasible"] = record.feasible(budgets)
-        for name in ("fitted_from", "retry_of", "quantization_aware"):
+        row["top_fidelity"] = record.number in top
+        row["rung"] = record.rung + 1
+        row["epochs"] = record.config.train.epochs if record.config else math.nan
+        for name in ("fitted_from", "retry_of", "quantization_aware", "train_images",
+                     "promoted_from"):  # fmt: skip
             if row[name] is None:
                 row[name] = math.nan
         row["worker"] = row["worker"] or math.nan
@@ -60,8 +74,9 @@ def trials_frame(study: optuna.Study, budgets: Budgets) -> pd.DataFrame:
 
 
 def pareto_front(frame: pd.DataFrame) -> pd.DataFrame:
-    """Feasible trials no other feasible trial beats on both accuracy and size_kb."""
-    feasible = frame[frame["feasible"].astype(bool)]
+    """Feasible trials at the highest fidelity reached that no other such trial beats on
+    both accuracy and size_kb: like with like, when lower rungs trained less."""
+    feasible = frame[frame["feasible"].astype(bool) & frame["top_fidelity"].astype(bool)]
     keep = []
     for index, row in feasible.iterrows():
         dominated = (
@@ -111,6 +126,13 @@ def trial_label(row: pd.Series) -> str:
     """ "12", or "0 resnet8" for an anchor: the trial as tables name it."""
     anchor = row.get("anchor")
     return f"{row['number']} {anchor}" if isinstance(anchor, str) and anchor else str(row["number"])
+
+
+def rung_label(row: pd.Series) -> str:
+    """ "2 (from 7)": the rung of a trial, from 1, and the trial it was promoted from."""
+    text = str(int(row["rung"]))
+    promoted = row.get("promoted_from")
+    return text + (f" (from {int(promoted)})" if promoted == promoted else "")
 
 
 def compact_amount(value: float) -> str:
@@ -164,11 +186,12 @@ def pruning_summary(row: pd.Series) -> str:
 
 def all_trials_table(frame: pd.DataFrame, title: str) -> Table:
     table = Table(title=title)
-    for name in ("trial", "state", "feasible", "accuracy", "params", "size_kb", "reason"):
+    for name in ("trial", "rung", "state", "feasible", "accuracy", "params", "size_kb", "reason"):
         table.add_column(name)
     for _, row in frame.iterrows():
         table.add_row(
             trial_label(row),
+            rung_label(row),
             row["state"],
             "yes" if row["feasible"] else "no",
             "" if math.isnan(row["accuracy"]) else f"{row['accuracy']:.2%}",

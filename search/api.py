@@ -21,6 +21,7 @@ from compsearch.objectives.catalog import DISTILL_TEMPERATURE, DISTILL_WEIGHT
 from compsearch.search.common import (
     DEFAULT_EPOCHS,
     DEFAULT_OUT,
+    DEFAULT_RUNGS,
     DEFAULT_TIME,
     DEFAULT_TRIALS,
     HEARTBEAT_SECONDS,
@@ -51,6 +52,7 @@ def run(
     workers: int = 1,
     heartbeat: int = HEARTBEAT_SECONDS,
     anchors: bool = True,
+    rungs: int = DEFAULT_RUNGS,
     study: str | None = None,
     out: Path | str = DEFAULT_OUT,
     storage: str | None = None,
@@ -67,7 +69,7 @@ def run(
     options = RunOptions(
         budget_params, budget_kb, budget_macs, dataset, data_dir, trials, time, sampler,
         subset, space, epochs, seed, device, teacher, distill_weight, distill_temperature,
-        workers, heartbeat, anchors, study, out, storage,
+        workers, heartbeat, anchors, rungs, study, out, storage,
     )  # fmt: skip
     return run_job(options, Console(quiet=quiet))
 

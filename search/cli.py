@@ -19,6 +19,7 @@ from compsearch.search import api
 from compsearch.search.common import (
     DEFAULT_EPOCHS,
     DEFAULT_OUT,
+    DEFAULT_RUNGS,
     DEFAULT_TIME,
     DEFAULT_TRIALS,
     EXIT_USAGE,
@@ -163,9 +164,25 @@ def build_parser() -> Parser:
         "more than a third of it (default: %(default)s; --timeout is an alias)",
     )
     run.add_argument("--sampler", default="tpe", help=f"one of {', '.join(SAMPLERS)}")
-    run.add_argument("--subset", help="train each trial on this many training images")
+    run.add_argument(
+        "--subset",
+        help="the training images the search draws on (stratified; default all): the top "
+        "rung trains on all of them, lower rungs on fewer",
+    )
     run.add_argument("--space", help="TOML file narrowing or widening the search space")
-    run.add_argument("--epochs", default=str(DEFAULT_EPOCHS), help="epochs per trial")
+    run.add_argument(
+        "--epochs",
+        default=str(DEFAULT_EPOCHS),
+        help="epochs of a trial at the top rung; lower rungs train fewer (default %(default)s)",
+    )
+    run.add_argument(
+        "--rungs",
+        default=str(DEFAULT_RUNGS),
+        help="fidelities of the successive halving: new configs train at the lowest, each "
+        "rung a third of the training of the next, and the non-dominated third of each "
+        "rung's trials is trained again at the next; 1: every trial trains --epochs on all "
+        "--subset images (default %(default)s)",
+    )
     run.add_argument("--seed", default="0", help="seed of the sampler, splits and training")
     run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:K")
     run.add_argument(
@@ -327,6 +344,7 @@ def run_options(args: argparse.Namespace) -> RunOptions:
         workers=parse_count(args.workers, "--workers"),
         heartbeat=parse_count(args.heartbeat, "--heartbeat"),
         anchors=args.anchors,
+        rungs=parse_count(args.rungs, "--rungs"),
         study=args.study,
         out=args.out,
         storage=args.storage,
@@ -359,8 +377,13 @@ def run_line(summary: RunSummary) -> str:
     asked = (
         counts.trained + counts.rejected + counts.too_slow + counts.failed + counts.stopped_early
     )
+    by_rung = ", ".join(
+        f"{count} at rung {rung + 1}" for rung, count in sorted(counts.trained_per_rung.items())
+    )
     line = (
-        f"{counts.trained} trials trained in {summary.seconds:.0f} s; {counts.rejected} of "
+        f"{counts.trained} trials trained"
+        + (f" ({by_rung})" if len(counts.trained_per_rung) > 1 else "")
+        + f" in {summary.seconds:.0f} s; {counts.rejected} of "
         f"{asked} sampled configs ({counts.rejected / max(1, asked):.0%}) over budget by "
         "estimate and never trained"
     )
@@ -384,6 +407,13 @@ def print_front(console: Console, view: StudyView) -> None:
 
     if view.front:
         title = f"Feasible Pareto front of {view.title}"
+        first = view.front[0]
+        if first.rungs > 1 and first.config is not None:
+            title += (
+                f", trials at the highest fidelity reached (rung {first.rung + 1} of "
+                f"{first.rungs}: {first.config.train.epochs} epochs of {first.train_images:,} "
+                "images)"
+            )
         console.print(front_table(pareto_front(view.frame), title))
     else:
         console.print("no feasible trial yet")

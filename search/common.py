@@ -26,6 +26,9 @@ DEFAULT_TRIALS = 40
 # minutes on a two-core machine without AVX-512 (see the README).
 DEFAULT_TIME = 4 * 60.0
 DEFAULT_EPOCHS = 12
+# Fidelities of the successive halving (search/fidelity.py); measured by
+# bench/fidelity_ranking.py.
+DEFAULT_RUNGS = 3
 EXPORT_EPOCH_FACTOR = 3  # an export trains this many times a trial's epochs by default
 SPACE_FILE = "space.toml"  # the space searched, beside the study
 WORKER_SEED_STRIDE = 1009  # sampler seeds of workers started together differ by this

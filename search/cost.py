@@ -119,8 +119,11 @@ def optuna_quiet() -> Iterator[None]:
         optuna.logging.set_verbosity(level)
 
 
-def work_of(config: TrialConfig, data: Dataset) -> Work:
-    return training_work(config, len(data.train), len(data.val), data.resolution, data.channels)
+def work_of(config: TrialConfig, data: Dataset, train_images: int | None = None) -> Work:
+    """The work of a trial of `config` on `train_images` of `data`'s training images (all
+    of them when None)."""
+    images = len(data.train) if train_images is None else train_images
+    return training_work(config, images, len(data.val), data.resolution, data.channels)
 
 
 @dataclass(frozen=True)

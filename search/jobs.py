@@ -129,7 +129,7 @@ def execute_run(
     )  # fmt: skip
     run_settings = SearchSettings(
         options.budgets, options.trials, time_limit, options.seed, device, folder,
-        finish_at=finish_at,
+        finish_at=finish_at, rungs=options.rungs,
     )  # fmt: skip
     started = time.perf_counter()
     try:
@@ -348,8 +348,11 @@ def epochs_for_time(
 ) -> int:
     """The epochs on `train_images` images that fit `seconds`, at the trial's own measured
     seconds per image and epoch (at least 2: train, then fine-tune), leaving time for a
-    quantization-aware fine-tune when `quantization_aware`."""
+    quantization-aware fine-tune when `quantization_aware`. The trial trained on its
+    rung's images; a trial from before fidelities, on `subset` images or all."""
     trial_images = min(subset, train_images) if subset else train_images
+    if record.train_images:
+        trial_images = record.train_images
     if not record.seconds > 0:
         raise ExportError(
             f"trial {record.number} has no measured training time to size --time from; "

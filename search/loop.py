@@ -5,6 +5,7 @@ config to fit."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import socket
@@ -27,9 +28,11 @@ from compsearch.results.records import (
     TrialRecord,
     fitted_attrs,
     is_fitted_copy,
+    promoted_attrs,
     read_trials,
     write_estimate,
     write_failed,
+    write_fidelity,
     write_prediction,
     write_rejected,
     write_result,
@@ -39,6 +42,7 @@ from compsearch.results.records import (
 )
 from compsearch.search.common import first_line
 from compsearch.search.cost import CostModel, TimeLimit, calibrate, work_of
+from compsearch.search.fidelity import RUNGS, Fidelity, ladder, rung_schedule, to_promote
 from compsearch.search.optuna_private import heartbeat_thread, storage_of, trial_id
 from compsearch.search.progress import Display
 from compsearch.search.study import Retry
@@ -107,6 +111,9 @@ class SearchSettings:
     # Finished trials in the study at which every worker stops; None: those there now
     # plus `trials`. Workers started together share one figure, so N means N in all.
     finish_at: int | None = None
+    # Fidelities of the successive halving (search/fidelity.py); 1: every trial trains
+    # the whole schedule on every training image.
+    rungs: int = RUNGS
 
 
 @dataclass
@@ -125,6 +132,8 @@ class SearchCounts:
     too_slow_in_a_row: int = 0
     failures_in_a_row: int = 0
     last_failure: str = ""  # the exception type of the last failed trial
+    # Trained trials by rung (from 0), when the run has more than one.
+    trained_per_rung: dict[int, int] = dataclasses.field(default_factory=dict)
 
     def add(self, outcome: Outcome) -> None:
         self.epochs_trained += outcome.epochs_trained
@@ -145,6 +154,7 @@ class SearchCounts:
             self.last_failure = outcome.failure
         else:
             self.trained += 1
+            self.trained_per_rung[outcome.rung] = self.trained_per_rung.get(outcome.rung, 0) + 1
             self.failures_in_a_row = 0
             self.infeasible_after_training += not outcome.feasible
 
@@ -230,6 +240,20 @@ class SearchJob:
     display: Display | None
     reporter: Reporter
     costs: Costs
+    fidelities: tuple[Fidelity, ...]  # the ladder, cheapest first
+    # The training data of each rung on the device, made when a rung first trains.
+    rung_data: dict[int, DeviceData] = dataclasses.field(default_factory=dict)
+
+    def fidelity_of(self, trial: optuna.Trial) -> Fidelity:
+        """The rung a trial trains at: the bottom one for a sampled config, the one it was
+        promoted to for a promoted copy (the top one when the run has fewer rungs)."""
+        rung = trial.user_attrs.get("rung", 0)
+        return self.fidelities[min(rung, len(self.fidelities) - 1)]
+
+    def data_at(self, fidelity: Fidelity) -> DeviceData:
+        if fidelity.rung not in self.rung_data:
+            self.rung_data[fidelity.rung] = self.on_device.subset(fidelity.images)
+        return self.rung_data[fidelity.rung]
 
 
 @dataclass(frozen=True)
@@ -245,6 +269,7 @@ class Outcome:
     feasible: bool = False
     fitted: bool = False  # a shrunk copy of the rejected config was queued
     failure: str = ""  # the exception's type, for a failed trial
+    rung: int = 0  # of a trained trial
 
 
 def search(
@@ -269,9 +294,11 @@ def search(
     costs = Costs(
         lambda records: calibrate(space, schedule, data, on_device, settings.seed, records)
     )
+    fidelities = ladder(schedule.epochs, len(data.train), data.num_classes, settings.rungs)
     job = SearchJob(
         study, space, schedule, data, on_device, settings, distillation,
         Display(console, settings.trials) if console is not None else None, reporter, costs,
+        fidelities,
     )  # fmt: skip
     counts = SearchCounts()
     fail_stale_trials(study)
@@ -294,6 +321,7 @@ def search(
             counts.stopped_reason = stop_reason(counts, settings)
             if counts.stopped_reason:
                 break
+            promote(study, settings.budgets, len(fidelities))
             trial = study.ask()
             try:
                 write_worker(trial, WORKER)
@@ -321,13 +349,16 @@ def run_one(job: SearchJob, trial: optuna.Trial, rejections_in_a_row: int) -> Ou
     record what its file measured and tell Optuna."""
     settings, budgets = job.settings, job.settings.budgets
     job.reporter.step(trial.number, "sampling its config")
-    config = sample(trial, job.space, job.schedule)  # frozen dataclasses, no torch yet
+    fidelity = job.fidelity_of(trial)
+    write_fidelity(trial, fidelity.rung, fidelity.rungs, fidelity.images)
+    # Frozen dataclasses, no torch yet.
+    config = sample(trial, job.space, rung_schedule(job.schedule, fidelity))
     expected = estimate(config)
     write_estimate(trial, expected)
     over = budgets.excess(expected.params, expected.size_kb, expected.macs)
     if over:
         return reject(job, trial, expected, over, rejections_in_a_row + 1)
-    work = work_of(config, job.data)
+    work = work_of(config, job.data, fidelity.images)
     if job.costs.model is None:
         job.reporter.step(trial.number, "timing a few training steps for the cost model")
     predicted = job.costs.refit(read_trials(job.study.get_trials(deepcopy=False))).predict(work)
@@ -344,11 +375,14 @@ def run_one(job: SearchJob, trial: optuna.Trial, rejections_in_a_row: int) -> Ou
         job.display.start_trial(trial.number, config.train.epochs)
     folder = settings.folder / "trials" / f"{trial.number:05d}"
     stopper = (
-        EarlyStopper(job.study, expected.size_kb, budgets) if settings.early_stopping else None
+        EarlyStopper(job.study, expected.size_kb, budgets, fidelity)
+        if settings.early_stopping
+        else None
     )
     try:
         result = run_trial(
-            config, job.data, folder, seed=settings.seed + trial.number, on_device=job.on_device,
+            config, job.data, folder, seed=settings.seed + trial.number,
+            on_device=job.data_at(fidelity),
             on_epoch=lambda *done: stop_point(job.display, *done), early_check=stopper,
             distillation=job.distillation,
             on_step=lambda step: job.reporter.step(trial.number, step),
@@ -374,7 +408,22 @@ def run_one(job: SearchJob, trial: optuna.Trial, rejections_in_a_row: int) -> Ou
     write_result(trial, result, settings.folder, over)
     job.study.tell(trial, [result.accuracy, result.size_kb])
     text = trained_outcome(result, over)
-    return Outcome("trained", text, config.train.epochs, 0, result, feasible=not over)
+    if fidelity.rungs > 1:
+        text = f"{fidelity.describe()}; {text}"
+    return Outcome(
+        "trained", text, config.train.epochs, 0, result, feasible=not over, rung=fidelity.rung
+    )
+
+
+def promote(study: optuna.Study, budgets: Budgets, rungs: int) -> None:
+    """Queue a copy at the next rung of every trial that has earned one (to_promote); the
+    next study.ask() of any worker takes it before sampling a new config."""
+    records = read_trials(study.get_trials(deepcopy=False))
+    by_number = {record.number: record for record in records}
+    for number, rung in to_promote(records, budgets, rungs):
+        study.enqueue_trial(
+            by_number[number].searched, user_attrs=promoted_attrs(by_number[number], rung)
+        )
 
 
 def stop_reason(counts: SearchCounts, settings: SearchSettings) -> str:
@@ -498,18 +547,32 @@ def fit_to_budget(
 class EarlyStopper:
     """Stops a trial whose early accuracy cannot make it Pareto-optimal at its size.
 
-    Optuna's pruners compare one objective; here the front has two. A trial is stopped
+    Optuna's pruners compare one objective; here the front has two. Only trials of the
+    same rung are compared (a trial at rung 1 against the others at rung 1). A trial is stopped
     when finished feasible trials no larger than it reached an accuracy that it could not
     reach even if it gained the most any finished trial gained after the check, plus a
     margin. Until enough trials have finished, nothing is stopped.
     """
 
-    def __init__(self, study: optuna.Study, size_kb: float, budgets: Budgets) -> None:
+    def __init__(
+        self,
+        study: optuna.Study,
+        size_kb: float,
+        budgets: Budgets,
+        fidelity: Fidelity | None = None,
+    ) -> None:
         self.size_kb = size_kb
         self.finished = [  # (early accuracy, final accuracy, size_kb, feasible)
             (record.early_accuracy, record.accuracy, record.size_kb, record.feasible(budgets))
             for record in read_trials(study.get_trials(deepcopy=False))
-            if record.trained and not math.isnan(record.early_accuracy)  # NaN: no check made
+            if record.trained
+            and not math.isnan(record.early_accuracy)  # NaN: no check made
+            # Like with like: trials trained at the same rung (any, when None).
+            and (
+                fidelity is None
+                or (record.rung, record.rungs) == (fidelity.rung, fidelity.rungs)
+                and record.train_images in (None, fidelity.images)  # None: an older study
+            )
         ]
 
     def __call__(self, early_accuracy: float) -> str | None:

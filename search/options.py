@@ -23,6 +23,7 @@ from compsearch.objectives.modelfile import check_model_file
 from compsearch.search.common import (
     DEFAULT_EPOCHS,
     DEFAULT_OUT,
+    DEFAULT_RUNGS,
     DEFAULT_TIME,
     DEFAULT_TRIALS,
     HEARTBEAT_SECONDS,
@@ -35,6 +36,7 @@ from compsearch.spaces.space import SearchSpace, load_space, space_for
 
 # A study's name is its folder's name under --out: one path component, never "..".
 STUDY_NAME = re.compile(r"\w[\w.+=@-]{0,127}")
+MAX_RUNGS = 5
 DEVICE_NAMES = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
 
 
@@ -105,6 +107,15 @@ def check_epochs(epochs: int | None) -> None:
         raise UsageError(f"--epochs must be at least 2 (train, then fine-tune), but got {epochs}")
 
 
+def check_rungs(rungs: int) -> None:
+    check_number(rungs, "--rungs", low=1, whole=True)
+    if rungs > MAX_RUNGS:
+        raise UsageError(
+            f"--rungs must be at most {MAX_RUNGS} (each rung trains a third of the next), "
+            f"but got {rungs}"
+        )
+
+
 def default_study_name(dataset: str) -> str:
     """The dataset's name; for `folder:PATH`, the name of that folder, with characters a
     study name may not hold replaced by '-'."""
@@ -160,6 +171,9 @@ class RunOptions:
     workers: int = 1
     heartbeat: int = HEARTBEAT_SECONDS  # seconds between a worker's heartbeats
     anchors: bool = True  # known architectures (search/anchors.py) as a new study's first trials
+    # Fidelities of the successive halving (search/fidelity.py); 1: every trial trains
+    # --epochs on all --subset images.
+    rungs: int = DEFAULT_RUNGS
     study: str | None = None
     out: Path = DEFAULT_OUT
     storage: str | None = None
@@ -176,6 +190,7 @@ class RunOptions:
             check_number(self.budget_macs, "--budget-macs")
         check_number(self.trials, "--trials", low=1, whole=True)
         check_epochs(self.epochs)
+        check_rungs(self.rungs)
         if self.subset is not None:
             check_number(self.subset, "--subset", low=1, whole=True)
         if self.time is not None:

@@ -170,6 +170,8 @@ CASES = [
          "unknown field 'widths'", space_file("unknown.toml", "widths = [8, 64]\n")),
     Case("epochs 1", run("--epochs", "1"), "--epochs must be at least 2"),
     Case("trials 0", run("--trials", "0"), "--trials must be a number > 0"),
+    Case("rungs 0", run("--rungs", "0"), "--rungs must be a number > 0"),
+    Case("rungs 9", run("--rungs", "9"), "--rungs must be at most 5"),
     Case("negative seed", run("--seed", "-3"), "--seed must be a whole number"),
     Case("workers 0", run("--workers", "0"), "--workers must be a number > 0"),
     Case("unknown device", run("--device", "tpu"), "--device must be auto, cpu, cuda"),

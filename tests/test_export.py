@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -267,14 +268,19 @@ def test_an_export_given_a_time_sizes_its_epochs_from_the_trials_own_speed(study
     )
     record = compsearch_api.show(out=study_folder / "runs").best
     images = 1151  # digits' training split
-    per_image_epoch = record.seconds / (record.config.train.epochs * images)
+    # The trial trained at its rung, on part of them.
+    trial_images = record.train_images
+    assert 0 < trial_images <= images
+    per_image_epoch = record.seconds / (record.config.train.epochs * trial_images)
     seconds = 40.5 * per_image_epoch * images  # 40.5 of the trial's epochs, off any rounding edge
     assert epochs_for_time(record, None, images, seconds) == int(40.5 * TRAINING_SHARE_OF_TIME)
     assert epochs_for_time(record, None, images, 2 * seconds) == int(81 * TRAINING_SHARE_OF_TIME)
     assert epochs_for_time(record, None, images, 1e-3) == 2  # never below train + fine-tune
-    # With a subset of 200 images, each trial epoch was 200 images, not the 1151.
-    assert epochs_for_time(record, 200, images, seconds) < epochs_for_time(
-        record, None, images, seconds
+    # A trial from before fidelities trained on --subset images, or all: 200 images per
+    # epoch cost more per image than the whole split would.
+    older = dataclasses.replace(record, train_images=None)
+    assert epochs_for_time(older, 200, images, seconds) < epochs_for_time(
+        older, None, images, seconds
     )
     assert study.trials[record.number].user_attrs["seconds"] == record.seconds
     result = compsearch("export", "--time", f"{seconds / 4:.3f}", cwd=study_folder)

@@ -222,13 +222,13 @@ def test_pareto_figure_has_labelled_axes_budgets_and_every_point(frame):
 
 def test_pareto_html_hover_names_each_trial_and_its_config(frame, tmp_path):
     figure = pareto_plotly(frame, BUDGETS, "known")
-    feasible = frame[frame["feasible"]]
+    feasible = frame[frame["feasible"] & frame["top_fidelity"]]
     traces = [trace for trace in figure.data if trace.name == "feasible"]
     assert len(traces) == 2  # one per panel
     hovers = list(traces[0].hovertext)
     assert len(hovers) == len(feasible)
     for hover, (_, row) in zip(hovers, feasible.iterrows(), strict=True):
-        assert hover.startswith(f"trial {row['number']}<br>")
+        assert hover.startswith(f"trial {row['number']} (rung {row['rung']})<br>")
         assert f"stage1_width: {row['param_stage1_width']}" in hover
     axes = {figure.layout.xaxis.title.text, figure.layout.xaxis2.title.text}
     assert axes == {"ONNX file size (KB)", "parameters"}

@@ -113,7 +113,8 @@ def test_a_search_stops_trials_early_and_counts_the_epochs_saved(tmp_path, monke
 
     monkeypatch.setattr(run_module, "run_trial", counted_run_trial)
     data = load_dataset("digits", seed=0, subset=200)
-    settings = SearchSettings(LOOSE, 2, None, 0, "cpu", tmp_path, early_stopping=True)
+    # One rung: every trial trains the whole schedule, as the finished trials did.
+    settings = SearchSettings(LOOSE, 2, None, 0, "cpu", tmp_path, early_stopping=True, rungs=1)
     counts = search(study, SPACE, schedule, data, settings, console=None)
     new = study.trials[seeded:]
     stopped = [t for t in new if t.state == optuna.trial.TrialState.PRUNED]

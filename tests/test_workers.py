@@ -130,7 +130,7 @@ def test_three_workers_on_postgresql_finish_exactly_n_trials_with_no_duplicate(t
     with postgres_database() as url:
         result = compsearch(
             *RUN, "--trials", "9", "--epochs", "2", "--workers", "3", "--storage", url,
-            "--study", "shared", cwd=tmp_path,
+            "--study", "shared", "--rungs", "1", cwd=tmp_path,
         )  # fmt: skip
         assert result.returncode == 0, result.stdout + result.stderr
         study = optuna.load_study(study_name="shared", storage=open_storage(url))
@@ -139,7 +139,9 @@ def test_three_workers_on_postgresql_finish_exactly_n_trials_with_no_duplicate(t
         assert {trial.state.name for trial in trials} <= {"COMPLETE", "PRUNED"}
         workers = {trial.user_attrs["worker"] for trial in trials}
         assert len(workers) == 3  # every worker asked for trials
-        # No config was run twice, as workers whose samplers were seeded alike would
+        # One rung, so no promotion trains a config again (the trials stay long enough for
+        # all three workers to get some). No config was run twice, as workers whose
+        # samplers were seeded alike would
         # (every trial draws the float leaky_relu_slope, so two proposals never tie).
         numbers_by_config = collections.defaultdict(list)
         for trial in finished(study):
