@@ -56,12 +56,25 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs-fidelity"))
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--table-from", type=Path, help="only make the table from a .json")
+    parser.add_argument(
+        "--start",
+        type=int,
+        default=0,
+        help="skip the first configs of the list (a run split "
+        "in two; join their .json files with --table-from)",
+    )
+    parser.add_argument(
+        "--table-from", type=Path, nargs="+", help="only make the table from these .json files"
+    )
     args = parser.parse_args()
     args.results.parent.mkdir(parents=True, exist_ok=True)
     if args.table_from:
-        saved = json.loads(args.table_from.read_text())
-        write(saved["setup"], saved["rows"], args.results)
+        saved = [json.loads(path.read_text()) for path in args.table_from]
+        rows = [row for part in saved for row in part["rows"]]
+        setup = saved[0]["setup"] | {
+            "command": " + ".join(part["setup"]["command"] for part in saved)
+        }
+        write(setup, rows, args.results)
         return
 
     import optuna
@@ -173,6 +186,8 @@ def main() -> None:
     }
     rows = []
     for index, (name, params) in enumerate(chosen):
+        if index < args.start:
+            continue
         row = {"config": name}
         base = sample(optuna.trial.FixedTrial(params), space, top_schedule)
         row["params"] = estimate(base).params
