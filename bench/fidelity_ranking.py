@@ -135,7 +135,7 @@ def main() -> None:
             chosen.append((f"random {trial.number}", dict(trial.params)))
     chosen = chosen[: args.configs]
 
-    rungs = ladder(args.epochs, len(data.train), classes)
+    rungs = ladder(args.epochs, len(data.train), classes, rungs=3)
     bottom = rungs[0]
     fidelities = {f"rung {f.rung}": f for f in rungs}
     fidelities["images-first 0"] = dataclasses.replace(

@@ -75,7 +75,7 @@ def test_with_fewer_places_than_the_front_the_most_accurate_of_it_go_up():
 
 
 def test_the_ladder_trains_eta_times_more_at_each_rung_up_to_the_schedule():
-    rungs = ladder(epochs=12, images=9000, classes=10)
+    rungs = ladder(epochs=12, images=9000, classes=10, rungs=3)
     assert [f.rung for f in rungs] == [0, 1, 2] and all(f.rungs == 3 for f in rungs)
     top = rungs[-1]
     assert (top.epochs, top.images) == (12, 9000) and top.top
@@ -89,8 +89,8 @@ def test_the_ladder_trains_eta_times_more_at_each_rung_up_to_the_schedule():
 
 def test_rungs_that_the_floors_make_equal_are_left_out():
     # Two epochs on 200 images of ten classes: nothing cheaper is allowed.
-    assert [(f.epochs, f.images, f.rungs) for f in ladder(2, 200, 10)] == [(2, 200, 1)]
-    assert [(f.epochs, f.images) for f in ladder(4, 200, 10)] == [(2, 200), (4, 200)]
+    assert [(f.epochs, f.images, f.rungs) for f in ladder(2, 200, 10, 3)] == [(2, 200, 1)]
+    assert [(f.epochs, f.images) for f in ladder(4, 200, 10, 3)] == [(2, 200), (4, 200)]
     assert len(ladder(12, 9000, 10, rungs=1)) == 1
 
 
@@ -113,12 +113,12 @@ def test_a_search_promotes_the_non_dominated_and_compares_like_with_like(tmp_pat
     data = load_dataset("digits", seed=0, subset=600)
     space = space_for(1, 10, 8)
     schedule = dataclasses.replace(SCHEDULE, epochs=6)
-    fidelities = ladder(6, len(data.train), 10)
+    fidelities = ladder(6, len(data.train), 10, rungs=3)
     assert len(fidelities) == 3  # 2 x 200, 2 x 600, 6 x 600
     study = optuna.create_study(
         directions=list(DIRECTIONS), sampler=optuna.samplers.RandomSampler(seed=1)
     )
-    settings = SearchSettings(BUDGETS, 13, None, 0, "cpu", tmp_path, early_stopping=False)
+    settings = SearchSettings(BUDGETS, 13, None, 0, "cpu", tmp_path, early_stopping=False, rungs=3)
     counts = search(study, space, schedule, data, settings, console=None)
     assert counts.trained == 13
     records = read_trials(study.trials)
