@@ -2,20 +2,20 @@
 
 A search at a low fidelity is worth only as much as its ranking of configs agrees with
 the ranking the user will see after the export. This script takes the anchors and
-random configs of the space that fit 2M parameters and 300 KB (and that the search would
-start with its cost model in the time the equal-time benchmark gives it), trains each
-one as a trial at every candidate fidelity, and then as the export does: on all the
-training images for a fixed time (`--truth-seconds`, epochs sized by the cost model, so
+random configs of the space that fit 2M parameters and 300 KB (and that the cost model
+predicts at most `--longest` seconds at the top rung), trains each one as a trial at
+every candidate fidelity, and then as a small export: on `--truth-images` training
+images (0: all) for a fixed time (`--truth-seconds`, epochs sized by the cost model, so
 a slow network earns fewer epochs than a fast one), fp32 validation accuracy. It prints
 Kendall's tau between each fidelity's validation accuracy (the trial's file in
 onnxruntime, what the search ranks by) and that final one, and between each rung and the
 next, and writes a table to bench/results/fidelity_ranking.md.
 
 Candidate fidelities, on `--subset` training images with `--epochs` at the top:
-- the ladder of search/fidelity.py (`rung r`): epochs cut first, then images;
-- the same costs with images cut first (`images-first r`): all the epochs, fewer images;
-- `seconds`: every config trained for the same predicted seconds on `--subset` images
-  (the median of the top rung's predictions), epochs sized by the cost model.
+- the three-rung ladder of search/fidelity.py (`rung r`): epochs cut first, then images;
+- rung 0's cost with images cut first (`images-first 0`): all the epochs, fewer images;
+- `seconds`: every config trained for the same predicted trial seconds on rung 1's
+  images (what rung 1 costs the median config), epochs sized by the cost model.
 
     python bench/fidelity_ranking.py                 # 8 configs, about 40 min on 2 cores
     python bench/fidelity_ranking.py --configs 2 --subset 500 --truth-seconds 5 \

@@ -1,7 +1,7 @@
 """Many cheap looks, few expensive ones: successive halving for several objectives.
 
 A fidelity is how much training a trial gets: its epochs and how many of the run's
-training images it draws on. A run has a ladder of them (`--rungs`, default RUNGS), each
+training images it draws on. A run has a ladder of them (`--rungs`, default DEFAULT_RUNGS), each
 rung ETA times the training of the one below (images x epochs), the top one being
 `--epochs` on all of the run's training images (`--subset`). Every sampled config starts
 at the bottom rung. As trials finish, the ones that are non-dominated among the trials
@@ -25,7 +25,6 @@ from compsearch.search.common import DEFAULT_RUNGS
 from compsearch.spaces.budgets import Budgets
 from compsearch.spaces.config import TrainConfig
 
-RUNGS = DEFAULT_RUNGS
 ETA = 3
 MIN_EPOCHS = 2  # one to train at the low resolution, one to fine-tune at the test one
 # A rung's training set is never smaller than this many images per class.
@@ -50,7 +49,7 @@ class Fidelity:
 
 
 def ladder(
-    epochs: int, images: int, classes: int, rungs: int = RUNGS, eta: int = ETA
+    epochs: int, images: int, classes: int, rungs: int = DEFAULT_RUNGS, eta: int = ETA
 ) -> tuple[Fidelity, ...]:
     """The run's fidelities, the cheapest first. Rung r trains eta^-(rungs-1-r) of the
     top rung's images x epochs: the epochs are cut first (down to MIN_EPOCHS), then the

@@ -40,9 +40,9 @@ from compsearch.results.records import (
     write_too_slow,
     write_worker,
 )
-from compsearch.search.common import first_line
+from compsearch.search.common import DEFAULT_RUNGS, first_line
 from compsearch.search.cost import CostModel, TimeLimit, calibrate, work_of
-from compsearch.search.fidelity import RUNGS, Fidelity, ladder, rung_schedule, to_promote
+from compsearch.search.fidelity import Fidelity, ladder, rung_schedule, to_promote
 from compsearch.search.optuna_private import heartbeat_thread, storage_of, trial_id
 from compsearch.search.progress import Display
 from compsearch.search.study import Retry
@@ -113,7 +113,7 @@ class SearchSettings:
     finish_at: int | None = None
     # Fidelities of the successive halving (search/fidelity.py); 1: every trial trains
     # the whole schedule on every training image.
-    rungs: int = RUNGS
+    rungs: int = DEFAULT_RUNGS
 
 
 @dataclass
