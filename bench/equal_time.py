@@ -5,7 +5,8 @@ training set split into training and validation as compsearch always does), with
 parameters and 300 KB:
 
 - **compsearch**, as a user types it: `compsearch run --time S` then
-  `compsearch export --time E`, S + E = T minutes with S = `--search-share` of T;
+  `compsearch export --time E`, S + E = T minutes with S = `--search-share` of T
+  (several shares: one compsearch row each, to measure which split is best);
 - **each anchor** (ResNet-8, ResNet-20, written as configs of the space exactly as
   `compsearch run` queues them), trained by the same trainer for T minutes (its epochs
   sized from a timed run of a few batches) and compressed by the export's own choice:
@@ -53,13 +54,15 @@ def compsearch(args: list[str], cwd: Path) -> float:
     return time.perf_counter() - started
 
 
-def searched(label: str, extra: list[str], args: argparse.Namespace, out: Path) -> dict:
-    """`run` then `export`, T minutes in all; the export's figures."""
+def searched(
+    label: str, extra: list[str], args: argparse.Namespace, out: Path, search_share: float
+) -> dict:
+    """`run` for `search_share` of T then `export` for the rest; the export's figures."""
     total = args.minutes * 60
     where = ["--out", str(out), "--study", label]
     data = ["--dataset", f"folder:{args.data.resolve()}", "--device", args.device]
     run = [
-        "run", *data, *BUDGETS, "--time", f"{total * args.search_share:.0f}s",
+        "run", *data, *BUDGETS, "--time", f"{total * search_share:.0f}s",
         "--trials", "100000", "--epochs", str(args.epochs), *extra, *where,
     ]  # fmt: skip
     if args.subset:
@@ -110,7 +113,7 @@ def anchor_row(name: str, args: argparse.Namespace, out: Path) -> dict:
     from compsearch.objectives.trial import best_candidate, compression_candidates, train_model
     from compsearch.search.anchors import ANCHORS as KNOWN
     from compsearch.search.anchors import anchor_params
-    from compsearch.search.jobs import resolve_device, training_share
+    from compsearch.search.jobs import QUANTIZATION_AWARE_SHARE, resolve_device, training_share
     from compsearch.search.loop import default_schedule, fit_to_budget
     from compsearch.spaces.budgets import Budgets
     from compsearch.spaces.space import sample, space_for
@@ -130,22 +133,29 @@ def anchor_row(name: str, args: argparse.Namespace, out: Path) -> dict:
     probe = sample(optuna.trial.FixedTrial(params), space, schedule)
     images = 20 * schedule.batch_size
     per_image = time_training(probe, on_device, data.resolution, images, seed=0) / images
-    left = args.minutes * 60 - (time.perf_counter() - started)
-    share = training_share(quantization_aware="int8" in space.precisions)
+    deadline = started + args.minutes * 60
+    left = deadline - time.perf_counter()
+    # As an export plans for a trial whose int8 file lost nothing to post-training
+    # quantization: the quantization-aware fine-tune runs if time is left.
+    share = training_share(quantization_aware=False)
     epochs = max(2, int(share * left / (per_image * len(data.train))))
     config = sample(
         optuna.trial.FixedTrial(params), space, default_schedule(epochs, data.resolution)
     )
     print(f"{name}: {epochs} epochs of {len(data.train)} images on {device}", flush=True)
+    trained_from = time.perf_counter()
     model, deployed = train_model(config, on_device, seed=0)
+    trained_in = time.perf_counter() - trained_from
     torch_accuracy = accuracy(
         predict(model, on_device.val, on_device, data.resolution), on_device.val.labels
     )
     folder = out / name
     folder.mkdir(parents=True, exist_ok=True)
     candidates = compression_candidates(
-        model, deployed, data, on_device, folder, 0, space.precisions, budgets
-    )
+        model, deployed, data, on_device, folder, 0, space.precisions, budgets,
+        seconds_left=lambda: deadline - time.perf_counter(),
+        quantization_aware_seconds=QUANTIZATION_AWARE_SHARE * trained_in,
+    )  # fmt: skip
     chosen = best_candidate(candidates, budgets)
     if chosen is None:
         raise SystemExit(f"{name}: no file fits the budgets")
@@ -182,21 +192,28 @@ def table(rows: list[dict], minutes: float) -> str:
             f"| {row['macs'] / 1e6:.1f}M | {row['minutes']:.1f} | {row['detail']} |"
         )
     by_name = {row["model"]: row for row in rows}
-    ours = by_name.get("compsearch")
     anchors = [by_name[name] for name in ANCHORS if name in by_name]
     lines.append("")
-    if ours and anchors:
-        best = max(anchors, key=lambda row: row["test"])
-        lines.append(
-            f"compsearch - best anchor ({best['model']}): "
-            f"{100 * (ours['test'] - best['test']):+.2f} points"
-        )
-    if ours and "random search" in by_name:
-        lines.append(
-            f"compsearch - random search: "
-            f"{100 * (ours['test'] - by_name['random search']['test']):+.2f} points"
-        )
+    for row in rows:
+        if not row["model"].startswith("compsearch"):
+            continue
+        if anchors:
+            best = max(anchors, key=lambda anchor: anchor["test"])
+            lines.append(
+                f"{row['model']} - best anchor ({best['model']}): "
+                f"{100 * (row['test'] - best['test']):+.2f} points"
+            )
+        if "random search" in by_name:
+            lines.append(
+                f"{row['model']} - random search: "
+                f"{100 * (row['test'] - by_name['random search']['test']):+.2f} points"
+            )
     return "\n".join(lines)
+
+
+def ours(share: float, shares: list[float]) -> str:
+    """compsearch's row name: with its search share when several are compared."""
+    return "compsearch" if len(shares) == 1 else f"compsearch (search {share:.0%})"
 
 
 def main() -> None:
@@ -204,8 +221,10 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=20, help="T: each contender's time")
     parser.add_argument("--data", type=Path, default=SHARED, help="the CIFAR-10 image folder")
     parser.add_argument(
-        "--search-share", type=float, default=0.5, help="of T, for `run`; the rest for export"
-    )
+        "--search-share", type=float, nargs="+", default=[0.5],
+        help="of T, for `run`, the rest for export; several: one compsearch row each "
+        "(the random search takes the first)",
+    )  # fmt: skip
     parser.add_argument("--epochs", type=int, default=6, help="epochs per trial")
     parser.add_argument(
         "--subset", type=int, default=10000, help="training images per trial (0: all)"
@@ -228,10 +247,13 @@ def main() -> None:
     rows = []
     for name in wanted:
         if name == "compsearch":
-            rows.append(searched("compsearch", [], args, out))
+            for share in args.search_share:
+                label = ours(share, args.search_share)
+                study = label.replace(" (search ", "-").rstrip("%)")
+                rows.append(searched(study, [], args, out, share) | {"model": label})
         elif name == "random":
             one_fidelity = ["--sampler", "random", "--no-anchors", "--rungs", "1"]
-            row = searched("random", one_fidelity, args, out)
+            row = searched("random", one_fidelity, args, out, args.search_share[0])
             rows.append(row | {"model": "random search"})
         else:
             rows.append(anchor_row(name, args, out))

@@ -76,10 +76,13 @@ class TrialResult:
     size_kb: float  # ONNX file bytes / 1000
     onnx_path: Path
     model: torch.nn.Module  # what the file holds, on the CPU in eval mode
-    seconds: float
+    seconds: float  # the whole trial: training, compressing, writing and measuring
     # Validation top-1 (torch, at the training resolution) after the first
     # `check_epoch(...)` epochs: what early stopping judges a trial by.
     early_accuracy: float
+    # Of `seconds`, those of training alone (both phases, pruning, batch-norm
+    # recalibration): what an export's --time scales, without the fixed costs around it.
+    train_seconds: float = math.nan
 
 
 class StoppedEarly(Exception):
@@ -202,6 +205,7 @@ def run_trial(
             raise StoppedEarly(reason, early_accuracy, epoch)
 
     model, config = train_model(config, on_device, seed, on_epoch, check, distillation, on_step)
+    train_seconds = time.perf_counter() - started
     on_step("measuring the trained model")
     accuracy_torch = accuracy(
         predict(model, on_device.val, on_device, train.test_resolution), on_device.val.labels
@@ -224,6 +228,7 @@ def run_trial(
         model=model,
         seconds=time.perf_counter() - started,
         early_accuracy=early_accuracy,
+        train_seconds=train_seconds,
     )
 
 
@@ -349,11 +354,16 @@ def compression_candidates(
     precisions: tuple[str, ...],
     budgets: Budgets,
     on_step: StepCallback = no_step,
+    seconds_left: Callable[[], float] | None = None,
+    quantization_aware_seconds: float = 0.0,
 ) -> list[Candidate]:
     """Every file of the trained, pruned `model` (its widths in `config.arch`) that can
     fit the budgets, each measured on the validation split: fp32 and fp16, int8 after
     post-training calibration, and int8 after a quantization-aware fine-tune. A precision
-    over the budgets by estimate is listed with the reason and not written."""
+    over the budgets by estimate is listed with the reason and not written. Under a time
+    limit (`seconds_left()`, the seconds it leaves), the fine-tune, predicted to take
+    `quantization_aware_seconds`, runs only if they are left; otherwise it is listed with
+    the reason."""
     train = config.train
     unpruned = dataclasses.replace(config.compress, prune_fraction=0.0)  # arch is pruned
     candidates = []
@@ -380,6 +390,16 @@ def compression_candidates(
         for name in names:
             aware = name == "int8 quantization-aware"
             written = model
+            if aware and seconds_left is not None and seconds_left() < quantization_aware_seconds:
+                note = (
+                    f"not run: the fine-tune takes about {quantization_aware_seconds:.0f} s "
+                    f"and --time leaves {max(0.0, seconds_left()):.0f} s"
+                )
+                candidates.append(
+                    Candidate(name, precision, True, math.nan, expected.params,
+                              expected.macs, expected.size_kb, None, None, note)
+                )  # fmt: skip
+                continue
             if aware:
                 on_step("the quantization-aware fine-tune")
                 try:

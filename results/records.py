@@ -113,7 +113,9 @@ class TrialRecord:
     params: float
     size_kb: float
     macs: float
-    seconds: float
+    seconds: float  # the whole trial
+    # Of `seconds`, those of training alone (NaN: a study from before they were recorded).
+    train_seconds: float
     reason: str  # why it was not trained, failed or broke a budget; "" when none did
     estimated_params: float
     estimated_size_kb: float
@@ -179,6 +181,7 @@ def read_trial(trial: optuna.trial.FrozenTrial, run_again_as: int | None = None)
         size_kb=measured("size_kb"),
         macs=measured("macs"),
         seconds=attrs.get("seconds", NAN),
+        train_seconds=attrs.get("train_seconds", NAN),
         reason=reason,
         estimated_params=attrs.get("estimated_params", NAN),
         estimated_size_kb=attrs.get("estimated_size_kb", NAN),
@@ -335,6 +338,8 @@ def write_result(trial: optuna.Trial, result: TrialResult, folder: Path, over: l
     trial.set_user_attr("size_kb", result.size_kb)
     trial.set_user_attr("macs", result.macs)
     trial.set_user_attr("seconds", round(result.seconds, 3))
+    if not math.isnan(result.train_seconds):
+        trial.set_user_attr("train_seconds", round(result.train_seconds, 3))
     trial.set_user_attr("accuracy_before_compression", result.accuracy_before_compression)
     trial.set_user_attr("accuracy_post_training", result.accuracy_post_training)
     trial.set_user_attr("quantization_aware", result.quantization_aware)

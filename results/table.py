@@ -30,6 +30,7 @@ COLUMNS = [
     "size_kb",
     "macs",
     "seconds",
+    "train_seconds",
     "predicted_seconds",
     "reason",
     "estimated_params",

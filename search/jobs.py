@@ -31,6 +31,7 @@ from compsearch.objectives.measure import onnx_accuracy
 from compsearch.objectives.teacher import prepare_teacher
 from compsearch.objectives.train import DeviceData, Distillation, EpochCallback, accuracy, predict
 from compsearch.objectives.trial import (
+    QUANTIZATION_AWARE_THRESHOLD,
     Candidate,
     TrialResult,
     best_candidate,
@@ -262,6 +263,7 @@ def execute_export(prepared: PreparedExport, console: Console, reporter: Reporte
     options, record, settings = prepared.options, prepared.record, prepared.settings
     budgets, seed = settings.budgets, settings.seed
     device = resolve_device(options.device)
+    begun = time.perf_counter()
     trial_epochs = record.config.train.epochs
     epochs = options.epochs or EXPORT_EPOCH_FACTOR * trial_epochs
     data = load_dataset(
@@ -269,12 +271,22 @@ def execute_export(prepared: PreparedExport, console: Console, reporter: Reporte
         cache_folder=options.out / CACHE_FOLDER,
     )  # fmt: skip
     sized = ""
+    seconds_left = None
     if options.time is not None:
+        deadline = begun + options.time
+
+        def seconds_left() -> float:
+            return deadline - time.perf_counter()
+
         epochs = epochs_for_time(
             record, settings.subset, len(data.train), options.time,
-            quantization_aware="int8" in settings.space.precisions,
+            quantization_aware="int8" in settings.space.precisions
+            and lost_to_post_training(record),
         )  # fmt: skip
-        sized = f", sized to --time {options.time:g} s from the trial's {record.seconds:.0f} s"
+        sized = (
+            f", sized to --time {options.time:g} s from the trial's "
+            f"{trial_training_seconds(record):.0f} s of training"
+        )
     schedule = default_schedule(epochs, data.resolution)
     try:  # the config as sampled, before pruning, with the export's schedule
         config = sample(optuna.trial.FixedTrial(record.searched), settings.space, schedule)
@@ -304,6 +316,7 @@ def execute_export(prepared: PreparedExport, console: Console, reporter: Reporte
             model, deployed = train_model(
                 config, on_device, seed, on_epoch, distillation=distillation, on_step=step
             )
+            trained_in = time.perf_counter() - started
             step("measuring the trained model")
             resolution = deployed.train.test_resolution
             accuracy_torch = accuracy(
@@ -311,7 +324,8 @@ def execute_export(prepared: PreparedExport, console: Console, reporter: Reporte
             )
             candidates = compression_candidates(
                 model, deployed, data, on_device, work, seed, settings.space.precisions,
-                budgets, step,
+                budgets, step, seconds_left=seconds_left,
+                quantization_aware_seconds=QUANTIZATION_AWARE_SHARE * trained_in,
             )  # fmt: skip
             chosen = best_candidate(candidates, budgets)
             if chosen is None:
@@ -331,11 +345,13 @@ def execute_export(prepared: PreparedExport, console: Console, reporter: Reporte
     return ExportSummary(target, card, budgets, report)
 
 
-# The export's training gets this share of --time; the rest is for pruning, writing and
-# measuring the files (which the trial's own seconds also held, so they err long).
+# The export's training gets this share of --time; the rest is for writing and measuring
+# its candidate files and the test split.
 TRAINING_SHARE_OF_TIME = 0.9
 # An int8 candidate adds a quantization-aware fine-tune: a quarter of the epochs again,
-# in fp32 with rounding, counted as this share of the export's epochs.
+# in fp32 with rounding, counted as this share of the export's training seconds. Under
+# --time it runs only if that many seconds are left (kept for it only when the trial's
+# int8 file lost to post-training quantization, lost_to_post_training).
 QUANTIZATION_AWARE_SHARE = 0.4
 
 
@@ -358,9 +374,23 @@ def epochs_for_time(
             f"trial {record.number} has no measured training time to size --time from; "
             "give --epochs instead"
         )
-    per_image_epoch = record.seconds / (record.config.train.epochs * trial_images)
+    per_image_epoch = trial_training_seconds(record) / (record.config.train.epochs * trial_images)
     share = training_share(quantization_aware)
     return max(2, int(share * seconds / (per_image_epoch * train_images)))
+
+
+def trial_training_seconds(record: TrialRecord) -> float:
+    """The seconds the trial spent training, or its whole seconds where a study from before
+    they were recorded has only those (they err long: writing and measuring the file)."""
+    return record.train_seconds if record.train_seconds > 0 else record.seconds
+
+
+def lost_to_post_training(record: TrialRecord) -> bool:
+    """Whether the trial's int8 file lost more than QUANTIZATION_AWARE_THRESHOLD to
+    post-training quantization: then an export's --time keeps room for the
+    quantization-aware fine-tune. Otherwise that fine-tune runs only if time is left."""
+    lost = record.accuracy_before_compression - record.accuracy_post_training
+    return bool(lost > QUANTIZATION_AWARE_THRESHOLD)
 
 
 def training_share(quantization_aware: bool) -> float:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -258,24 +259,36 @@ def test_an_export_without_epochs_trains_three_times_the_trials_epochs(
 
 
 def test_an_export_given_a_time_sizes_its_epochs_from_the_trials_own_speed(study_folder):
-    """`--time`: epochs = the share of the time for training / (the trial's seconds per
-    image and epoch x the export's training images); twice the time, about twice the
-    epochs."""
-    from compsearch.search.jobs import TRAINING_SHARE_OF_TIME, epochs_for_time
+    """`--time`: epochs = the share of the time for training / (the trial's seconds of
+    training per image and epoch x the export's training images); twice the time, about
+    twice the epochs. The trial's writing and measuring are not counted as training."""
+    from compsearch.search.jobs import (
+        TRAINING_SHARE_OF_TIME,
+        epochs_for_time,
+        lost_to_post_training,
+    )
 
     study = optuna.load_study(
         study_name="digits", storage=f"sqlite:///{study_folder / 'runs/digits/study.db'}"
     )
     record = compsearch_api.show(out=study_folder / "runs").best
+    assert 0 < record.train_seconds < record.seconds
+    assert study.trials[record.number].user_attrs["train_seconds"] == record.train_seconds
     images = 1151  # digits' training split
     # The trial trained at its rung, on part of them.
     trial_images = record.train_images
     assert 0 < trial_images <= images
-    per_image_epoch = record.seconds / (record.config.train.epochs * trial_images)
+    per_image_epoch = record.train_seconds / (record.config.train.epochs * trial_images)
     seconds = 40.5 * per_image_epoch * images  # 40.5 of the trial's epochs, off any rounding edge
     assert epochs_for_time(record, None, images, seconds) == int(40.5 * TRAINING_SHARE_OF_TIME)
     assert epochs_for_time(record, None, images, 2 * seconds) == int(81 * TRAINING_SHARE_OF_TIME)
     assert epochs_for_time(record, None, images, 1e-3) == 2  # never below train + fine-tune
+    # A study from before training seconds were recorded: the trial's whole seconds,
+    # longer, so fewer epochs.
+    untimed = dataclasses.replace(record, train_seconds=math.nan)
+    assert epochs_for_time(untimed, None, images, seconds) < epochs_for_time(
+        record, None, images, seconds
+    )
     # A trial from before fidelities trained on --subset images, or all: 200 images per
     # epoch cost more per image than the whole split would.
     older = dataclasses.replace(record, train_images=None)
@@ -286,10 +299,12 @@ def test_an_export_given_a_time_sizes_its_epochs_from_the_trials_own_speed(study
     result = compsearch("export", "--time", f"{seconds / 4:.3f}", cwd=study_folder)
     assert result.returncode == 0, result.stderr
     card = json.loads((study_folder / "runs/digits/export/model.json").read_text())
-    # The default space holds int8, so time is left for a quantization-aware fine-tune.
+    # Time is kept for a quantization-aware fine-tune when the trial's int8 file lost to
+    # post-training quantization.
     assert card["epochs"] == epochs_for_time(
-        record, None, images, float(f"{seconds / 4:.3f}"), quantization_aware=True
-    )
+        record, None, images, float(f"{seconds / 4:.3f}"),
+        quantization_aware=lost_to_post_training(record),
+    )  # fmt: skip
     assert epochs_for_time(record, None, images, seconds, quantization_aware=True) < (
         epochs_for_time(record, None, images, seconds)
     )

@@ -24,6 +24,7 @@ from compsearch.objectives.quantize import (
 )
 from compsearch.objectives.train import DeviceData, Phase, TrainingDiverged, fit
 from compsearch.objectives.trial import finetune_phase, run_trial, taylor_loss
+from compsearch.spaces.budgets import Budgets
 from compsearch.spaces.builder import build
 from compsearch.spaces.config import ArchConfig, CompressConfig, StageConfig, TrialConfig
 
@@ -288,3 +289,30 @@ def test_a_loss_at_or_below_the_threshold_keeps_the_post_training_file(
     assert not deployed.quantization_aware
     assert deployed.accuracy == deployed.accuracy_post_training == correct / IMAGES
     assert deployed.path.read_bytes() == measured.files[0]
+
+
+@pytest.mark.parametrize("left", [5.0, 100.0])  # seconds --time leaves; the fine-tune takes 20
+def test_under_a_time_limit_the_export_fine_tunes_only_if_time_is_left(
+    trained, digits, tmp_path, monkeypatch, left
+):
+    """An export's candidates under --time: the quantization-aware one runs when the
+    seconds left cover its predicted seconds, and is otherwise listed, not written, with
+    the reason; the other candidates are written either way."""
+    model, on_device = trained
+    spy = FineTuneSpy()
+    monkeypatch.setattr(trial_module, "quantization_aware_finetune", spy)
+    config = TrialConfig(arch(), SCHEDULE, CompressConfig("int8", 0.0, "l2", "local"))
+    candidates = trial_module.compression_candidates(
+        model, config, digits, on_device, tmp_path, 0, ("fp16", "int8"),
+        Budgets(params=1e6, size_kb=1e3), seconds_left=lambda: left,
+        quantization_aware_seconds=20.0,
+    )  # fmt: skip
+    by_name = {c.name: c for c in candidates}
+    assert by_name["fp16"].written and by_name["int8 post-training"].written
+    aware = by_name["int8 quantization-aware"]
+    if left >= 20.0:
+        assert len(spy.returned) == 1 and aware.written and aware.note == ""
+    else:
+        assert spy.returned == [] and not aware.written
+        expected = f"not run: the fine-tune takes about 20 s and --time leaves {left:.0f} s"
+        assert aware.note == expected
