@@ -12,7 +12,8 @@ parameters and 300 KB:
   sized from a timed run of a few batches) and compressed by the export's own choice:
   every precision that can fit, the most accurate file on the validation split that fits;
 - **a random search**: the same two commands with `--sampler random --no-anchors
-  --rungs 1` (one fidelity).
+  --rungs 1` (one fidelity); compsearch's own `--rungs` and `--fidelity` are this
+  script's (default one rung counted in epochs, as `compsearch run`'s).
 
 It prints one table (test accuracy of each model.onnx in onnxruntime, size, params, MACs,
 minutes, machine) and compsearch's difference from the best anchor and from the random
@@ -67,6 +68,8 @@ def searched(
     ]  # fmt: skip
     if args.subset:
         run += ["--subset", str(args.subset)]
+    if label != "random":  # the random search keeps one fidelity counted in epochs
+        run += ["--rungs", str(args.rungs), "--fidelity", args.fidelity]
     started = time.perf_counter()
     search_wall = compsearch(run, out.parent)
     left = total - (time.perf_counter() - started) - EXPORT_OVERHEAD
@@ -226,6 +229,11 @@ def main() -> None:
         "(the random search takes the first)",
     )  # fmt: skip
     parser.add_argument("--epochs", type=int, default=6, help="epochs per trial")
+    parser.add_argument("--rungs", type=int, default=1, help="compsearch's --rungs")
+    parser.add_argument(
+        "--fidelity", choices=["epochs", "seconds"], default="epochs",
+        help="compsearch's --fidelity",
+    )  # fmt: skip
     parser.add_argument(
         "--subset", type=int, default=10000, help="training images per trial (0: all)"
     )

@@ -130,6 +130,9 @@ class TrialRecord:
     rung: int
     rungs: int
     train_images: int | None
+    # The rung's predicted training seconds, for a run whose rungs count seconds (None:
+    # they count epochs x images, or a study from before fidelities).
+    fidelity_seconds: float | None
     promoted_from: int | None  # the trial at the rung below whose config this one is
     # The cost model's seconds for the config, before it trained (NaN: none predicted).
     predicted_seconds: float
@@ -146,12 +149,16 @@ class TrialRecord:
         return self.trained and not budgets.excess(self.params, self.size_kb, self.macs)
 
     @property
-    def fidelity(self) -> tuple[int, int]:
-        """(training images x epochs, rung): trials with equal figures trained alike, and
-        the larger trained more; (0, 0) for a trial from before fidelities or untrained."""
+    def fidelity(self) -> tuple[int, float, int]:
+        """Trials with equal figures trained alike, and the larger trained more: for rungs
+        counted in seconds (1, rungs below the top as a negative number, 0), every config
+        of one rung alike whatever its epochs; else (0, training images x epochs, rung);
+        (0, 0, 0) for a trial from before fidelities or untrained."""
         if self.config is None or self.train_images is None:
-            return (0, 0)
-        return (self.train_images * self.config.train.epochs, self.rung)
+            return (0, 0, 0)
+        if self.fidelity_seconds is not None:
+            return (1, self.rung - (self.rungs - 1), 0)
+        return (0, self.train_images * self.config.train.epochs, self.rung)
 
 
 def read_trial(trial: optuna.trial.FrozenTrial, run_again_as: int | None = None) -> TrialRecord:
@@ -194,6 +201,7 @@ def read_trial(trial: optuna.trial.FrozenTrial, run_again_as: int | None = None)
         rung=attrs.get("rung", 0),
         rungs=attrs.get("rungs", 1),
         train_images=attrs.get("train_images"),
+        fidelity_seconds=attrs.get("fidelity_seconds"),
         promoted_from=attrs.get("promoted_from"),
         predicted_seconds=attrs.get("predicted_seconds", NAN),
         work=tuple(attrs["work"]) if "work" in attrs else None,
@@ -304,12 +312,16 @@ def write_prediction(
         trial.set_user_attr("deadline", deadline)
 
 
-def write_fidelity(trial: optuna.Trial, rung: int, rungs: int, train_images: int) -> None:
-    """The trial's rung of the run's fidelity ladder and its training images (its epochs
-    are in its config)."""
+def write_fidelity(
+    trial: optuna.Trial, rung: int, rungs: int, train_images: int, seconds: float | None = None
+) -> None:
+    """The trial's rung of the run's fidelity ladder, its training images (its epochs are
+    in its config) and, for a rung counted in seconds, the rung's seconds."""
     trial.set_user_attr("rung", rung)
     trial.set_user_attr("rungs", rungs)
     trial.set_user_attr("train_images", train_images)
+    if seconds is not None:
+        trial.set_user_attr("fidelity_seconds", round(seconds, 3))
 
 
 def write_too_slow(trial: optuna.Trial, reason: str) -> None:

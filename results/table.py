@@ -17,6 +17,7 @@ COLUMNS = [
     "rung",
     "epochs",
     "train_images",
+    "fidelity_seconds",
     "promoted_from",
     "top_fidelity",
     "state",
@@ -46,8 +47,9 @@ COLUMNS = [
 
 def trials_frame(study: optuna.Study, budgets: Budgets) -> pd.DataFrame:
     """One row per trial (see TrialRecord); every searched parameter as `param_<name>`.
-    `rung` counts from 1 (the cheapest); `top_fidelity` marks the feasible trials trained
-    at the highest fidelity reached, the ones the front compares."""
+    `rung` counts from 1 (the cheapest); `fidelity_seconds` is the rung's predicted
+    seconds when the rungs count seconds (`--fidelity seconds`); `top_fidelity` marks the
+    feasible trials trained at the highest fidelity reached, the ones the front compares."""
     rows = []
     records = read_trials(study.get_trials(deepcopy=False))
     top = {record.number for record in at_top_fidelity(records, budgets)}
@@ -59,7 +61,7 @@ def trials_frame(study: optuna.Study, budgets: Budgets) -> pd.DataFrame:
         row["rung"] = record.rung + 1
         row["epochs"] = record.config.train.epochs if record.config else math.nan
         for name in ("fitted_from", "retry_of", "quantization_aware", "train_images",
-                     "promoted_from"):  # fmt: skip
+                     "fidelity_seconds", "promoted_from"):  # fmt: skip
             if row[name] is None:
                 row[name] = math.nan
         row["worker"] = row["worker"] or math.nan

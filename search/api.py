@@ -20,6 +20,7 @@ from rich.console import Console
 from compsearch.objectives.catalog import DISTILL_TEMPERATURE, DISTILL_WEIGHT
 from compsearch.search.common import (
     DEFAULT_EPOCHS,
+    DEFAULT_FIDELITY,
     DEFAULT_OUT,
     DEFAULT_RUNGS,
     DEFAULT_TIME,
@@ -53,6 +54,7 @@ def run(
     heartbeat: int = HEARTBEAT_SECONDS,
     anchors: bool = True,
     rungs: int = DEFAULT_RUNGS,
+    fidelity: str = DEFAULT_FIDELITY,
     study: str | None = None,
     out: Path | str = DEFAULT_OUT,
     storage: str | None = None,
@@ -69,7 +71,7 @@ def run(
     options = RunOptions(
         budget_params, budget_kb, budget_macs, dataset, data_dir, trials, time, sampler,
         subset, space, epochs, seed, device, teacher, distill_weight, distill_temperature,
-        workers, heartbeat, anchors, rungs, study, out, storage,
+        workers, heartbeat, anchors, rungs, fidelity, study, out, storage,
     )  # fmt: skip
     return run_job(options, Console(quiet=quiet))
 

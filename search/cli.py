@@ -18,6 +18,7 @@ from compsearch.objectives.catalog import DISTILL_TEMPERATURE, DISTILL_WEIGHT
 from compsearch.search import api
 from compsearch.search.common import (
     DEFAULT_EPOCHS,
+    DEFAULT_FIDELITY,
     DEFAULT_OUT,
     DEFAULT_RUNGS,
     DEFAULT_TIME,
@@ -183,6 +184,14 @@ def build_parser() -> Parser:
         "rung's trials is trained again at the next; 1: every trial trains --epochs on all "
         "--subset images (default %(default)s)",
     )
+    run.add_argument(
+        "--fidelity",
+        default=DEFAULT_FIDELITY,
+        help="what a rung counts: epochs (each trial trains the rung's epochs) or seconds "
+        "(every config at a rung trains for the same predicted seconds, a fast one more "
+        "epochs than a slow one; the top rung's are what a typical config of the space "
+        "takes for --epochs) (default %(default)s)",
+    )
     run.add_argument("--seed", default="0", help="seed of the sampler, splits and training")
     run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:K")
     run.add_argument(
@@ -345,6 +354,7 @@ def run_options(args: argparse.Namespace) -> RunOptions:
         heartbeat=parse_count(args.heartbeat, "--heartbeat"),
         anchors=args.anchors,
         rungs=parse_count(args.rungs, "--rungs"),
+        fidelity=args.fidelity,
         study=args.study,
         out=args.out,
         storage=args.storage,
@@ -409,10 +419,14 @@ def print_front(console: Console, view: StudyView) -> None:
         title = f"Feasible Pareto front of {view.title}"
         first = view.front[0]
         if first.rungs > 1 and first.config is not None:
+            shape = (
+                f"{first.fidelity_seconds:.0f} s"
+                if first.fidelity_seconds is not None
+                else f"{first.config.train.epochs} epochs"
+            )
             title += (
                 f", trials at the highest fidelity reached (rung {first.rung + 1} of "
-                f"{first.rungs}: {first.config.train.epochs} epochs of {first.train_images:,} "
-                "images)"
+                f"{first.rungs}: {shape} of {first.train_images:,} images)"
             )
         console.print(front_table(pareto_front(view.frame), title))
     else:

@@ -31,6 +31,10 @@ DEFAULT_EPOCHS = 12
 # bench/fidelity_ranking.py), and the default digits run with three rungs ended with a
 # worse front than with one (README, "Other figures"). `--rungs 3` turns them on.
 DEFAULT_RUNGS = 1
+# What a rung of the ladder counts (search/fidelity.py): epochs x images, or predicted
+# training seconds, equal for every config at a rung.
+FIDELITIES = ("epochs", "seconds")
+DEFAULT_FIDELITY = "epochs"
 EXPORT_EPOCH_FACTOR = 3  # an export trains this many times a trial's epochs by default
 SPACE_FILE = "space.toml"  # the space searched, beside the study
 WORKER_SEED_STRIDE = 1009  # sampler seeds of workers started together differ by this

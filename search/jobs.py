@@ -130,7 +130,7 @@ def execute_run(
     )  # fmt: skip
     run_settings = SearchSettings(
         options.budgets, options.trials, time_limit, options.seed, device, folder,
-        finish_at=finish_at, rungs=options.rungs,
+        finish_at=finish_at, rungs=options.rungs, fidelity=options.fidelity,
     )  # fmt: skip
     started = time.perf_counter()
     try:

@@ -40,9 +40,19 @@ from compsearch.results.records import (
     write_too_slow,
     write_worker,
 )
-from compsearch.search.common import DEFAULT_RUNGS, first_line
+from compsearch.search.common import DEFAULT_FIDELITY, DEFAULT_RUNGS, first_line
 from compsearch.search.cost import CostModel, TimeLimit, calibrate, work_of
-from compsearch.search.fidelity import Fidelity, ladder, rung_schedule, to_promote
+from compsearch.search.fidelity import (
+    MOST_EPOCHS_FACTOR,
+    Fidelity,
+    epochs_for_seconds,
+    ladder,
+    reference_seconds,
+    rung_schedule,
+    seconds_ladder,
+    to_promote,
+    with_epochs,
+)
 from compsearch.search.optuna_private import heartbeat_thread, storage_of, trial_id
 from compsearch.search.progress import Display
 from compsearch.search.study import Retry
@@ -114,6 +124,8 @@ class SearchSettings:
     # Fidelities of the successive halving (search/fidelity.py); 1: every trial trains
     # the whole schedule on every training image.
     rungs: int = DEFAULT_RUNGS
+    # What a rung counts: "epochs" (x images) or "seconds" (predicted, equal per config).
+    fidelity: str = DEFAULT_FIDELITY
 
 
 @dataclass
@@ -294,7 +306,12 @@ def search(
     costs = Costs(
         lambda records: calibrate(space, schedule, data, on_device, settings.seed, records)
     )
-    fidelities = ladder(schedule.epochs, len(data.train), data.num_classes, settings.rungs)
+    fidelities = run_ladder(study, space, schedule, data, settings, costs)
+    if console is not None and settings.fidelity == "seconds":
+        console.print(
+            "fidelity in predicted seconds on every training image, epochs sized per config: "
+            + ", ".join(f"{f.seconds:.0f} s" for f in fidelities)
+        )
     job = SearchJob(
         study, space, schedule, data, on_device, settings, distillation,
         Display(console, settings.trials) if console is not None else None, reporter, costs,
@@ -343,6 +360,29 @@ def search(
     return counts
 
 
+def run_ladder(
+    study: optuna.Study,
+    space: SearchSpace,
+    schedule: TrainConfig,
+    data: Dataset,
+    settings: SearchSettings,
+    costs: Costs,
+) -> tuple[Fidelity, ...]:
+    """The run's fidelities. Counted in seconds, the top rung's are what a typical config
+    takes for the schedule's epochs by the cost model (so it is calibrated now), and no
+    more than one trial may take under --time."""
+    if settings.fidelity == "epochs":
+        return ladder(schedule.epochs, len(data.train), data.num_classes, settings.rungs)
+    model = costs.refit(read_trials(study.get_trials(deepcopy=False)))
+    top = reference_seconds(
+        space, schedule, settings.budgets, lambda config: model.predict(work_of(config, data)),
+        settings.seed,
+    )  # fmt: skip
+    if settings.time_limit is not None:
+        top = min(top, settings.time_limit.longest)
+    return seconds_ladder(top, schedule.epochs, len(data.train), settings.rungs)
+
+
 def run_one(job: SearchJob, trial: optuna.Trial, rejections_in_a_row: int) -> Outcome:
     """One trial's path, top to bottom: sample a config, estimate it, reject it when it
     breaks a budget; else build, train, prune, fine-tune, export and measure it (run_trial),
@@ -350,7 +390,7 @@ def run_one(job: SearchJob, trial: optuna.Trial, rejections_in_a_row: int) -> Ou
     settings, budgets = job.settings, job.settings.budgets
     job.reporter.step(trial.number, "sampling its config")
     fidelity = job.fidelity_of(trial)
-    write_fidelity(trial, fidelity.rung, fidelity.rungs, fidelity.images)
+    write_fidelity(trial, fidelity.rung, fidelity.rungs, fidelity.images, fidelity.seconds)
     # Frozen dataclasses, no torch yet.
     config = sample(trial, job.space, rung_schedule(job.schedule, fidelity))
     expected = estimate(config)
@@ -358,10 +398,19 @@ def run_one(job: SearchJob, trial: optuna.Trial, rejections_in_a_row: int) -> Ou
     over = budgets.excess(expected.params, expected.size_kb, expected.macs)
     if over:
         return reject(job, trial, expected, over, rejections_in_a_row + 1)
-    work = work_of(config, job.data, fidelity.images)
     if job.costs.model is None:
         job.reporter.step(trial.number, "timing a few training steps for the cost model")
-    predicted = job.costs.refit(read_trials(job.study.get_trials(deepcopy=False))).predict(work)
+    costs = job.costs.refit(read_trials(job.study.get_trials(deepcopy=False)))
+    if fidelity.seconds is not None:
+        # Its rung's seconds: as many epochs as the cost model fits in them.
+        epochs = epochs_for_seconds(
+            config, fidelity.seconds,
+            lambda sized: costs.predict(work_of(sized, job.data, fidelity.images)),
+            MOST_EPOCHS_FACTOR * job.schedule.epochs,
+        )  # fmt: skip
+        config = dataclasses.replace(config, train=with_epochs(config.train, epochs))
+    work = work_of(config, job.data, fidelity.images)
+    predicted = costs.predict(work)
     limit = settings.time_limit
     write_prediction(trial, predicted, work.vector(), limit.deadline if limit else None)
     if limit is not None:
@@ -572,6 +621,7 @@ class EarlyStopper:
                 fidelity is None
                 or (record.rung, record.rungs) == (fidelity.rung, fidelity.rungs)
                 and record.train_images in (None, fidelity.images)  # None: an older study
+                and (record.fidelity_seconds is None) == (fidelity.seconds is None)
             )
         ]
 

@@ -22,10 +22,12 @@ from compsearch.objectives.catalog import (
 from compsearch.objectives.modelfile import check_model_file
 from compsearch.search.common import (
     DEFAULT_EPOCHS,
+    DEFAULT_FIDELITY,
     DEFAULT_OUT,
     DEFAULT_RUNGS,
     DEFAULT_TIME,
     DEFAULT_TRIALS,
+    FIDELITIES,
     HEARTBEAT_SECONDS,
     SAMPLERS,
     UsageError,
@@ -174,6 +176,8 @@ class RunOptions:
     # Fidelities of the successive halving (search/fidelity.py); 1: every trial trains
     # --epochs on all --subset images.
     rungs: int = DEFAULT_RUNGS
+    # What a rung counts (search/fidelity.py): "epochs" (x images) or "seconds".
+    fidelity: str = DEFAULT_FIDELITY
     study: str | None = None
     out: Path = DEFAULT_OUT
     storage: str | None = None
@@ -191,6 +195,10 @@ class RunOptions:
         check_number(self.trials, "--trials", low=1, whole=True)
         check_epochs(self.epochs)
         check_rungs(self.rungs)
+        if self.fidelity not in FIDELITIES:
+            raise UsageError(
+                f"unknown --fidelity {self.fidelity!r}; choose one of {', '.join(FIDELITIES)}"
+            )
         if self.subset is not None:
             check_number(self.subset, "--subset", low=1, whole=True)
         if self.time is not None:

@@ -172,6 +172,7 @@ CASES = [
     Case("trials 0", run("--trials", "0"), "--trials must be a number > 0"),
     Case("rungs 0", run("--rungs", "0"), "--rungs must be a number > 0"),
     Case("rungs 9", run("--rungs", "9"), "--rungs must be at most 5"),
+    Case("fidelity", run("--fidelity", "minutes"), "unknown --fidelity 'minutes'"),
     Case("negative seed", run("--seed", "-3"), "--seed must be a whole number"),
     Case("workers 0", run("--workers", "0"), "--workers must be a number > 0"),
     Case("unknown device", run("--device", "tpu"), "--device must be auto, cpu, cuda"),

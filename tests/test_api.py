@@ -117,7 +117,7 @@ def test_worker_arguments_parse_back_to_the_same_options(tmp_path):
         1234567, 299.5, budget_macs=3e6, dataset="mnist", data_dir=tmp_path, trials=7,
         time=90.5, sampler="nsga2", subset=1000, epochs=5, seed=3, teacher="auto",
         distill_weight=0.25, distill_temperature=2.5, workers=3, heartbeat=4, anchors=False,
-        study="s",
+        rungs=2, fidelity="seconds", study="s",
         out=tmp_path / "runs", storage=str(tmp_path / "journal.log"),
     )  # fmt: skip
     parsed = run_options(build_parser().parse_args(["run", *options.to_argv()]))

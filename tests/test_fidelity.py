@@ -7,17 +7,31 @@ import dataclasses
 
 import optuna
 import pytest
-from conftest import SCHEDULE
+from conftest import SCHEDULE, sampled_configs
 
 from compsearch.objectives.data import load_dataset
 from compsearch.results.plots import pareto_figure, pyplot
 from compsearch.results.records import at_top_fidelity, best_feasible, read_trials
 from compsearch.results.table import pareto_front, trials_frame
-from compsearch.search.fidelity import ETA, ladder, pareto_order, to_promote
+from compsearch.search import loop
+from compsearch.search.cost import CostModel, work_of
+from compsearch.search.fidelity import (
+    ETA,
+    MIN_EPOCHS,
+    MOST_EPOCHS_FACTOR,
+    epochs_for_seconds,
+    ladder,
+    pareto_order,
+    reference_seconds,
+    rung_schedule,
+    seconds_ladder,
+    to_promote,
+    with_epochs,
+)
 from compsearch.search.loop import EarlyStopper, SearchSettings, search
 from compsearch.search.study import DIRECTIONS
 from compsearch.spaces.budgets import Budgets
-from compsearch.spaces.space import space_for
+from compsearch.spaces.space import sample, space_for
 
 BUDGETS = Budgets(params=1e6, size_kb=100.0)
 
@@ -157,3 +171,88 @@ def test_a_search_promotes_the_non_dominated_and_compares_like_with_like(tmp_pat
     assert drawn[f"feasible ({len(top)}), highest rung"] == len(top)
     assert drawn[f"Pareto front ({len(pareto_front(frame))})"] <= len(top)
     pyplot().close(figure)
+
+
+def test_a_ladder_in_seconds_gives_every_rung_a_third_of_the_next_on_every_image():
+    rungs = seconds_ladder(90.0, epochs=12, images=9000, rungs=3)
+    assert [f.seconds for f in rungs] == pytest.approx([10.0, 30.0, 90.0])
+    assert all(f.images == 9000 and f.epochs == 12 and f.rungs == 3 for f in rungs)
+    assert rungs[-1].top and "90 s on 9,000 images" in rungs[-1].describe()
+    # Its rungs leave the schedule's epochs alone: each trial is sized to the seconds.
+    assert rung_schedule(SCHEDULE, rungs[0]) == SCHEDULE
+
+
+def test_epochs_for_seconds_gives_a_cheaper_config_more_epochs_within_the_seconds():
+    space = space_for(1, 10, 8)
+    small, large = sampled_configs(space, 2, seed=0)
+
+    def predict(config):  # 1 s per trial, then a config's seconds per epoch
+        per_epoch = 0.5 if config is small or config.arch == small.arch else 2.0
+        return 1.0 + per_epoch * config.train.epochs
+
+    assert epochs_for_seconds(small, 11.0, predict, most=100) == 20  # 1 + 0.5 x 20 = 11
+    assert epochs_for_seconds(large, 11.0, predict, most=100) == 5  # 1 + 2 x 5 = 11
+    assert epochs_for_seconds(small, 11.0, predict, most=8) == 8  # capped
+    # Not even the floor fits: the floor, two epochs (train, then fine-tune).
+    assert epochs_for_seconds(large, 2.0, predict, most=100) == MIN_EPOCHS
+    sized = dataclasses.replace(small, train=with_epochs(small.train, 20))
+    assert (sized.train.epochs, sized.train.finetune_epochs) == (20, 5)
+
+
+def test_trials_of_one_rung_in_seconds_compare_alike_whatever_their_epochs():
+    study = optuna.create_study(directions=list(DIRECTIONS))
+    config = sampled_configs(space_for(1, 10, 8), 1, seed=0)[0]
+    for epochs, rung in ((20, 1), (5, 1), (9, 0)):
+        sized = dataclasses.replace(config, train=with_epochs(config.train, epochs))
+        attrs = dict(
+            trained=True, params=1000, size_kb=1.0, macs=1e5, rung=rung, rungs=2,
+            train_images=100, fidelity_seconds=30.0 if rung else 10.0, config=sized.to_dict(),
+        )  # fmt: skip
+        study.add_trial(optuna.trial.create_trial(values=[0.5, 1.0], user_attrs=attrs))
+    records = read_trials(study.trials)
+    assert [r.number for r in at_top_fidelity(records, BUDGETS)] == [0, 1]
+    assert records[0].fidelity == records[1].fidelity > records[2].fidelity
+
+
+def test_a_search_in_seconds_sizes_each_trial_to_its_rungs_seconds(tmp_path, monkeypatch):
+    """A real search whose cost model prices multiply-accumulates alone (1 s per 1e9, and
+    0.1 s per trial) and is never refitted, so that configs of the space differ in cost
+    and the sizing can be checked exactly."""
+    model = CostModel((1e-9, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.1))
+    monkeypatch.setattr(loop, "calibrate", lambda *args: model)
+    monkeypatch.setattr(CostModel, "refit", lambda self, records: self)
+    data = load_dataset("digits", seed=0, subset=300)
+    space = space_for(1, 10, 8)
+    schedule = dataclasses.replace(SCHEDULE, epochs=6)
+    study = optuna.create_study(
+        directions=list(DIRECTIONS), sampler=optuna.samplers.RandomSampler(seed=2)
+    )
+    settings = SearchSettings(
+        BUDGETS, 7, None, 0, "cpu", tmp_path, early_stopping=False, rungs=2, fidelity="seconds"
+    )  # fmt: skip
+    counts = search(study, space, schedule, data, settings, console=None)
+    assert counts.trained == 7
+
+    def predict(config):
+        return model.predict(work_of(config, data))
+
+    trained = [record for record in read_trials(study.trials) if record.trained]
+    top = reference_seconds(space, schedule, BUDGETS, predict, 0)
+    assert {record.rung: record.fidelity_seconds for record in trained} == pytest.approx(
+        {0: top / ETA, 1: top}, rel=1e-3
+    )
+    for record in trained:
+        assert record.train_images == len(data.train) and record.rungs == 2
+        # The most epochs the cost model fits in its rung's seconds (at least two).
+        config = sample(optuna.trial.FixedTrial(record.searched), space, schedule)
+        most = MOST_EPOCHS_FACTOR * schedule.epochs
+        assert record.config.train.epochs == epochs_for_seconds(
+            config, record.fidelity_seconds, predict, most
+        )
+        assert record.config.train.epochs == MIN_EPOCHS or (
+            record.predicted_seconds <= record.fidelity_seconds
+        )
+    assert len({record.config.train.epochs for record in trained}) > 1  # sized one by one
+    promoted = [record for record in trained if record.promoted_from is not None]
+    assert promoted and all(record.rung == 1 for record in promoted)
+    assert {record.rung for record in at_top_fidelity(trained, BUDGETS)} == {1}
