@@ -13,7 +13,8 @@ parameters and 300 KB:
   every precision that can fit, the most accurate file on the validation split that fits;
 - **a random search**: the same two commands with `--sampler random --no-anchors
   --rungs 1` (one fidelity); compsearch's own `--rungs` and `--fidelity` are this
-  script's (default one rung counted in epochs, as `compsearch run`'s).
+  script's (default one rung counted in epochs, as `compsearch run`'s; several
+  `--fidelity` values: one compsearch row each).
 
 It prints one table (test accuracy of each model.onnx in onnxruntime, size, params, MACs,
 minutes, machine) and compsearch's difference from the best anchor and from the random
@@ -56,7 +57,12 @@ def compsearch(args: list[str], cwd: Path) -> float:
 
 
 def searched(
-    label: str, extra: list[str], args: argparse.Namespace, out: Path, search_share: float
+    label: str,
+    extra: list[str],
+    args: argparse.Namespace,
+    out: Path,
+    search_share: float,
+    fidelity: str = "epochs",
 ) -> dict:
     """`run` for `search_share` of T then `export` for the rest; the export's figures."""
     total = args.minutes * 60
@@ -69,7 +75,7 @@ def searched(
     if args.subset:
         run += ["--subset", str(args.subset)]
     if label != "random":  # the random search keeps one fidelity counted in epochs
-        run += ["--rungs", str(args.rungs), "--fidelity", args.fidelity]
+        run += ["--rungs", str(args.rungs), "--fidelity", fidelity]
     started = time.perf_counter()
     search_wall = compsearch(run, out.parent)
     left = total - (time.perf_counter() - started) - EXPORT_OVERHEAD
@@ -214,9 +220,25 @@ def table(rows: list[dict], minutes: float) -> str:
     return "\n".join(lines)
 
 
-def ours(share: float, shares: list[float]) -> str:
-    """compsearch's row name: with its search share when several are compared."""
-    return "compsearch" if len(shares) == 1 else f"compsearch (search {share:.0%})"
+def ours(share: float, shares: list[float], fidelity: str, fidelities: list[str]) -> str:
+    """compsearch's row name: with its search share and fidelity where several are
+    compared."""
+    parts = [f"search {share:.0%}"] if len(shares) > 1 else []
+    parts += [f"fidelity {fidelity}"] if len(fidelities) > 1 else []
+    return "compsearch" + (f" ({', '.join(parts)})" if parts else "")
+
+
+def study_name(share: float, shares: list[float], fidelity: str, fidelities: list[str]) -> str:
+    """The study (and output folder) of one compsearch row."""
+    parts = [f"{share * 100:.0f}"] if len(shares) > 1 else []
+    parts += [fidelity] if len(fidelities) > 1 else []
+    return "-".join(["compsearch", *parts])
+
+
+def wanted_rows(wanted: list[str], args: argparse.Namespace) -> list[str]:
+    """One name per row the invocation will print."""
+    per_name = {"compsearch": len(args.search_share) * len(args.fidelity)}
+    return [name for name in wanted for _ in range(per_name.get(name, 1))]
 
 
 def main() -> None:
@@ -231,8 +253,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=6, help="epochs per trial")
     parser.add_argument("--rungs", type=int, default=1, help="compsearch's --rungs")
     parser.add_argument(
-        "--fidelity", choices=["epochs", "seconds"], default="epochs",
-        help="compsearch's --fidelity",
+        "--fidelity", choices=["epochs", "seconds"], nargs="+", default=["epochs"],
+        help="compsearch's --fidelity; several: one compsearch row each",
     )  # fmt: skip
     parser.add_argument(
         "--subset", type=int, default=10000, help="training images per trial (0: all)"
@@ -252,26 +274,30 @@ def main() -> None:
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     wanted = args.only or ["compsearch", *ANCHORS, "random"]
+    results = args.results or RESULTS / f"equal_time_{args.minutes:g}min.md"
+    results.parent.mkdir(parents=True, exist_ok=True)
+    command = "python bench/equal_time.py " + " ".join(sys.argv[1:])
     rows = []
     for name in wanted:
         if name == "compsearch":
             for share in args.search_share:
-                label = ours(share, args.search_share)
-                study = label.replace(" (search ", "-").rstrip("%)")
-                rows.append(searched(study, [], args, out, share) | {"model": label})
+                for fidelity in args.fidelity:
+                    label = ours(share, args.search_share, fidelity, args.fidelity)
+                    study = study_name(share, args.search_share, fidelity, args.fidelity)
+                    row = searched(study, [], args, out, share, fidelity)
+                    rows.append(row | {"model": label})
         elif name == "random":
             one_fidelity = ["--sampler", "random", "--no-anchors", "--rungs", "1"]
             row = searched("random", one_fidelity, args, out, args.search_share[0])
             rows.append(row | {"model": "random search"})
         else:
             rows.append(anchor_row(name, args, out))
-        print(table(rows, args.minutes), flush=True)
-    text = table(rows, args.minutes)
-    results = args.results or RESULTS / f"equal_time_{args.minutes:g}min.md"
-    results.parent.mkdir(parents=True, exist_ok=True)
-    command = "python bench/equal_time.py " + " ".join(sys.argv[1:])
-    results.write_text(f"{text}\n\n`{command}`\n")
-    print(f"\n{text}\nwritten: {results}")
+        text = table(rows, args.minutes)
+        print(text, flush=True)
+        # Written after every row, so that a run cut short keeps the rows it finished.
+        done = "" if len(rows) == len(wanted_rows(wanted, args)) else "\n\n(unfinished)"
+        results.write_text(f"{text}\n\n`{command}`{done}\n")
+    print(f"\nwritten: {results}")
 
 
 if __name__ == "__main__":
