@@ -278,25 +278,30 @@ def main() -> None:
     results.parent.mkdir(parents=True, exist_ok=True)
     command = "python bench/equal_time.py " + " ".join(sys.argv[1:])
     rows = []
+    expected = len(wanted_rows(wanted, args))
+
+    def add(row: dict) -> None:
+        """Keep a finished row, print the table so far and write it: a run cut short
+        keeps the rows it finished."""
+        rows.append(row)
+        text = table(rows, args.minutes)
+        print(text, flush=True)
+        done = "" if len(rows) == expected else "\n\n(unfinished)"
+        results.write_text(f"{text}\n\n`{command}`{done}\n")
+
     for name in wanted:
         if name == "compsearch":
             for share in args.search_share:
                 for fidelity in args.fidelity:
                     label = ours(share, args.search_share, fidelity, args.fidelity)
                     study = study_name(share, args.search_share, fidelity, args.fidelity)
-                    row = searched(study, [], args, out, share, fidelity)
-                    rows.append(row | {"model": label})
+                    add(searched(study, [], args, out, share, fidelity) | {"model": label})
         elif name == "random":
             one_fidelity = ["--sampler", "random", "--no-anchors", "--rungs", "1"]
             row = searched("random", one_fidelity, args, out, args.search_share[0])
-            rows.append(row | {"model": "random search"})
+            add(row | {"model": "random search"})
         else:
-            rows.append(anchor_row(name, args, out))
-        text = table(rows, args.minutes)
-        print(text, flush=True)
-        # Written after every row, so that a run cut short keeps the rows it finished.
-        done = "" if len(rows) == len(wanted_rows(wanted, args)) else "\n\n(unfinished)"
-        results.write_text(f"{text}\n\n`{command}`{done}\n")
+            add(anchor_row(name, args, out))
     print(f"\nwritten: {results}")
 
 
