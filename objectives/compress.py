@@ -133,6 +133,19 @@ def prune(
     return with_widths(arch, stem_width, stage_widths)
 
 
+class FlipAveraged(nn.Module):
+    """The mean of a model's logits on the image and on its mirror image: horizontal-flip
+    test-time augmentation inside the deployed file, which costs twice the model's MACs
+    (counted as such, since the model runs twice)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 0.5 * (self.model(x) + self.model(torch.flip(x, dims=(3,))))
+
+
 def export_fp32(model: nn.Module, resolution: int, channels: int) -> onnx.ModelProto:
     """The eval-mode model as ONNX, batch-norms folded, with a dynamic batch dimension."""
     model = model.eval()

@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +26,7 @@ from torch import nn
 
 from compsearch.objectives.data import Dataset, Split, normalize
 from compsearch.spaces.config import TrainConfig
+from compsearch.spaces.layers import Residual
 
 EpochCallback = Callable[[int, int, int], None]  # (epoch done, epochs in phase, resolution)
 
@@ -42,6 +43,42 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
 
 
+OPTIMIZERS = ("sgd", "adamw")
+# AdamW's peak learning rate and decoupled weight decay against the schedule's SGD ones:
+# a schedule's SGD learning rate of 0.1 becomes 2e-3, its L2 of 5e-4 a decay of 0.05.
+ADAMW_LEARNING_RATE_FACTOR = 0.02
+ADAMW_WEIGHT_DECAY_FACTOR = 100.0
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Training ingredients beyond the schedule; the defaults are the trainer as it was
+    before bench/recipe.py measured each one."""
+
+    optimizer: str = "sgd"  # "sgd" (Nesterov) or "adamw"
+    # Weight decay on batch-norm scales and shifts and on biases too, not only on the
+    # weights of convolutions and linear layers.
+    decay_norms: bool = True
+    # An exponential moving average of the weights (and batch-norm buffers), its horizon
+    # this fraction of the phase's steps, replaces the weights at the end of each phase;
+    # 0: none.
+    average_fraction: float = 0.0
+    # Zero the scale of the last batch norm of every residual branch, so that each
+    # residual block starts as its shortcut (Goyal et al., 2017).
+    zero_init_residual: bool = False
+    # Set the stem convolution's filters to the leading principal directions of the
+    # training images' patches, whitened (as airbench does), before training.
+    whiten_stem: bool = False
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(
+                f"unknown optimizer {self.optimizer!r}; valid: {', '.join(OPTIMIZERS)}"
+            )
+        if not 0.0 <= self.average_fraction < 1.0:
+            raise ValueError(f"average_fraction must lie in [0, 1), got {self.average_fraction}")
+
+
 @dataclass(frozen=True)
 class Phase:
     resolution: int  # pixels
@@ -52,9 +89,12 @@ class Phase:
     weight_decay: float  # L2 coefficient, applied by SGD
     label_smoothing: float  # probability mass spread over the other classes
     cutout: int = 0  # side in pixels of the square zeroed at a random place; 0: none
+    recipe: Recipe = field(default_factory=Recipe)
 
     @classmethod
-    def of(cls, schedule: TrainConfig, resolution: int, epochs: int) -> Phase:
+    def of(
+        cls, schedule: TrainConfig, resolution: int, epochs: int, recipe: Recipe | None = None
+    ) -> Phase:
         """A phase with `schedule`'s optimizer settings, warming up for WARMUP_FRACTION."""
         return cls(
             resolution=resolution,
@@ -65,6 +105,7 @@ class Phase:
             weight_decay=schedule.weight_decay,
             label_smoothing=schedule.label_smoothing,
             cutout=schedule.cutout,
+            recipe=recipe or Recipe(),
         )
 
 
@@ -232,13 +273,8 @@ def fit(
     steps_per_epoch = math.ceil(len(train) / phase.batch_size)
     total_steps = max(1, phase.epochs * steps_per_epoch)
     warmup_steps = max(1, round(phase.warmup_fraction * total_steps))
-    optimizer = torch.optim.SGD(
-        model.parameters(),
-        lr=phase.peak_learning_rate,
-        momentum=MOMENTUM,
-        nesterov=True,
-        weight_decay=phase.weight_decay,
-    )
+    optimizer = make_optimizer(model, phase)
+    average = weight_average(model, phase.recipe.average_fraction, total_steps)
 
     def learning_rate_factor(step: int) -> float:
         if step < warmup_steps:
@@ -282,6 +318,8 @@ def fit(
             loss.backward()
             optimizer.step()
             scheduler.step()
+            if average is not None:
+                average.update_parameters(model)
             loss_sum += loss.detach() * len(labels)
         mean_loss = loss_sum.item() / len(train)
         if not math.isfinite(mean_loss):
@@ -291,8 +329,100 @@ def fit(
             )
         if on_epoch is not None:
             on_epoch(epoch + 1, phase.epochs, phase.resolution)
+    if average is not None:
+        with torch.no_grad():
+            for mine, averaged in zip(
+                model.state_dict().values(), average.module.state_dict().values(), strict=True
+            ):
+                mine.copy_(averaged)
     model.eval()
     return mean_loss
+
+
+def make_optimizer(model: nn.Module, phase: Phase) -> torch.optim.Optimizer:
+    """The phase's optimizer over `model`'s parameters; without `decay_norms`, batch-norm
+    parameters and biases (every parameter of one dimension) are not decayed."""
+    recipe = phase.recipe
+    adamw = recipe.optimizer == "adamw"
+    decay = phase.weight_decay * (ADAMW_WEIGHT_DECAY_FACTOR if adamw else 1.0)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    if recipe.decay_norms:
+        groups = [{"params": parameters, "weight_decay": decay}]
+    else:
+        groups = [
+            {"params": [p for p in parameters if p.ndim > 1], "weight_decay": decay},
+            {"params": [p for p in parameters if p.ndim <= 1], "weight_decay": 0.0},
+        ]
+    if adamw:
+        return torch.optim.AdamW(groups, lr=phase.peak_learning_rate * ADAMW_LEARNING_RATE_FACTOR)
+    return torch.optim.SGD(groups, lr=phase.peak_learning_rate, momentum=MOMENTUM, nesterov=True)
+
+
+def weight_average(
+    model: nn.Module, fraction: float, total_steps: int
+) -> torch.optim.swa_utils.AveragedModel | None:
+    """An exponential moving average of `model`'s weights and buffers whose horizon is
+    `fraction` of the phase's steps (decay 1 - 1 / horizon); None for a fraction of 0."""
+    if fraction <= 0:
+        return None
+    horizon = max(1.0, fraction * total_steps)
+    return torch.optim.swa_utils.AveragedModel(
+        model,
+        multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(1.0 - 1.0 / horizon),
+        use_buffers=True,
+    )
+
+
+def zero_init_residual(model: nn.Module) -> int:
+    """Zero the scale of the last batch norm in every residual branch of `model`; the
+    number of branches changed."""
+    changed = 0
+    for module in model.modules():
+        if not isinstance(module, Residual):
+            continue
+        norms = [m for m in module.branch.modules() if isinstance(m, nn.BatchNorm2d)]
+        if norms:
+            nn.init.zeros_(norms[-1].weight)
+            changed += 1
+    return changed
+
+
+WHITENING_IMAGES = 5000  # training images whose patches set the stem's filters
+WHITENING_EPSILON = 5e-4  # added to each eigenvalue before its inverse square root
+WHITENING_BATCH = 500  # images unfolded into patches at a time
+
+
+@torch.no_grad()
+def whiten_stem(model: nn.Module, data: DeviceData, resolution: int) -> int:
+    """Set the stem convolution's filters to the principal directions of the training
+    images' patches of its size, each scaled by the inverse square root of its variance
+    (the largest first, then their negatives, as airbench does); filters beyond twice the
+    patch's dimension keep their initialization. Returns the filters set."""
+    conv = model.stem[0][0]
+    if conv.groups != 1:
+        return 0
+    kernel = conv.kernel_size[0]
+    size = conv.in_channels * kernel**2
+    index = spread_sample(WHITENING_IMAGES, len(data.train)).to(data.device)
+    total = torch.zeros(size, dtype=torch.float64, device=data.device)
+    products = torch.zeros(size, size, dtype=torch.float64, device=data.device)
+    count = 0
+    for start in range(0, len(index), WHITENING_BATCH):  # patches of all at once: ~0.5 GB
+        x = data.inputs(data.train.images[index[start : start + WHITENING_BATCH]], resolution)
+        patches = F.unfold(x.float(), kernel).transpose(1, 2).reshape(-1, size).double()
+        total += patches.sum(0)
+        products += patches.T @ patches
+        count += len(patches)
+    mean = total / count
+    covariance = products / count - torch.outer(mean, mean)
+    values, vectors = torch.linalg.eigh(covariance)
+    order = values.argsort(descending=True)
+    filters = (vectors[:, order] / (values[order] + WHITENING_EPSILON).sqrt()).T.float()
+    filters = torch.cat([filters, -filters])[: conv.out_channels]
+    conv.weight[: len(filters)] = filters.reshape(len(filters), *conv.weight.shape[1:]).to(
+        conv.weight.device, conv.weight.dtype
+    )
+    return len(filters)
 
 
 def spread_sample(count: int, total: int) -> torch.Tensor:

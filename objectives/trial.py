@@ -30,12 +30,15 @@ from compsearch.objectives.train import (
     Distillation,
     EpochCallback,
     Phase,
+    Recipe,
     TrainingDiverged,
     accuracy,
     fit,
     predict,
     recalibrate_batchnorm,
     spread_sample,
+    whiten_stem,
+    zero_init_residual,
 )
 from compsearch.spaces.budgets import Budgets
 from compsearch.spaces.builder import build
@@ -108,6 +111,7 @@ def train_model(
     after_low_resolution: Callable[[torch.nn.Module, int], None] | None = None,
     distillation: Distillation | None = None,
     on_step: StepCallback = no_step,
+    recipe: Recipe | None = None,
 ) -> tuple[torch.nn.Module, TrialConfig]:
     """Build and train one config, FixRes: the low-resolution phase, pruning, the
     fine-tune at the test resolution, batch-norm recalibration. Returns the trained model
@@ -116,10 +120,17 @@ def train_model(
     `after_low_resolution(model, epoch)` is called after each low-resolution epoch.
     """
     train = config.train
+    recipe = recipe or Recipe()
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     model = build(config.arch).to(on_device.device).to(memory_format=torch.channels_last)
-    low_resolution = Phase.of(train, train.train_resolution, train.epochs - train.finetune_epochs)
+    if recipe.zero_init_residual:
+        zero_init_residual(model)
+    if recipe.whiten_stem:
+        whiten_stem(model, on_device, train.train_resolution)
+    low_resolution = Phase.of(
+        train, train.train_resolution, train.epochs - train.finetune_epochs, recipe
+    )
 
     def low_epoch(epoch: int, epochs: int, resolution: int) -> None:
         if on_epoch is not None:
@@ -136,7 +147,7 @@ def train_model(
     arch = prune(model, config.arch, config.compress, example.to(on_device.device), loss)
     config = dataclasses.replace(config, arch=arch)
     on_step(f"fine-tuning at {train.test_resolution} px")
-    fit(model, on_device, finetune_phase(train), generator, on_epoch, distillation)
+    fit(model, on_device, finetune_phase(train, recipe=recipe), generator, on_epoch, distillation)
     on_step("recalibrating batch norms")
     recalibrate_batchnorm(model, on_device, train.test_resolution, train.batch_size)
     return model, config
@@ -158,12 +169,14 @@ def taylor_loss(
     return loss
 
 
-def finetune_phase(train: TrainConfig, learning_rate_factor: float = 1.0) -> Phase:
+def finetune_phase(
+    train: TrainConfig, learning_rate_factor: float = 1.0, recipe: Recipe | None = None
+) -> Phase:
     """The fine-tune at the test resolution after pruning (FixRes), no warm-up; its
     learning rate scaled by `learning_rate_factor`."""
     factor = FINETUNE_LEARNING_RATE_FACTOR * learning_rate_factor
     return dataclasses.replace(
-        Phase.of(train, train.test_resolution, train.finetune_epochs),
+        Phase.of(train, train.test_resolution, train.finetune_epochs, recipe),
         peak_learning_rate=train.learning_rate * factor,
         warmup_fraction=0.0,
     )
