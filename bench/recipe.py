@@ -54,7 +54,7 @@ from compsearch.objectives.catalog import CACHE_FOLDER
 from compsearch.objectives.compress import FlipAveraged, export
 from compsearch.objectives.data import Dataset, Split, load_dataset
 from compsearch.objectives.measure import count_macs, count_params, onnx_accuracy
-from compsearch.objectives.train import DeviceData, Recipe
+from compsearch.objectives.train import DeviceData, Recipe, spread_sample
 from compsearch.objectives.trial import train_model
 from compsearch.search.anchors import ANCHORS, anchor_params
 from compsearch.search.jobs import resolve_device
@@ -247,9 +247,10 @@ def main() -> None:
         f"folder:{args.data.resolve()}", seed=0, subset=subset,
         cache_folder=Path(tempfile.gettempdir()) / "compsearch-recipe" / CACHE_FOLDER,
     )  # fmt: skip
-    test = data.test if args.test_subset is None else Split(
-        data.test.images[: args.test_subset], data.test.labels[: args.test_subset]
-    )  # fmt: skip
+    test = data.test
+    if args.test_subset is not None:  # a fixed random draw: the folder is ordered by class
+        index = spread_sample(args.test_subset, len(data.test))
+        test = Split(data.test.images[index], data.test.labels[index])
     on_device = DeviceData(data, device)
     heading = (
         f"Recipe {mode}, CIFAR-10 (JPEG copy), {len(data.train):,} training images, "
