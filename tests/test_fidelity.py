@@ -132,9 +132,11 @@ def test_a_search_promotes_the_non_dominated_and_compares_like_with_like(tmp_pat
     study = optuna.create_study(
         directions=list(DIRECTIONS), sampler=optuna.samplers.RandomSampler(seed=1)
     )
-    settings = SearchSettings(BUDGETS, 13, None, 0, "cpu", tmp_path, early_stopping=False, rungs=3)
+    # 16 trials: enough for a promotion to the top whichever configs rank first (at
+    # least 9 at the bottom and 3 at rung 1 must finish before one can go up to rung 2).
+    settings = SearchSettings(BUDGETS, 16, None, 0, "cpu", tmp_path, early_stopping=False, rungs=3)
     counts = search(study, space, schedule, data, settings, console=None)
-    assert counts.trained == 13
+    assert counts.trained == 16
     records = read_trials(study.trials)
     by_number = {record.number: record for record in records}
     trained = [record for record in records if record.trained]
@@ -153,8 +155,9 @@ def test_a_search_promotes_the_non_dominated_and_compares_like_with_like(tmp_pat
         before = [r for r in records if r.rung == source.rung and r.number < copy.number]
         points = [(r.number, r.accuracy, r.size_kb) for r in before if r.feasible(BUDGETS)]
         assert source.number in pareto_order(points)[: len(points) // ETA]
-    # Nine sampled configs at the bottom, three at rung 1, one at the top.
-    assert [sum(r.rung == rung for r in trained) for rung in range(3)] == [9, 3, 1]
+    # Fewer trials at each rung than at the one below, and some at the top.
+    per_rung = [sum(r.rung == rung for r in trained) for rung in range(3)]
+    assert per_rung[0] > per_rung[1] > per_rung[2] >= 1, per_rung
     # The front, the table's top_fidelity and the best trial: the top rung only.
     top = at_top_fidelity(records, BUDGETS)
     assert top and all(record.rung == 2 for record in top)
