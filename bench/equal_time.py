@@ -220,25 +220,11 @@ def table(rows: list[dict], minutes: float) -> str:
     return "\n".join(lines)
 
 
-def ours(share: float, shares: list[float], fidelity: str, fidelities: list[str]) -> str:
-    """compsearch's row name: with its search share and fidelity where several are
-    compared."""
-    parts = [f"search {share:.0%}"] if len(shares) > 1 else []
-    parts += [f"fidelity {fidelity}"] if len(fidelities) > 1 else []
-    return "compsearch" + (f" ({', '.join(parts)})" if parts else "")
-
-
-def study_name(share: float, shares: list[float], fidelity: str, fidelities: list[str]) -> str:
-    """The study (and output folder) of one compsearch row."""
-    parts = [f"{share * 100:.0f}"] if len(shares) > 1 else []
-    parts += [fidelity] if len(fidelities) > 1 else []
-    return "-".join(["compsearch", *parts])
-
-
-def wanted_rows(wanted: list[str], args: argparse.Namespace) -> list[str]:
-    """One name per row the invocation will print."""
-    per_name = {"compsearch": len(args.search_share) * len(args.fidelity)}
-    return [name for name in wanted for _ in range(per_name.get(name, 1))]
+def variant(share: float, fidelity: str, args: argparse.Namespace) -> list[str]:
+    """What sets one compsearch row apart: its search share and fidelity where several
+    are compared."""
+    parts = [f"search {share:.0%}"] if len(args.search_share) > 1 else []
+    return parts + ([f"fidelity {fidelity}"] if len(args.fidelity) > 1 else [])
 
 
 def main() -> None:
@@ -278,7 +264,8 @@ def main() -> None:
     results.parent.mkdir(parents=True, exist_ok=True)
     command = "python bench/equal_time.py " + " ".join(sys.argv[1:])
     rows = []
-    expected = len(wanted_rows(wanted, args))
+    compsearch_rows = len(args.search_share) * len(args.fidelity)
+    expected = sum(compsearch_rows if name == "compsearch" else 1 for name in wanted)
 
     def add(row: dict) -> None:
         """Keep a finished row, print the table so far and write it: a run cut short
@@ -293,8 +280,9 @@ def main() -> None:
         if name == "compsearch":
             for share in args.search_share:
                 for fidelity in args.fidelity:
-                    label = ours(share, args.search_share, fidelity, args.fidelity)
-                    study = study_name(share, args.search_share, fidelity, args.fidelity)
+                    parts = variant(share, fidelity, args)
+                    label = "compsearch" + (f" ({', '.join(parts)})" if parts else "")
+                    study = "-".join(["compsearch", *(p.split()[-1].rstrip("%") for p in parts)])
                     add(searched(study, [], args, out, share, fidelity) | {"model": label})
         elif name == "random":
             one_fidelity = ["--sampler", "random", "--no-anchors", "--rungs", "1"]

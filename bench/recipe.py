@@ -125,12 +125,11 @@ def run_one(
     data: Dataset,
     on_device: DeviceData,
     test: Split,
-    base_recipe: Recipe,
     keep: list[str],
 ) -> tuple[dict, torch.nn.Module]:
     """Train `config` with `ingredient` (or "baseline", or "kept": every `--keep`) on top
-    of `base_recipe`; the row of figures and the trained model."""
-    train, recipe = config.train, base_recipe
+    of today's trainer; the row of figures and the trained model."""
+    train, recipe = config.train, Recipe()
     names = keep if ingredient == "kept" else [ingredient]
     for name in names:
         change = INGREDIENTS.get(name)
@@ -264,7 +263,7 @@ def main() -> None:
         config = network_config(network, data, epochs, args.found)
         for seed in range(seeds):
             baseline, model = run_one(
-                network, config, "baseline", seed, data, on_device, test, Recipe(), args.keep
+                network, config, "baseline", seed, data, on_device, test, args.keep
             )
             rows.append(baseline)
             for ingredient in ingredients:
@@ -272,8 +271,7 @@ def main() -> None:
                     rows.append(flip_row(baseline, model, config, data, test))
                 else:
                     row, _ = run_one(
-                        network, config, ingredient, seed, data, on_device, test, Recipe(),
-                        args.keep,
+                        network, config, ingredient, seed, data, on_device, test, args.keep,
                     )  # fmt: skip
                     rows.append(row)
                 print(

@@ -330,11 +330,7 @@ def fit(
         if on_epoch is not None:
             on_epoch(epoch + 1, phase.epochs, phase.resolution)
     if average is not None:
-        with torch.no_grad():
-            for mine, averaged in zip(
-                model.state_dict().values(), average.module.state_dict().values(), strict=True
-            ):
-                mine.copy_(averaged)
+        model.load_state_dict(average.module.state_dict())
     model.eval()
     return mean_loss
 
