@@ -30,6 +30,8 @@ SETTINGS_KEY = "compsearch"  # the study user attribute holding its StudySetting
 # The reason of a trial that another worker failed: its own worker can no longer write it.
 LOST = "worker lost (no heartbeat): killed, out of memory or its machine gone"
 INTERRUPTED = "interrupted before it finished (Ctrl-C)"
+# The reason of a trial asked for when other workers had just taken the last ones.
+SURPLUS = "not run: other workers had already taken the run's last trials"
 NAN = math.nan
 
 

@@ -25,6 +25,7 @@ from compsearch.objectives.train import DeviceData, Distillation, TrainingDiverg
 from compsearch.objectives.trial import StoppedEarly, TrialResult, run_trial
 from compsearch.results.records import (
     INTERRUPTED,
+    SURPLUS,
     TrialRecord,
     fitted_attrs,
     is_fitted_copy,
@@ -53,7 +54,7 @@ from compsearch.search.fidelity import (
     to_promote,
     with_epochs,
 )
-from compsearch.search.optuna_private import heartbeat_thread, storage_of, trial_id
+from compsearch.search.optuna_private import fixed_params, heartbeat_thread, storage_of, trial_id
 from compsearch.search.progress import Display
 from compsearch.search.study import Retry
 from compsearch.search.supervise import STOP_REQUESTED, Reporter
@@ -188,15 +189,35 @@ HEARTBEAT_WARNING = "Heartbeat of storage is supposed to be used with Study.opti
 
 def finished_and_running(study: optuna.Study) -> tuple[int, int]:
     """(trials trained or stopped early, trials running now), across all workers."""
-    finished = running = 0
-    for trial in study.get_trials(deepcopy=False):
-        if trial.state == TrialState.PRUNED or (
-            trial.state == TrialState.COMPLETE and trial.user_attrs.get("trained")
-        ):
-            finished += 1
-        elif trial.state == TrialState.RUNNING:
-            running += 1
-    return finished, running
+    trials = study.get_trials(deepcopy=False)
+    running = sum(trial.state == TrialState.RUNNING for trial in trials)
+    return sum(map(is_finished, trials)), running
+
+
+def is_finished(trial: optuna.trial.FrozenTrial) -> bool:
+    """Trained to the end or stopped early: what --trials counts."""
+    return trial.state == TrialState.PRUNED or (
+        trial.state == TrialState.COMPLETE and bool(trial.user_attrs.get("trained"))
+    )
+
+
+def surplus(study: optuna.Study, trial: optuna.Trial, finish_at: int) -> bool:
+    """Whether `trial` is one too many: workers that looked at the study at the same time
+    all saw a trial left and all asked for one. Of those, the lowest numbers run."""
+    trials = study.get_trials(deepcopy=False)
+    before = sum(t.state == TrialState.RUNNING and t.number < trial.number for t in trials)
+    return sum(map(is_finished, trials)) + before >= finish_at
+
+
+def give_back(study: optuna.Study, trial: optuna.Trial) -> None:
+    """Fail a surplus trial before it samples anything, with the reason, and queue again
+    the config it took from the queue (an anchor, a promotion, a retry), as it was."""
+    frozen = storage_of(study).get_trial(trial_id(trial))
+    fixed = fixed_params(frozen)
+    if fixed is not None:
+        study.enqueue_trial(fixed, user_attrs=dict(frozen.user_attrs))
+    write_failed(trial, SURPLUS)
+    study.tell(trial, state=TrialState.FAIL)
 
 
 def waiting_trials(study: optuna.Study) -> int:
@@ -340,6 +361,9 @@ def search(
                 break
             promote(study, settings.budgets, len(fidelities))
             trial = study.ask()
+            if surplus(study, trial, finish_at):
+                give_back(study, trial)
+                continue
             try:
                 write_worker(trial, WORKER)
                 with heartbeat(study, trial):

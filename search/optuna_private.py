@@ -16,7 +16,14 @@ from optuna.storages import BaseStorage
 from optuna.storages._heartbeat import BaseHeartbeat, get_heartbeat_thread
 from optuna.trial import FrozenTrial
 
-__all__ = ["BaseHeartbeat", "STALE_TRIAL_IDS", "heartbeat_thread", "storage_of", "trial_id"]
+__all__ = [
+    "BaseHeartbeat",
+    "STALE_TRIAL_IDS",
+    "fixed_params",
+    "heartbeat_thread",
+    "storage_of",
+    "trial_id",
+]
 
 # BaseHeartbeat's abstract method that lists a study's trials whose worker went silent.
 STALE_TRIAL_IDS = "_get_stale_trial_ids"
@@ -29,6 +36,11 @@ def storage_of(study: optuna.Study) -> BaseStorage:
 def trial_id(trial: optuna.Trial | FrozenTrial) -> int:
     """The storage's id of a trial (unique across studies), which its methods take."""
     return trial._trial_id
+
+
+def fixed_params(trial: FrozenTrial) -> dict | None:
+    """The params a trial took from the queue (enqueue_trial), None when it was sampled."""
+    return trial.system_attrs.get("fixed_params")
 
 
 def heartbeat_thread(study: optuna.Study, trial: optuna.Trial):

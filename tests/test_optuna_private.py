@@ -13,6 +13,7 @@ from optuna.storages import BaseStorage
 from compsearch.search.optuna_private import (
     STALE_TRIAL_IDS,
     BaseHeartbeat,
+    fixed_params,
     heartbeat_thread,
     storage_of,
     trial_id,
@@ -72,3 +73,12 @@ def test_the_heartbeat_thread_beats_while_it_runs_and_stale_trials_are_failed(tm
     optuna.storages.fail_stale_trials(study)
     states = [t.state.name for t in study.get_trials(deepcopy=False)]
     assert states == ["FAIL", "WAITING"]
+
+
+def test_a_trial_taken_from_the_queue_holds_its_params_where_fixed_params_reads_them():
+    study = optuna.create_study()
+    study.enqueue_trial({"x": 3})
+    queued, sampled = study.ask(), study.ask()
+    stored = storage_of(study)
+    assert fixed_params(stored.get_trial(trial_id(queued))) == {"x": 3}
+    assert fixed_params(stored.get_trial(trial_id(sampled))) is None

@@ -189,3 +189,40 @@ def test_every_sampler_the_command_line_names_is_made_with_its_seed(name):
     sampler = make_sampler(name, seed=7)
     assert isinstance(sampler, optuna.samplers.BaseSampler)
     assert type(sampler).__name__.lower().startswith(name[:2])
+
+
+def told_trained(study: optuna.Study) -> None:
+    trial = study.ask()
+    trial.set_user_attr("trained", True)
+    study.tell(trial, [0.5, 10.0])
+
+
+def test_of_workers_that_asked_at_once_for_the_last_trial_only_the_lowest_number_runs():
+    study = optuna.create_study(directions=DIRECTIONS)
+    told_trained(study)
+    pruned = study.ask()
+    study.tell(pruned, state=optuna.trial.TrialState.PRUNED)
+    rejected = study.ask()  # over budget by estimate: recorded, not counted
+    study.tell(rejected, [0.0, 99.0])
+    first, second = study.ask(), study.ask()  # two workers, each saw one trial left
+    assert not run_module.surplus(study, first, finish_at=3)
+    assert run_module.surplus(study, second, finish_at=3)
+    # With two left, both run.
+    assert not run_module.surplus(study, second, finish_at=4)
+
+
+def test_a_surplus_trial_fails_with_its_reason_and_its_queued_config_waits_again():
+    study = optuna.create_study(directions=DIRECTIONS)
+    study.enqueue_trial({"stem_width": 16}, user_attrs={"anchor": "resnet8"})
+    queued, sampled = study.ask(), study.ask()
+    run_module.give_back(study, queued)
+    run_module.give_back(study, sampled)
+    failed = study.get_trials(states=(optuna.trial.TrialState.FAIL,))
+    assert [trial.number for trial in failed] == [queued.number, sampled.number]
+    assert {trial.user_attrs["reason"] for trial in failed} == {run_module.SURPLUS}
+    assert all(trial.params == {} for trial in failed)  # nothing was sampled
+    (waiting,) = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
+    assert waiting.user_attrs == {"anchor": "resnet8"}
+    again = study.ask()
+    assert again.number == waiting.number
+    assert again.suggest_int("stem_width", 8, 64) == 16
