@@ -136,14 +136,19 @@ def prune(
 class FlipAveraged(nn.Module):
     """The mean of a model's logits on the image and on its mirror image: horizontal-flip
     test-time augmentation inside the deployed file, which costs twice the model's MACs
-    (counted as such, since the model runs twice)."""
+    (counted as such, since the model runs twice).
+
+    Both go through the model as one batch, so the file holds its weights once: two calls
+    would export each batch-norm-folded convolution twice and double the file."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return 0.5 * (self.model(x) + self.model(torch.flip(x, dims=(3,))))
+        both = self.model(torch.cat([x, torch.flip(x, dims=(3,))]))
+        original, mirrored = both.chunk(2)
+        return 0.5 * (original + mirrored)
 
 
 def export_fp32(model: nn.Module, resolution: int, channels: int) -> onnx.ModelProto:

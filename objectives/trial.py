@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from compsearch.objectives.compress import export, prune
+from compsearch.objectives.compress import FlipAveraged, export, prune
 from compsearch.objectives.data import Dataset, Split
 from compsearch.objectives.measure import (
     calibration_images,
@@ -369,6 +369,7 @@ def compression_candidates(
     on_step: StepCallback = no_step,
     seconds_left: Callable[[], float] | None = None,
     quantization_aware_seconds: float = 0.0,
+    flip: bool = False,
 ) -> list[Candidate]:
     """Every file of the trained, pruned `model` (its widths in `config.arch`) that can
     fit the budgets, each measured on the validation split: fp32 and fp16, int8 after
@@ -376,8 +377,10 @@ def compression_candidates(
     over the budgets by estimate is listed with the reason and not written. Under a time
     limit (`seconds_left()`, the seconds it leaves), the fine-tune, predicted to take
     `quantization_aware_seconds`, runs only if they are left; otherwise it is listed with
-    the reason."""
+    the reason. With `flip`, every file holds the model flip-averaged (FlipAveraged): the
+    mean of its outputs on the image and its mirror, at twice the MACs, counted so."""
     train = config.train
+    runs = 2 if flip else 1  # the model runs on the image and on its mirror
     unpruned = dataclasses.replace(config.compress, prune_fraction=0.0)  # arch is pruned
     candidates = []
     for precision in precisions:
@@ -388,6 +391,7 @@ def compression_candidates(
         )
         compress = dataclasses.replace(unpruned, precision=precision)
         expected = estimate(dataclasses.replace(config, compress=compress))
+        expected = dataclasses.replace(expected, macs=runs * expected.macs)
         over = budgets.excess(expected.params, expected.size_kb, expected.macs)
         if over:
             note = "over budget by estimate, not written: " + ", ".join(over)
@@ -424,6 +428,8 @@ def compression_candidates(
                                   f"the fine-tune diverged ({error})")
                     )  # fmt: skip
                     continue
+            if flip:
+                written = FlipAveraged(written)
             path = folder / f"model-{name.replace(' ', '-')}.onnx"
             measured = write_and_measure(
                 written, precision, name, path, data, data.val, train.test_resolution,

@@ -69,7 +69,10 @@ def write_export(folder: Path, work: Path, result: TrialResult, card: dict[str, 
     """`folder/export/` from the verified `result`, whose model.onnx run_trial wrote in
     `work`, and its `card`; the files of an earlier export are replaced only once the new
     ones are written."""
-    save_model(work / "model.pt", result.model, result.config.arch, result.config)
+    save_model(
+        work / "model.pt", result.model, result.config.arch, result.config,
+        flip_test_time_augmentation=card.get("flip_test_time_augmentation", False),
+    )  # fmt: skip
     (work / "model.json").write_text(json.dumps(card, indent=2) + "\n")
     target = folder / "export"
     for stale in EXPORT_FILES:
@@ -143,9 +146,11 @@ def model_card(
     teacher: str,
     test_accuracy: float,
     candidates: list[dict[str, Any]] = (),
+    flip: bool = False,
 ) -> dict[str, Any]:
     """The card: `candidates` are every compressed file the export measured to choose
-    model.onnx (name, precision, validation accuracy, size, whether it fit)."""
+    model.onnx (name, precision, validation accuracy, size, whether it fit); `flip`: the
+    file averages the outputs on each image and its mirror."""
 
     def finite(value: float) -> float | None:
         return value if math.isfinite(value) else None
@@ -166,6 +171,7 @@ def model_card(
         "params": result.params,
         "size_kb": result.size_kb,
         "macs": result.macs,
+        "flip_test_time_augmentation": flip,
         "precision": config.compress.precision,
         "pruning": {
             "fraction": config.compress.prune_fraction,
@@ -178,7 +184,13 @@ def model_card(
         "seed": seed,
         "sha256": sha256(result.onnx_path),
         "files": {
-            "model.onnx": "the deployable file; every figure here was measured on it",
+            "model.onnx": "the deployable file; every figure here was measured on it"
+            + (
+                " (it runs the network on each image and on its mirror and averages the "
+                "outputs; macs counts both runs)"
+                if flip
+                else ""
+            ),
             "model.pt": "arch, config and state_dict; torch.load(path, weights_only=True)",
         },
         "preprocessing": preprocessing(data),

@@ -105,11 +105,15 @@ def export(
     out: Path | str = DEFAULT_OUT,
     storage: str | None = None,
     quiet: bool = False,
+    flip: bool = False,
 ) -> ExportSummary:
     """Retrain a trial for longer, verify its file against the budgets and write
     OUT/STUDY/export/ (model.onnx, model.pt, model.json), as `compsearch export` does.
-    `time`: seconds of training instead of `epochs`, sized from the trial's own speed."""
-    options = ExportOptions(trial, epochs, time, teacher, data_dir, device, study, out, storage)
+    `time`: seconds of training instead of `epochs`, sized from the trial's own speed.
+    `flip`: the file averages the outputs on each image and its mirror (twice the MACs)."""
+    options = ExportOptions(
+        trial, epochs, time, teacher, data_dir, device, study, out, storage, flip
+    )
     return export_job(options, Console(quiet=quiet))
 
 

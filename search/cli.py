@@ -269,6 +269,12 @@ def build_parser() -> Parser:
         type=Path,
         help="where the dataset's files are now (default: where the study read them)",
     )
+    export.add_argument(
+        "--flip",
+        action="store_true",
+        help="horizontal-flip test-time augmentation in the file: it averages the outputs "
+        "on each image and its mirror, at twice the MACs (counted against --budget-macs)",
+    )
     export.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:K")
     export.add_argument(REPORT_FD_FLAG, type=int, help=argparse.SUPPRESS)
     add_location(export)
@@ -481,6 +487,7 @@ def command_export(args: argparse.Namespace, console: Console) -> int:
         study=args.study,
         out=args.out,
         storage=args.storage,
+        flip=args.flip,
     )
     print_export(console, api.export_job(options, console, Reporter(args.report_fd)))
     return 0

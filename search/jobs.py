@@ -26,6 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedCo
 
 from compsearch import __version__
 from compsearch.objectives.catalog import CACHE_FOLDER
+from compsearch.objectives.compress import FlipAveraged
 from compsearch.objectives.data import load_dataset
 from compsearch.objectives.measure import onnx_accuracy
 from compsearch.objectives.teacher import prepare_teacher
@@ -270,6 +271,12 @@ def execute_export(prepared: PreparedExport, console: Console, reporter: Reporte
         prepared.dataset, seed=seed, data_dir=prepared.data_dir,
         cache_folder=options.out / CACHE_FOLDER,
     )  # fmt: skip
+    if options.flip and not data.flip:
+        raise UsageError(
+            f"--flip averages the model's outputs on each image and its mirror, but a "
+            f"mirrored {data.name} image may be another class (it trains unflipped); "
+            "export without --flip"
+        )
     sized = ""
     seconds_left = None
     if options.time is not None:
@@ -309,6 +316,7 @@ def execute_export(prepared: PreparedExport, console: Console, reporter: Reporte
         console.print(
             f"exporting trial {record.number}: {epochs} epochs on {len(data.train)} training "
             f"images (the trial had {trial_epochs}{sized}), teacher {teacher_spec}"
+            + (", flip-averaged file (twice the MACs)" if options.flip else "")
         )
         with tempfile.TemporaryDirectory(dir=folder, prefix=".export-") as work:
             work = Path(work)
@@ -326,6 +334,7 @@ def execute_export(prepared: PreparedExport, console: Console, reporter: Reporte
                 model, deployed, data, on_device, work, seed, settings.space.precisions,
                 budgets, step, seconds_left=seconds_left,
                 quantization_aware_seconds=QUANTIZATION_AWARE_SHARE * trained_in,
+                flip=options.flip,
             )  # fmt: skip
             chosen = best_candidate(candidates, budgets)
             if chosen is None:
@@ -338,6 +347,7 @@ def execute_export(prepared: PreparedExport, console: Console, reporter: Reporte
             card = model_card(
                 prepared.study.study_name, record, result, data, budgets, seed, epochs,
                 teacher_spec, test_accuracy, candidate_rows(candidates, chosen, budgets),
+                flip=options.flip,
             )  # fmt: skip
             target = write_export(folder, work, result, card)
     # The report shows the export's verified figures from now on.
@@ -436,10 +446,15 @@ def chosen_result(
         macs=chosen.macs,
         size_kb=chosen.size_kb,
         onnx_path=path,
-        model=chosen.model.cpu().eval(),
+        # model.pt holds the network itself; the card says when the file flip-averages it.
+        model=unwrapped(chosen.model).cpu().eval(),
         seconds=seconds,
         early_accuracy=math.nan,
     )
+
+
+def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    return model.model if isinstance(model, FlipAveraged) else model
 
 
 def candidate_rows(

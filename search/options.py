@@ -293,6 +293,8 @@ class ExportOptions:
     study: str | None = None
     out: Path = DEFAULT_OUT
     storage: str | None = None
+    # The file averages the model's outputs on each image and its mirror (twice the MACs).
+    flip: bool = False
 
     def __post_init__(self) -> None:
         trial = str(self.trial).strip()

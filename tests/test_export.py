@@ -199,6 +199,7 @@ def test_an_export_over_budget_writes_nothing_and_exits_2(study_folder):
         (["--epochs", "1"], "--epochs must be at least 2"),
         (["--study", "nothing"], "no study 'nothing'"),
         (["--teacher", "missing.pt"], "is not a file"),
+        (["--flip"], "export without --flip"),  # a mirrored digit may be another class
     ],
 )
 def test_bad_export_requests_exit_2_with_one_line(study_folder, args, fragment):
@@ -315,3 +316,45 @@ def test_the_export_help_states_the_epoch_factor_the_export_uses(capsys):
     with pytest.raises(SystemExit):
         cli.main(["export", "--help"])
     assert f"{common.EXPORT_EPOCH_FACTOR} times the trial's" in capsys.readouterr().out
+
+
+def test_a_flipped_export_averages_each_image_and_its_mirror_and_counts_both_runs(tmp_path):
+    """export --flip on images a mirror keeps in their class: the file runs the network on
+    both, its card says so and counts the MACs of both; model.pt holds the network once."""
+    from PIL import Image
+
+    from compsearch.objectives.measure import count_macs
+
+    rng = np.random.default_rng(0)
+    for name, channel in (("red", 0), ("blue", 2)):
+        (tmp_path / "pictures" / name).mkdir(parents=True)
+        for n in range(30):
+            pixels = rng.integers(0, 120, (16, 16, 3), dtype=np.uint8)
+            pixels[:, : rng.integers(4, 16), channel] += 120
+            Image.fromarray(pixels).save(tmp_path / "pictures" / name / f"{n}.png")
+    dataset = f"folder:{tmp_path / 'pictures'}"
+    result = compsearch(
+        "run", "--budget-params", "2e6", "--budget-kb", "300", "--dataset", dataset,
+        "--trials", "1", "--epochs", "2", "--no-anchors", "--study", "pictures", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    result = compsearch("export", "--flip", "--epochs", "2", "--study", "pictures", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "flip-averaged file (twice the MACs)" in result.stdout
+    folder = tmp_path / "runs" / "pictures" / "export"
+    card = json.loads((folder / "model.json").read_text())
+    assert card["flip_test_time_augmentation"] is True
+    assert "mirror" in card["files"]["model.onnx"]
+    saved = torch.load(folder / "model.pt", weights_only=True)
+    assert saved["facts"]["flip_test_time_augmentation"] is True
+    config = TrialConfig.from_dict(saved["config"])
+    model = build(config.arch).eval()
+    model.load_state_dict(saved["state_dict"])  # the network alone, no wrapper
+    assert card["macs"] == 2 * count_macs(model, 3, 16)
+    if config.compress.precision == "fp32":
+        x = torch.randn(4, 3, 16, 16)
+        session = ort.InferenceSession(str(folder / "model.onnx"))
+        (got,) = session.run(None, {"input": x.numpy()})
+        with torch.no_grad():
+            expected = 0.5 * (model(x) + model(x.flip(3)))
+        np.testing.assert_allclose(got, expected.numpy(), atol=1e-4, rtol=1e-4)

@@ -8,6 +8,7 @@ import dataclasses
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 from conftest import SCHEDULE
@@ -316,3 +317,39 @@ def test_under_a_time_limit_the_export_fine_tunes_only_if_time_is_left(
         assert spy.returned == [] and not aware.written
         expected = f"not run: the fine-tune takes about 20 s and --time leaves {left:.0f} s"
         assert aware.note == expected
+
+
+def test_flipped_candidates_average_the_mirror_and_count_twice_the_macs(
+    trained, digits, tmp_path
+):
+    """export --flip: each file runs the model on the image and on its mirror and averages
+    the outputs; its MACs are counted twice, so a MACs budget between one and two runs
+    keeps every flipped file out (listed, not written)."""
+    model, on_device = trained
+    config = TrialConfig(arch(), SCHEDULE, CompressConfig("fp32", 0.0, "l2", "local"))
+
+    def candidates(flip: bool, budgets: Budgets, folder: str):
+        return trial_module.compression_candidates(
+            model, config, digits, on_device, tmp_path / folder, 0, ("fp32", "int8"),
+            budgets, flip=flip,
+        )  # fmt: skip
+
+    loose = Budgets(params=1e6, size_kb=1e3)
+    plain = {c.name: c for c in candidates(False, loose, "plain")}
+    flipped = {c.name: c for c in candidates(True, loose, "flipped")}
+    assert set(flipped) == set(plain)
+    for name in ("fp32", "int8 post-training"):
+        assert flipped[name].macs == 2 * plain[name].macs
+        assert flipped[name].params == plain[name].params
+        # The same weights once: the file grows by the flip, not by a second copy.
+        assert flipped[name].size_kb < 1.2 * plain[name].size_kb
+    x = on_device.inputs(digits.test.images[:16].to(on_device.device), 8).cpu().contiguous()
+    session = ort.InferenceSession(str(flipped["fp32"].path), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        expected = 0.5 * (model(x) + model(x.flip(3)))
+    np.testing.assert_allclose(got, expected.numpy(), atol=1e-4)
+    # Between one run's MACs and two: the plain files fit, the flipped ones are refused.
+    between = Budgets(params=1e6, size_kb=1e3, macs=1.5 * plain["fp32"].macs)
+    refused = candidates(True, between, "refused")
+    assert all(not c.written and "macs" in c.note for c in refused), [c.note for c in refused]
