@@ -153,11 +153,18 @@ def run_one(
     return row, model
 
 
-def flip_row(baseline: dict, model: torch.nn.Module, config: TrialConfig, data, test) -> dict:
+def flip_row(
+    baseline: dict,
+    model: torch.nn.Module,
+    config: TrialConfig,
+    data: Dataset,
+    test: Split,
+    ingredient: str = "flip",
+) -> dict:
     """The baseline's model with flip test-time augmentation folded into its file."""
     with tempfile.TemporaryDirectory() as folder:
         figures = measure(FlipAveraged(model), config, data, test, Path(folder))
-    return baseline | {"ingredient": "flip"} | figures
+    return baseline | {"ingredient": ingredient} | figures
 
 
 def summary(rows: list[dict], reference: str) -> list[dict]:
@@ -267,8 +274,9 @@ def main() -> None:
             )
             rows.append(baseline)
             for ingredient in ingredients:
-                if ingredient == "flip":
-                    rows.append(flip_row(baseline, model, config, data, test))
+                if ingredient == "flip" or (ingredient == "kept" and args.keep == ["flip"]):
+                    # No training of its own: the baseline's model, flip-averaged.
+                    rows.append(flip_row(baseline, model, config, data, test, ingredient))
                 else:
                     row, _ = run_one(
                         network, config, ingredient, seed, data, on_device, test, args.keep,
