@@ -13,6 +13,8 @@ Ingredients (names for `--ingredients` and `--keep`):
 
 - `batch128`, `batch256`: batch 128 (256) with the learning rate scaled with it (0.2, 0.4)
 - `no-smoothing`: label smoothing 0 instead of 0.1 (today's trainer smooths)
+- `lr0.05`, `lr0.2`: peak learning rate 0.05 (0.2) instead of 0.1, batch 64
+- `decay1e-3`, `decay2.5e-4`: weight decay 1e-3 (2.5e-4) instead of 5e-4
 - `average`: an exponential moving average of the weights, horizon 5% of a phase's steps
 - `no-norm-decay`: no weight decay on batch-norm parameters and biases
 - `zero-residual`: the last batch norm of every residual branch starts at zero
@@ -83,6 +85,10 @@ INGREDIENTS: dict[str, Change | None] = {
     "batch128": schedule_change(batch_size=128, learning_rate=0.2),
     "batch256": schedule_change(batch_size=256, learning_rate=0.4),
     "no-smoothing": schedule_change(label_smoothing=0.0),
+    "lr0.05": schedule_change(learning_rate=0.05),
+    "lr0.2": schedule_change(learning_rate=0.2),
+    "decay1e-3": schedule_change(weight_decay=1e-3),
+    "decay2.5e-4": schedule_change(weight_decay=2.5e-4),
     "average": recipe_change(average_fraction=0.05),
     "no-norm-decay": recipe_change(decay_norms=False),
     "zero-residual": recipe_change(zero_init_residual=True),

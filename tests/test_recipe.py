@@ -193,3 +193,6 @@ def test_the_screen_s_ingredients_change_what_they_name():
     assert (train.batch_size, train.learning_rate) == (256, 0.4)
     assert INGREDIENTS["average"](SCHEDULE, Recipe())[1].average_fraction == 0.05
     assert INGREDIENTS["no-smoothing"](SCHEDULE, Recipe())[0].label_smoothing == 0.0
+    assert INGREDIENTS["lr0.2"](SCHEDULE, Recipe())[0].learning_rate == 0.2
+    assert INGREDIENTS["decay1e-3"](SCHEDULE, Recipe())[0].weight_decay == 1e-3
+    assert INGREDIENTS["flip"] is None  # the export's choice: no training of its own
