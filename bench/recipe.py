@@ -25,7 +25,8 @@ Ingredients (names for `--ingredients` and `--keep`):
 
 Two modes. The screen (default): a 10,000-image training subset, 8 epochs, 2 seeds, every
 ingredient. `--compare`: today's recipe against today's with the `--keep` ingredients,
-on the whole training set, 10 epochs, 3 seeds, both in one run. Results go to
+on the whole training set, 10 epochs, 3 seeds, both in one run (with flip among other
+kept ingredients, also the baseline's model flip-averaged alone). Results go to
 bench/results/recipe_<mode>.md and .json, rewritten after every run, so a run cut short
 keeps what it finished.
 
@@ -250,7 +251,10 @@ def main() -> None:
     subset = args.subset if args.subset is not None else (None if args.compare else 10_000)
     epochs = args.epochs or (10 if args.compare else 8)
     seeds = args.seeds or (3 if args.compare else 2)
-    ingredients = ["kept"] if args.compare else (args.ingredients or list(INGREDIENTS))
+    ingredients = args.ingredients or list(INGREDIENTS)
+    if args.compare:  # with flip kept beside training changes, flip alone costs one file
+        flip_too = "flip" in args.keep and len(args.keep) > 1
+        ingredients = ["kept"] + (["flip"] if flip_too else [])
     results = args.results or RESULTS / f"recipe_{mode}.md"
     results.parent.mkdir(parents=True, exist_ok=True)
 
