@@ -137,7 +137,7 @@ def run_one(
     """Train `config` with `ingredient` (or "baseline", or "kept": every `--keep`) on top
     of today's trainer; the row of figures and the trained model."""
     train, recipe = config.train, Recipe()
-    names = keep if ingredient == "kept" else [ingredient]
+    names = ingredient_names(ingredient, keep)
     for name in names:
         change = INGREDIENTS.get(name)
         if change is not None:
@@ -158,6 +158,16 @@ def run_one(
         "seconds_per_epoch": seconds / train.epochs,
     } | figures
     return row, model
+
+
+def ingredient_names(ingredient: str, keep: list[str]) -> list[str]:
+    """The ingredients a row applies: every `--keep` for "kept", else itself."""
+    return keep if ingredient == "kept" else [ingredient]
+
+
+def trains(ingredient: str, keep: list[str]) -> bool:
+    """Whether the row needs a training of its own (flip alone changes only the file)."""
+    return any(INGREDIENTS.get(name) is not None for name in ingredient_names(ingredient, keep))
 
 
 def flip_row(
@@ -284,8 +294,7 @@ def main() -> None:
             )
             rows.append(baseline)
             for ingredient in ingredients:
-                if ingredient == "flip" or (ingredient == "kept" and args.keep == ["flip"]):
-                    # No training of its own: the baseline's model, flip-averaged.
+                if not trains(ingredient, args.keep):  # the baseline's model, flip-averaged
                     rows.append(flip_row(baseline, model, config, data, test, ingredient))
                 else:
                     row, _ = run_one(

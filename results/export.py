@@ -71,7 +71,7 @@ def write_export(folder: Path, work: Path, result: TrialResult, card: dict[str, 
     ones are written."""
     save_model(
         work / "model.pt", result.model, result.config.arch, result.config,
-        flip_test_time_augmentation=card.get("flip_test_time_augmentation", False),
+        flip_test_time_augmentation=card["flip_test_time_augmentation"],
     )  # fmt: skip
     (work / "model.json").write_text(json.dumps(card, indent=2) + "\n")
     target = folder / "export"
