@@ -286,30 +286,38 @@ def main() -> None:
     )
     command = "python bench/recipe.py " + " ".join(sys.argv[1:])
     rows: list[dict] = []
+
+    def record(row: dict, baseline: dict) -> None:
+        rows.append(row)
+        print(
+            f"{row['network']} seed {row['seed']} {row['ingredient']}: {row['test']:.2%} "
+            f"({baseline['test']:.2%} baseline), {row['train_seconds']:.0f} s",
+            flush=True,
+        )
+        results.write_text(f"{table(rows, 'baseline', heading)}\n\n`{command}`\n")
+        results.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
+
+    # Every seed's baseline first, then each ingredient on every seed: a run cut short
+    # keeps whole pairs for the ingredients it reached.
     for network in args.networks:
         config = network_config(network, data, epochs, args.found)
+        baselines = []
         for seed in range(seeds):
             baseline, model = run_one(
                 network, config, "baseline", seed, data, on_device, test, args.keep
             )
-            rows.append(baseline)
-            for ingredient in ingredients:
+            baselines.append((baseline, model))
+            record(baseline, baseline)
+        for ingredient in ingredients:
+            for seed, (baseline, model) in enumerate(baselines):
                 if not trains(ingredient, args.keep):  # the baseline's model, flip-averaged
-                    rows.append(flip_row(baseline, model, config, data, test, ingredient))
+                    row = flip_row(baseline, model, config, data, test, ingredient)
                 else:
                     row, _ = run_one(
                         network, config, ingredient, seed, data, on_device, test, args.keep,
                     )  # fmt: skip
-                    rows.append(row)
-                print(
-                    f"{network} seed {seed} {rows[-1]['ingredient']}: "
-                    f"{rows[-1]['test']:.2%} ({baseline['test']:.2%} baseline), "
-                    f"{rows[-1]['train_seconds']:.0f} s",
-                    flush=True,
-                )
-            text = table(rows, "baseline", heading)
-            results.write_text(f"{text}\n\n`{command}`\n")
-            results.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
+                record(row, baseline)
+    text = table(rows, "baseline", heading)
     print(text)
     print(f"written: {results}")
 
