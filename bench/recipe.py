@@ -271,7 +271,7 @@ def main() -> None:
     device = resolve_device(args.device)
     data = load_dataset(
         f"folder:{args.data.resolve()}", seed=0, subset=subset,
-        cache_folder=Path(tempfile.gettempdir()) / "compsearch-recipe" / CACHE_FOLDER,
+        cache_folder=Path(tempfile.gettempdir()) / "compsearch-bench" / CACHE_FOLDER,
     )  # fmt: skip
     test = data.test
     if args.test_subset is not None:  # a fixed random draw: the folder is ordered by class

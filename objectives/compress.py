@@ -182,18 +182,38 @@ def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
         return convert_float_to_float16(model, keep_io_types=True)
 
 
-def to_int8(model: onnx.ModelProto, calibration: np.ndarray) -> onnx.ModelProto:
-    """Static int8 quantization, per-channel weights, activations calibrated on `calibration`.
+# onnxruntime's ways of choosing an activation's range from the calibration images.
+CALIBRATION_METHODS = ("minmax", "percentile", "entropy", "distribution")
+
+
+def to_int8(
+    model: onnx.ModelProto, calibration: np.ndarray, method: str = "minmax"
+) -> onnx.ModelProto:
+    """Static int8 quantization, per-channel weights, activations calibrated on `calibration`
+    by `method` (CALIBRATION_METHODS: onnxruntime's min-max, percentile, entropy or
+    distribution ranges).
 
     QDQ format: onnxruntime fuses each DequantizeLinear-op-QuantizeLinear into an integer
     kernel, and other runtimes read the same file.
     """
     from onnxruntime.quantization import (
         CalibrationDataReader,
+        CalibrationMethod,
         QuantFormat,
         QuantType,
         quantize_static,
     )
+
+    methods = {
+        "minmax": CalibrationMethod.MinMax,
+        "percentile": CalibrationMethod.Percentile,
+        "entropy": CalibrationMethod.Entropy,
+        "distribution": CalibrationMethod.Distribution,
+    }
+    if method not in methods:
+        raise ValueError(
+            f"unknown calibration method {method!r}; valid: {', '.join(CALIBRATION_METHODS)}"
+        )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Reader(CalibrationDataReader):
@@ -218,6 +238,7 @@ def to_int8(model: onnx.ModelProto, calibration: np.ndarray) -> onnx.ModelProto:
             per_channel=True,
             weight_type=QuantType.QInt8,
             activation_type=QuantType.QUInt8,
+            calibrate_method=methods[method],
         )
         return onnx.load(target)
 
@@ -240,7 +261,7 @@ def compact_names(model: onnx.ModelProto) -> onnx.ModelProto:
             renamed[name] = format(len(renamed), "x")
         return renamed[name]
 
-    _sort_topologically(graph)
+    sort_topologically(graph)
     for tensor in graph.initializer:
         tensor.name = short(tensor.name)
         tensor.doc_string = ""
@@ -260,7 +281,7 @@ def compact_names(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def _sort_topologically(graph: onnx.GraphProto) -> None:
+def sort_topologically(graph: onnx.GraphProto) -> None:
     """Order nodes so each follows its inputs' producers (the fp16 converter appends its
     Cast nodes at the end, which onnxruntime accepts but the ONNX checker does not)."""
     available = {value.name for value in graph.input} | {t.name for t in graph.initializer}
