@@ -45,8 +45,10 @@ def machine() -> str:
         if torch.cuda.is_available():
             text += f", {torch.cuda.get_device_name(0)}"
         else:  # what decides the CPU's training speed: whether bf16 is native
-            native = torch.cpu._is_amx_tile_supported() and "AMX" or (
-                torch.cpu._is_avx512_bf16_supported() and "AVX-512 bf16"
+            native = (
+                torch.cpu._is_amx_tile_supported()
+                and "AMX"
+                or (torch.cpu._is_avx512_bf16_supported() and "AVX-512 bf16")
             )
             text += f", {native} (bf16 training)" if native else ", no native bf16 (fp32)"
         text += f", torch {torch.__version__}"

@@ -44,8 +44,8 @@ from compression_fidelity import architectures
 from compsearch.objectives.catalog import CACHE_FOLDER, INPUT_NAME
 from compsearch.objectives.compress import (
     CALIBRATION_METHODS,
-    sort_topologically,
     export_fp32,
+    sort_topologically,
     to_int8,
 )
 from compsearch.objectives.data import Dataset, Split, load_dataset

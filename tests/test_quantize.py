@@ -319,9 +319,7 @@ def test_under_a_time_limit_the_export_fine_tunes_only_if_time_is_left(
         assert aware.note == expected
 
 
-def test_flipped_candidates_average_the_mirror_and_count_twice_the_macs(
-    trained, digits, tmp_path
-):
+def test_flipped_candidates_average_the_mirror_and_count_twice_the_macs(trained, digits, tmp_path):
     """export --flip: each file runs the model on the image and on its mirror and averages
     the outputs; its MACs are counted twice, so a MACs budget between one and two runs
     keeps every flipped file out (listed, not written)."""
