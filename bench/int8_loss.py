@@ -1,7 +1,7 @@
 """Where int8 loses accuracy: per kind of tensor, per calibration, per tensor, on CIFAR-10.
 
 For each network, trained here or loaded from `--models` (where an earlier run of this
-script or of `bench/compression_fidelity.py` saved it), today's int8 file (the search's
+script saved it), today's int8 file (the search's
 `compress.to_int8`: per-channel symmetric weights, uint8 activations over min-max ranges
 of 256 training images, QDQ format) is taken apart and measured on the test split in
 onnxruntime:
