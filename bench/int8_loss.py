@@ -41,9 +41,10 @@ import torch
 from cifar10_300kb import machine  # bench/, beside this script
 from compression_fidelity import architectures
 
-from compsearch.objectives.catalog import CACHE_FOLDER, INPUT_NAME
+from compsearch.objectives.catalog import CACHE_FOLDER
 from compsearch.objectives.compress import (
     CALIBRATION_METHODS,
+    calibration_reader,
     export_fp32,
     sort_topologically,
     to_int8,
@@ -279,7 +280,6 @@ def signal_to_noise(
 ) -> dict[str, tuple[float, float]]:
     """Per quantized activation: (dB of its own rounding in the int8 file, dB against the
     fp32 model's tensor), from onnxruntime's qdq_loss_debug."""
-    from onnxruntime.quantization import CalibrationDataReader
     from onnxruntime.quantization.qdq_loss_debug import (
         collect_activations,
         compute_signal_to_quantization_noice_ratio,
@@ -287,21 +287,13 @@ def signal_to_noise(
         modify_model_output_intermediate_tensors,
     )
 
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.batches = iter(np.array_split(images, max(1, len(images) // 64)))
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            batch = next(self.batches, None)
-            return None if batch is None else {INPUT_NAME: batch}
-
     with tempfile.TemporaryDirectory() as folder:
         collected = {}
         for label, model in (("fp32", fp32), ("int8", int8)):
             source, augmented = Path(folder) / f"{label}.onnx", Path(folder) / f"{label}-all.onnx"
             onnx.save(model, source)
             modify_model_output_intermediate_tensors(str(source), str(augmented))
-            collected[label] = collect_activations(str(augmented), Reader())
+            collected[label] = collect_activations(str(augmented), calibration_reader(images))
     matched = create_activation_matching(collected["int8"], collected["fp32"])
     relus = fused_relus(int8, fp32)
     out = {}

@@ -182,8 +182,29 @@ def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
         return convert_float_to_float16(model, keep_io_types=True)
 
 
-# onnxruntime's ways of choosing an activation's range from the calibration images.
-CALIBRATION_METHODS = ("minmax", "percentile", "entropy", "distribution")
+# onnxruntime's ways of choosing an activation's range from the calibration images: our
+# name -> its CalibrationMethod member.
+CALIBRATION_METHODS = {
+    "minmax": "MinMax",
+    "percentile": "Percentile",
+    "entropy": "Entropy",
+    "distribution": "Distribution",
+}
+
+
+def calibration_reader(images: np.ndarray):
+    """onnxruntime's reader of `images` as the model's input, in batches of about 64."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter(np.array_split(images, max(1, len(images) // 64)))
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            batch = next(self.batches, None)
+            return None if batch is None else {INPUT_NAME: batch}
+
+    return Reader()
 
 
 def to_int8(
@@ -197,32 +218,17 @@ def to_int8(
     kernel, and other runtimes read the same file.
     """
     from onnxruntime.quantization import (
-        CalibrationDataReader,
         CalibrationMethod,
         QuantFormat,
         QuantType,
         quantize_static,
     )
 
-    methods = {
-        "minmax": CalibrationMethod.MinMax,
-        "percentile": CalibrationMethod.Percentile,
-        "entropy": CalibrationMethod.Entropy,
-        "distribution": CalibrationMethod.Distribution,
-    }
-    if method not in methods:
+    if method not in CALIBRATION_METHODS:
         raise ValueError(
             f"unknown calibration method {method!r}; valid: {', '.join(CALIBRATION_METHODS)}"
         )
     from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.batches = iter(np.array_split(calibration, max(1, len(calibration) // 64)))
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            batch = next(self.batches, None)
-            return None if batch is None else {INPUT_NAME: batch}
 
     with tempfile.TemporaryDirectory() as folder:
         source = Path(folder) / "fp32.onnx"
@@ -233,12 +239,12 @@ def to_int8(
         quantize_static(
             str(prepared),
             str(target),
-            Reader(),
+            calibration_reader(calibration),
             quant_format=QuantFormat.QDQ,
             per_channel=True,
             weight_type=QuantType.QInt8,
             activation_type=QuantType.QUInt8,
-            calibrate_method=methods[method],
+            calibrate_method=CalibrationMethod[CALIBRATION_METHODS[method]],
         )
         return onnx.load(target)
 
