@@ -1,10 +1,14 @@
 """Where int8 loses accuracy: per kind of tensor, per calibration, per tensor, on CIFAR-10.
 
 For each network, trained here or loaded from `--models` (where an earlier run of this
-script saved it), today's int8 file (the search's
-`compress.to_int8`: per-channel symmetric weights, uint8 activations over min-max ranges
-of 256 training images, QDQ format) is taken apart and measured on the test split in
-onnxruntime:
+script saved it), the search's int8 file (`compress.to_int8`: per-channel symmetric
+weights up to +-64, uint8 activations over min-max ranges of 256 training images, QDQ
+format) is taken apart and measured on the test split in onnxruntime:
+
+- as it runs (onnxruntime's fused integer kernels) and as its arithmetic says (fusion
+  off: every quantize-dequantize pair computed in float), beside the same file with
+  full-range weights (up to +-127, as before): the gap between the two runs is what the
+  CPU's kernels lose, not the file;
 
 - by kind of tensor (`KINDS`): the file with that kind back in float (its
   quantize-dequantize pairs removed; for weights, the fp32 initializers put back), and the
@@ -256,11 +260,12 @@ class Files:
         self.folder, self.data, self.test, self.resolution = folder, data, test, resolution
         self.count = 0
 
-    def accuracy(self, model: onnx.ModelProto) -> float:
+    def accuracy(self, model: onnx.ModelProto, fused: bool = True) -> float:
+        """Top-1 of `model` in onnxruntime; `fused=False`: its arithmetic, in float."""
         self.count += 1
         path = self.folder / f"{self.count}.onnx"
         onnx.save(model, path)
-        return onnx_accuracy(path, self.test, self.data, self.resolution)
+        return onnx_accuracy(path, self.test, self.data, self.resolution, fused=fused)
 
 
 def prepared_fp32(model: torch.nn.Module, resolution: int, channels: int) -> onnx.ModelProto:
@@ -327,6 +332,10 @@ def analyse(
     images = {count: calibration_images(data, resolution, count, seed) for count in counts}
     int8 = to_int8(fp32, images[CALIBRATION_IMAGES])
     row["int8"] = files.accuracy(int8)
+    row["int8_arithmetic"] = files.accuracy(int8, fused=False)
+    full_range = to_int8(fp32, images[CALIBRATION_IMAGES], reduce_range=False)
+    row["full_range"] = files.accuracy(full_range)
+    row["full_range_arithmetic"] = files.accuracy(full_range, fused=False)
     kind_of = kinds(int8, fp32)
     present = [kind for kind in KINDS if kind == "weights" or kind in kind_of.values()]
     row["kinds"] = {}
@@ -364,18 +373,32 @@ def points(value: float, reference: float) -> str:
 def report(rows: list[dict], heading: str, command: str) -> str:
     lines = [heading, ""]
     lines += [
-        "| network | params | train s | torch fp32 | fp32 file | int8 file (today) | lost |",
+        "Each int8 file as onnxruntime runs it (fused integer kernels) and, in brackets, as "
+        "its arithmetic says (fusion off, in float); points against the fp32 file.",
+        "",
+        "| network | params | train s | torch fp32 | fp32 file | int8, weights to +-127 "
+        "| int8, weights to +-64 (the search's) |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+
+        def both(key: str, r: dict = r) -> str:
+            fused, arithmetic = r[key], r[f"{key}_arithmetic"]
+            return (
+                f"{fused:.2%} {points(fused, r['fp32'])} "
+                f"({arithmetic:.2%} {points(arithmetic, r['fp32'])})"
+            )
+
         lines.append(
             f"| {r['network']} | {r['params']:,} | {r['train_seconds']:.0f} | {r['torch']:.2%} "
-            f"| {r['fp32']:.2%} | {r['int8']:.2%} | {points(r['int8'], r['fp32'])} |"
+            f"| {r['fp32']:.2%} | {both('full_range')} | {both('int8')} |"
         )
     lines += [
         "",
-        "Points of the fp32 file each kind costs: `float` = today's int8 file with that kind "
-        "back in float (points recovered, against today's int8), `only` = only that kind "
+        "The rest takes the search's file apart (weights to +-64).",
+        "",
+        "Points of the fp32 file each kind costs: `float` = the int8 file with that kind "
+        "back in float (points recovered, against the int8 file), `only` = only that kind "
         "quantized (points lost against the fp32 file); in brackets, the quantized "
         "activations of the kind (for weights, the layers).",
         "",

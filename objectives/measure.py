@@ -38,17 +38,28 @@ def file_size_kb(path: Path) -> float:
     return os.path.getsize(path) / 1000
 
 
-def onnx_session(path: Path) -> ort.InferenceSession:
+def onnx_session(path: Path, fused: bool = True) -> ort.InferenceSession:
+    """A CPU session of the file. `fused=False` turns graph optimizations off: an int8
+    file's quantize-dequantize pairs then run as written, in float, instead of fused
+    into integer kernels, which gives the file's arithmetic whatever the CPU's kernels."""
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only
+    if not fused:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def onnx_predict(
-    path: Path, split: Split, data: Dataset, resolution: int, batch_size: int = 512
+    path: Path,
+    split: Split,
+    data: Dataset,
+    resolution: int,
+    batch_size: int = 512,
+    fused: bool = True,
 ) -> np.ndarray:
-    """Predicted class of every image of `split`, running the ONNX file in onnxruntime."""
-    session = onnx_session(path)
+    """Predicted class of every image of `split`, running the ONNX file in onnxruntime
+    (`fused`: see onnx_session)."""
+    session = onnx_session(path, fused)
     predictions = []
     for start in range(0, len(split), batch_size):
         x = normalize(split.images[start : start + batch_size], data.mean, data.std, resolution)
@@ -57,8 +68,10 @@ def onnx_predict(
     return np.concatenate(predictions)
 
 
-def onnx_accuracy(path: Path, split: Split, data: Dataset, resolution: int) -> float:
-    predictions = onnx_predict(path, split, data, resolution)
+def onnx_accuracy(
+    path: Path, split: Split, data: Dataset, resolution: int, fused: bool = True
+) -> float:
+    predictions = onnx_predict(path, split, data, resolution, fused=fused)
     return float((predictions == split.labels.numpy()).mean())
 
 

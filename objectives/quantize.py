@@ -1,13 +1,14 @@
 """Quantization-aware fine-tuning: let the network learn the rounding int8 will apply.
 
-Post-training int8 (`compress.to_int8`) rounds each convolution's weights to 255 levels
-per output channel and the activations entering it to 256 levels. When that costs
-accuracy, a short fine-tune with the same rounding in the forward pass (gradients pass
-straight through it, Bengio et al., 2013) lets the weights settle where rounding hurts
-least. It trains a copy whose batch norms are folded into the convolutions, as the ONNX
-export folds them, so the weights rounded here are the weights the file stores; the
-result is written back into the original modules (each batch norm becomes the identity
-plus the folded bias), so the model still rebuilds from its config and state dict.
+Post-training int8 (`compress.to_int8`) rounds each convolution's weights to 2 x
+WEIGHT_LEVELS + 1 levels per output channel and the activations entering it to 256
+levels. When that costs accuracy, a short fine-tune with the same rounding in the
+forward pass (gradients pass straight through it, Bengio et al., 2013) lets the weights
+settle where rounding hurts least. It trains a copy whose batch norms are folded into
+the convolutions, as the ONNX export folds them, so the weights rounded here are the
+weights the file stores; the result is written back into the original modules (each
+batch norm becomes the identity plus the folded bias), so the model still rebuilds from
+its config and state dict.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from compsearch.objectives.compress import WEIGHT_LEVELS  # symmetric: max |w| / levels
 from compsearch.objectives.train import DeviceData, Phase, TrainingDiverged, fit
 
-WEIGHT_LEVELS = 127  # symmetric int8 weights: scale = max |w| / 127, as onnxruntime's
 ACTIVATION_LEVELS = 255  # asymmetric uint8 activations over [min(0, low), max(0, high)]
 RANGE_MOMENTUM = 0.01  # weight of each training batch in the activation range average
 

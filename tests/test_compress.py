@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import sampled_configs
 
-from compsearch.objectives.compress import export, prune
+from compsearch.objectives.compress import WEIGHT_LEVELS, export, export_fp32, prune, to_int8
 from compsearch.objectives.measure import file_size_kb, onnx_session
 from compsearch.spaces.builder import build
 from compsearch.spaces.config import ArchConfig, CompressConfig, StageConfig
@@ -81,6 +81,34 @@ def test_int8_file_holds_int8_weights_and_is_near_a_quarter(tmp_path):
     x = calibration[:16]
     reference = model(torch.from_numpy(x)).detach().numpy()
     assert np.abs(run(int8, x) - reference).mean() < 0.1 * np.abs(reference).mean() + 0.05
+
+
+def test_int8_weights_stay_within_what_integer_kernels_sum_without_saturating(tmp_path):
+    """A convolution whose weights and inputs are all large and positive: onnxruntime's
+    uint8 x int8 kernel on x86 without VNNI sums products in pairs in int16, which
+    255 x 127 x 2 overflows. The file's weights stop at 64, so the fused integer run
+    computes what the file's arithmetic says (run unfused, in float) on every CPU."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(16, 8, 3, padding=1)
+    ).eval()
+    with torch.no_grad():
+        for layer in (model[0], model[2]):
+            layer.weight.uniform_(0.9, 1.0)
+    calibration = np.random.default_rng(0).uniform(size=(64, 16, 16, 16)).astype(np.float32)
+    path = tmp_path / "int8.onnx"
+    onnx.save(to_int8(export_fp32(model, 16, 16), calibration), path)
+    largest = max(
+        np.abs(onnx.numpy_helper.to_array(t)).max()
+        for t in onnx.load(path).graph.initializer
+        if t.data_type == onnx.TensorProto.INT8
+    )
+    x = calibration[:16]
+    fused = onnx_session(path).run(None, {"input": x})[0]
+    arithmetic = onnx_session(path, fused=False).run(None, {"input": x})[0]
+    off = np.abs(fused - arithmetic).max() / np.abs(arithmetic).max()
+    assert largest == WEIGHT_LEVELS
+    assert off < 0.02, off
 
 
 def test_size_kb_is_the_files_bytes_over_1000(tmp_path):
