@@ -9,6 +9,9 @@ format) is taken apart and measured on the test split in onnxruntime:
   off: every quantize-dequantize pair computed in float), beside the same file with
   full-range weights (up to +-127, as before): the gap between the two runs is what the
   CPU's kernels lose, not the file;
+- after the quantization-aware fine-tune that trials and exports share
+  (`trial.quantization_aware_copy`), the int8 file of the fine-tuned copy, measured both
+  ways, and the fine-tune's seconds beside the training's;
 
 - by kind of tensor (`KINDS`): the file with that kind back in float (its
   quantize-dequantize pairs removed; for weights, the fp32 initializers put back), and the
@@ -56,8 +59,18 @@ from compsearch.objectives.compress import (
 from compsearch.objectives.data import Dataset, Split, load_dataset
 from compsearch.objectives.measure import calibration_images, count_params, onnx_accuracy
 from compsearch.objectives.modelfile import load_model, save_model
-from compsearch.objectives.train import DeviceData, accuracy, predict, spread_sample
-from compsearch.objectives.trial import CALIBRATION_IMAGES, train_model
+from compsearch.objectives.train import (
+    DeviceData,
+    TrainingDiverged,
+    accuracy,
+    predict,
+    spread_sample,
+)
+from compsearch.objectives.trial import (
+    CALIBRATION_IMAGES,
+    quantization_aware_copy,
+    train_model,
+)
 from compsearch.search.anchors import ANCHORS, anchor_params
 from compsearch.search.jobs import resolve_device
 from compsearch.search.loop import default_schedule
@@ -336,6 +349,18 @@ def analyse(
     full_range = to_int8(fp32, images[CALIBRATION_IMAGES], reduce_range=False)
     row["full_range"] = files.accuracy(full_range)
     row["full_range_arithmetic"] = files.accuracy(full_range, fused=False)
+    started = time.perf_counter()
+    try:
+        tuned = quantization_aware_copy(model, on_device, config.train, seed)
+    except TrainingDiverged as diverged:
+        row["aware"] = row["aware_arithmetic"] = None
+        row["aware_diverged"] = str(diverged)
+    else:
+        aware = to_int8(prepared_fp32(tuned.cpu(), resolution, data.channels),
+                        images[CALIBRATION_IMAGES])  # fmt: skip
+        row["aware"] = files.accuracy(aware)
+        row["aware_arithmetic"] = files.accuracy(aware, fused=False)
+    row["aware_seconds"] = time.perf_counter() - started
     kind_of = kinds(int8, fp32)
     present = [kind for kind in KINDS if kind == "weights" or kind in kind_of.values()]
     row["kinds"] = {}
@@ -377,13 +402,15 @@ def report(rows: list[dict], heading: str, command: str) -> str:
         "its arithmetic says (fusion off, in float); points against the fp32 file.",
         "",
         "| network | params | train s | torch fp32 | fp32 file | int8, weights to +-127 "
-        "| int8, weights to +-64 (the search's) |",
-        "|---|---|---|---|---|---|---|",
+        "| int8, weights to +-64 (the search's) | quantization-aware int8 | its s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
 
         def both(key: str, r: dict = r) -> str:
             fused, arithmetic = r[key], r[f"{key}_arithmetic"]
+            if fused is None:
+                return "diverged"
             return (
                 f"{fused:.2%} {points(fused, r['fp32'])} "
                 f"({arithmetic:.2%} {points(arithmetic, r['fp32'])})"
@@ -391,7 +418,8 @@ def report(rows: list[dict], heading: str, command: str) -> str:
 
         lines.append(
             f"| {r['network']} | {r['params']:,} | {r['train_seconds']:.0f} | {r['torch']:.2%} "
-            f"| {r['fp32']:.2%} | {both('full_range')} | {both('int8')} |"
+            f"| {r['fp32']:.2%} | {both('full_range')} | {both('int8')} | {both('aware')} "
+            f"| {r['aware_seconds']:.0f} |"
         )
     lines += [
         "",
