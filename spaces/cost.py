@@ -28,9 +28,9 @@ class Work:
     pixel_images: float  # input values x images through augmentation and normalization
     deployed_nodes: float  # nodes of the deployed network: export and onnxruntime sessions
     int8_nodes: float  # the same for an int8 file (calibration, quantize-dequantize pairs)
-    # MACs x images of the test-resolution fine-tune, for an int8 config: what a
-    # quantization-aware fine-tune costs when int8 loses too much (its coefficient learns
-    # how often that happens).
+    # MACs of the pruned network x images the training saw, for an int8 config: what a
+    # quantization-aware fine-tune costs when int8 loses too much (it sees a fixed share
+    # of those images; its coefficient learns that share and how often it runs).
     int8_finetune: float
     trials: float = 1.0  # what every trial pays whatever its size: setup, files, records
 
@@ -84,7 +84,7 @@ def training_work(
         pixel_images=train_images * train.epochs * channels * data_resolution**2,
         deployed_nodes=nodes(pruned),
         int8_nodes=nodes(pruned) if int8 else 0,
-        int8_finetune=pruned.macs * train_images * train.finetune_epochs if int8 else 0,
+        int8_finetune=pruned.macs * train_images * train.epochs if int8 else 0,
     )
 
 
