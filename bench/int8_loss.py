@@ -15,7 +15,10 @@ format) is taken apart and measured on the test split in onnxruntime:
 
 - by kind of tensor (`KINDS`): the file with that kind back in float (its
   quantize-dequantize pairs removed; for weights, the fp32 initializers put back), and the
-  file with only that kind quantized: the points each kind costs, alone and within the rest;
+  file with only that kind quantized: the points each kind costs, alone and within the
+  rest. These run as their arithmetic says: fused, onnxruntime quantizes float weights
+  between quantized activations itself (per tensor, to +-127: its WeightBiasQuantization
+  pass), so the file with weights in float would not be that;
 - by calibration: each of onnxruntime's methods (`CALIBRATION_METHODS`) with 256, 1024
   and 4096 training images;
 - by tensor: the signal-to-quantization-noise ratio of every quantized activation, in the
@@ -374,8 +377,8 @@ def analyse(
         )
         row["kinds"][kind] = {
             "tensors": layers if kind == "weights" else sum(k == kind for k in kind_of.values()),
-            "float": files.accuracy(float_alone),
-            "only": files.accuracy(only),
+            "float": files.accuracy(float_alone, fused=False),
+            "only": files.accuracy(only, fused=False),
         }
     row["calibration"] = {
         f"{method} {count}": files.accuracy(to_int8(fp32, images[count], method))
@@ -425,10 +428,11 @@ def report(rows: list[dict], heading: str, command: str) -> str:
         "",
         "The rest takes the search's file apart (weights to +-64).",
         "",
-        "Points of the fp32 file each kind costs: `float` = the int8 file with that kind "
-        "back in float (points recovered, against the int8 file), `only` = only that kind "
-        "quantized (points lost against the fp32 file); in brackets, the quantized "
-        "activations of the kind (for weights, the layers).",
+        "Points of the fp32 file each kind costs, each file computed as its arithmetic "
+        "says: `float` = the int8 file with that kind back in float (points recovered, "
+        "against the int8 file's arithmetic), `only` = only that kind quantized (points "
+        "lost against the fp32 file); in brackets, the quantized activations of the kind "
+        "(for weights, the layers).",
         "",
         "| network | " + " | ".join(KINDS) + " |",
         "|---|" + "---|" * len(KINDS),
@@ -439,7 +443,8 @@ def report(rows: list[dict], heading: str, command: str) -> str:
             k = r["kinds"].get(kind)
             cells.append(
                 "-" if k is None else
-                f"{points(k['float'], r['int8'])} / {points(k['only'], r['fp32'])} ({k['tensors']})"
+                f"{points(k['float'], r['int8_arithmetic'])} / {points(k['only'], r['fp32'])} "
+                f"({k['tensors']})"
             )  # fmt: skip
         lines.append(f"| {r['network']} | " + " | ".join(cells) + " |")
     methods = list(rows[0]["calibration"]) if rows else []

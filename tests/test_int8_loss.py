@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 
 from compsearch.objectives.compress import CALIBRATION_METHODS, to_int8
+from compsearch.objectives.measure import onnx_session
 from compsearch.spaces.builder import build
 from compsearch.spaces.config import ArchConfig
 from compsearch.spaces.space import make_stage
@@ -41,9 +41,11 @@ def network(activation: str) -> torch.nn.Module:
 
 
 def logits(model: onnx.ModelProto, x: np.ndarray, tmp_path: Path, name: str) -> np.ndarray:
+    """The file's arithmetic (fusion off): fused, onnxruntime would quantize the float
+    weights of a file with only its activations rounded on its own, per tensor."""
     path = tmp_path / f"{name}.onnx"
     onnx.save(model, path)
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = onnx_session(path, fused=False)
     return session.run(None, {session.get_inputs()[0].name: x})[0]
 
 
