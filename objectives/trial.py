@@ -297,8 +297,8 @@ def deploy(
     try:
         tuned = quantization_aware_copy(model, on_device, train, seed)
     except TrainingDiverged:
-        # Without batch norms (folded into the convolutions) the fine-tune can blow up
-        # (a ResNet-8 on CIFAR-10 did); the post-training file stands.
+        # Should the fine-tune blow up (one that trained the folded weights did, on a
+        # ResNet-8 on CIFAR-10), the post-training file stands.
         return first
     candidate = path.with_name(path.stem + "-quantization-aware.onnx")
     measured_tuned = write(tuned, candidate)

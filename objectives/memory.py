@@ -1,0 +1,121 @@
+"""Peak activation memory of one inference, measured on a deployable ONNX file.
+
+A microcontroller runtime (TensorFlow Lite Micro) runs the graph's operators one after
+another and keeps in its arena every tensor that is still to be read: the largest sum of
+tensors alive at once bounds the RAM it needs beside the weights, which stay in flash.
+This is that sum for sequential execution in the file's node order (sorted
+topologically where a converter appended nodes out of order), with ONNX shape inference
+for the tensor shapes and one image per inference:
+
+- a tensor lives from the operator that writes it (the graph's input: from the start)
+  to the last operator that reads it (the graph's output: to the end), both included:
+  an operator holds its inputs and outputs at once, and a residual block's shortcut
+  holds its input across the branch;
+- each tensor counts at the precision the file stores it in: 4 bytes for fp32, 2 for
+  fp16, 1 for int8. A quantize-dequantize pair stands for one int8 tensor, the one a
+  quantized runtime writes in place of the float tensor before the pair and reads in
+  place of the one after it;
+- weights and other constants are not counted (they are the file's bytes), nor are
+  operators that only relabel a tensor (Reshape, Flatten, Squeeze, Unsqueeze,
+  Identity): their output is their input's buffer. A ReLU that is the only reader of
+  its input works in place, as runtimes fuse it into the convolution or sum before it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import onnx
+from onnx import TensorProto
+
+from compsearch.objectives.compress import sort_topologically
+
+# Operators whose output shares its input's buffer.
+RELABELLING = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"})
+IN_PLACE = frozenset({"Relu"})  # when the only reader of its input
+BYTES = {
+    TensorProto.FLOAT: 4,
+    TensorProto.FLOAT16: 2,
+    TensorProto.BFLOAT16: 2,
+    TensorProto.UINT8: 1,
+    TensorProto.INT8: 1,
+    TensorProto.BOOL: 1,
+    TensorProto.INT32: 4,
+    TensorProto.INT64: 8,
+}
+
+
+def peak_activation_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of the largest set of tensors alive at once when `model` runs one image."""
+    graph = onnx.shape_inference.infer_shapes(model, strict_mode=True).graph
+    if not in_order(graph):
+        sort_topologically(graph)
+    constants = {tensor.name for tensor in graph.initializer}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    buffer: dict[str, str] = {}  # tensor -> the tensor whose buffer holds it
+
+    def holder(name: str) -> str:
+        while name in buffer:
+            name = buffer[name]
+        return name
+
+    steps: list[onnx.NodeProto] = []
+    for node in graph.node:
+        if node.op_type == "Constant" or all(name in constants for name in node.input if name):
+            constants.update(node.output)  # folded weights: dequantized or cast constants
+        elif node.op_type == "QuantizeLinear" and all(
+            reader.op_type == "QuantizeLinear" for reader in readers[node.input[0]]
+        ):
+            buffer[node.input[0]] = node.output[0]  # written as int8 by its producer
+        elif node.op_type in ("QuantizeLinear", "DequantizeLinear", *RELABELLING) or (
+            node.op_type in IN_PLACE and len(readers[node.input[0]]) == 1
+        ):
+            buffer[node.output[0]] = node.input[0]
+        else:
+            steps.append(node)
+
+    sizes = tensor_bytes(graph)
+    end = len(steps)
+    born: dict[str, int] = {holder(value.name): -1 for value in graph.input}
+    last: dict[str, int] = {holder(value.name): end for value in graph.output}
+    for step, node in enumerate(steps):
+        for name in node.output:
+            born.setdefault(holder(name), step)
+        for name in node.input:
+            if name and name not in constants:
+                last[holder(name)] = max(last.get(holder(name), step), step)
+    untyped = sorted(set(born) - set(sizes))
+    if untyped:
+        raise ValueError(f"shape inference left tensors {untyped} without a type and shape")
+    peak = 0
+    for step in range(end):
+        alive = [name for name, start in born.items() if start <= step <= last.get(name, start)]
+        peak = max(peak, sum(sizes[name] for name in alive))
+    return peak
+
+
+def in_order(graph: onnx.GraphProto) -> bool:
+    """Whether every node follows the producers of its inputs."""
+    available = {value.name for value in graph.input} | {t.name for t in graph.initializer}
+    available.add("")  # an omitted optional input
+    for node in graph.node:
+        if not available.issuperset(node.input):
+            return False
+        available.update(node.output)
+    return True
+
+
+def tensor_bytes(graph: onnx.GraphProto) -> dict[str, int]:
+    """Bytes of every tensor shape inference typed, one image per inference (a symbolic
+    batch dimension counts as 1)."""
+    sizes = {}
+    for value in (*graph.input, *graph.value_info, *graph.output):
+        tensor = value.type.tensor_type
+        if tensor.elem_type not in BYTES:
+            raise ValueError(f"tensor {value.name!r} has element type {tensor.elem_type}")
+        dims = [d.dim_value if d.HasField("dim_value") else 1 for d in tensor.shape.dim]
+        sizes[value.name] = math.prod(dims) * BYTES[tensor.elem_type]
+    return sizes
