@@ -5,8 +5,9 @@ schedule (no pruning), then measures on the official test split, every accuracy 
 ONNX file run in onnxruntime and every size from the file's bytes:
 
 - precision: fp32, fp16, int8 post-training (static, per-channel weights, calibrated on
-  training images) and int8 after a quantization-aware fine-tune; the change against
-  the torch fp32 model and each file's size against the fp32 file;
+  training images) and int8 after the trial's quantization-aware fine-tune (run on every
+  model here, timed against the training), the int8 file a trial would keep; the change
+  against the torch fp32 model and each file's size against the fp32 file;
 - pruning to 30, 50 and 70% fewer parameters (`--criterion`, `--scope`): without a
   fine-tune (batch-norm statistics re-estimated only) and with the trial's fine-tune at
   the test resolution; that fine-tuned model then in int8 (post-training, or
@@ -16,7 +17,8 @@ ONNX file run in onnxruntime and every size from the file's bytes:
 
     python bench/compression_fidelity.py                   # MNIST from ../shared/data
     python bench/compression_fidelity.py --subset 10000 --epochs 6 --criteria
-    python bench/compression_fidelity.py --dataset folder:../shared/data/cifar10-jpeg
+    python bench/compression_fidelity.py --dataset folder:../shared/data/cifar10-jpeg \
+        --subset 20000 --epochs 12 --results bench/results/compression_fidelity_cifar10.md
 """
 
 from __future__ import annotations
@@ -25,31 +27,35 @@ import argparse
 import copy
 import dataclasses
 import functools
-import platform
+import json
+import shlex
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from cifar10_300kb import machine  # bench/, beside this script
 
+from compsearch.objectives.catalog import CACHE_FOLDER
 from compsearch.objectives.compress import prune
 from compsearch.objectives.data import Dataset, load_dataset
 from compsearch.objectives.measure import count_params, file_size_kb
-from compsearch.objectives.quantize import quantization_aware_finetune
 from compsearch.objectives.teacher import residual_arch
 from compsearch.objectives.train import (
     DeviceData,
+    TrainingDiverged,
     accuracy,
     fit,
     predict,
     recalibrate_batchnorm,
 )
 from compsearch.objectives.trial import (
-    QUANTIZATION_AWARE_LEARNING_RATE_FACTOR,
     QUANTIZATION_AWARE_THRESHOLD,
     deploy,
     finetune_phase,
+    quantization_aware_copy,
     taylor_loss,
     train_model,
 )
@@ -179,22 +185,29 @@ def main() -> None:
     parser.add_argument("--scope", default="local", choices=PRUNE_SCOPES)
     parser.add_argument("--criteria", action="store_true", help="compare criteria at 50%")
     parser.add_argument("--models", nargs="+", help="names of architectures to run")
+    parser.add_argument(
+        "--results", type=Path, help="also write the tables to this .md file (and .json)"
+    )
     args = parser.parse_args()
 
     started = time.perf_counter()
-    data = load_dataset(args.dataset, seed=args.seed, subset=args.subset, data_dir=args.data_dir)
+    data = load_dataset(
+        args.dataset, seed=args.seed, subset=args.subset, data_dir=args.data_dir,
+        cache_folder=Path(tempfile.gettempdir()) / "compsearch-bench" / CACHE_FOLDER,
+    )  # fmt: skip
     on_device = DeviceData(data, "cpu")
     resolution = data.resolution
     schedule = dataclasses.replace(
         default_schedule(args.epochs, resolution), train_resolution=max(8, resolution * 3 // 4)
     )
-    print(
-        f"{data.name}: {len(data.train)} training images, {len(data.test)} test images, "
+    heading = (
+        f"{data.name}: {len(data.train):,} training images, {len(data.test):,} test images, "
         f"{resolution} px; {args.epochs} epochs ({schedule.finetune_epochs} at the test "
-        f"resolution, the rest at {schedule.train_resolution} px); torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, {platform.machine()}, autocast "
-        f"{on_device.autocast or 'none (fp32)'}"
+        f"resolution, the rest at {schedule.train_resolution} px), seed {args.seed}; torch "
+        f"{torch.__version__}, autocast {on_device.autocast or 'none (fp32)'}; machine: "
+        f"{machine()}"
     )
+    print(heading)
     print(
         "Accuracy changes are percentage points of test accuracy against the torch fp32 "
         "model before compression; int8 QAT is always run here, while a trial runs it only "
@@ -202,6 +215,9 @@ def main() -> None:
     )
     models = architectures(data.channels, data.num_classes)
     names = args.models or list(models)
+    unknown = sorted(set(names) - set(models))
+    if unknown:
+        raise SystemExit(f"unknown models {unknown}; known: {', '.join(models)}")
     precision_rows, pruning_rows, criteria_rows = [], [], []
     with tempfile.TemporaryDirectory() as folder:
         measure = Measure(data, on_device, Path(folder), args.seed)
@@ -210,20 +226,38 @@ def main() -> None:
             config = TrialConfig(arch, schedule, CompressConfig("fp32", 0.0))
             tick = time.perf_counter()
             model, _ = train_model(config, on_device, args.seed)
+            train_seconds = time.perf_counter() - tick
             base = measure.torch_accuracy(model, resolution)
             fp32, fp32_kb, _ = measure.file(model, config, "fp32")
             fp16, fp16_kb, _ = measure.file(model, config, "fp16")
             ptq, int8_kb, _ = measure.file(model, config, "int8")
-            phase = finetune_phase(schedule, QUANTIZATION_AWARE_LEARNING_RATE_FACTOR)
-            generator = torch.Generator().manual_seed(args.seed + 1)
-            tuned = quantization_aware_finetune(model, on_device, phase, generator)
-            qat, _, _ = measure.file(tuned, config, "int8")
-            precision_rows.append(
-                (name, count_params(model), base, fp32, fp16, ptq, qat, fp32_kb, fp16_kb, int8_kb)
-            )
+            tick = time.perf_counter()
+            try:  # the fine-tune a trial runs, sized as there
+                tuned = quantization_aware_copy(model, on_device, schedule, args.seed)
+            except TrainingDiverged:
+                tuned = None
+            aware_seconds = time.perf_counter() - tick
+            qat = None if tuned is None else measure.file(tuned, config, "int8")[0]
+            row = {
+                "model": name,
+                "params": count_params(model),
+                "train_seconds": train_seconds,
+                "torch": base,
+                "fp32": fp32,
+                "fp16": fp16,
+                "int8": ptq,
+                "aware": qat,
+                "aware_seconds": aware_seconds,
+                "kept": kept_int8(base, ptq, qat),
+                "fp32_kb": fp32_kb,
+                "fp16_kb": fp16_kb,
+                "int8_kb": int8_kb,
+            }
+            precision_rows.append(row)
             print(
-                f"  {name}: trained in {time.perf_counter() - tick:.0f} s, "
-                f"fp32 {base:.2%}, int8 {ptq:.2%} / QAT {qat:.2%}",
+                f"  {name}: trained in {train_seconds:.0f} s, fp32 {base:.2%}, int8 "
+                f"{ptq:.2%} / QAT {'diverged' if qat is None else f'{qat:.2%}'} in "
+                f"{aware_seconds:.0f} s",
                 flush=True,
             )
 
@@ -236,17 +270,17 @@ def main() -> None:
                 reference = measure.torch_accuracy(tuned, resolution)
                 small_acc, small_kb, small_qat = measure.file(tuned, config, "int8", reference)
                 pruning_rows.append(
-                    (
-                        name,
-                        fraction,
-                        1 - count_params(tuned) / count_params(model),
-                        base,
-                        bare_acc,
-                        tuned_acc,
-                        small_acc,
-                        small_qat,
-                        fp32_kb / small_kb,
-                    )
+                    {
+                        "model": name,
+                        "asked": fraction,
+                        "pruned": 1 - count_params(tuned) / count_params(model),
+                        "torch": base,
+                        "no_finetune": bare_acc,
+                        "finetuned": tuned_acc,
+                        "int8": small_acc,
+                        "aware": small_qat,
+                        "smaller": fp32_kb / small_kb,
+                    }
                 )
             if args.criteria:
                 for criterion in PRUNE_CRITERIA:
@@ -255,68 +289,139 @@ def main() -> None:
                         tuned_acc, _, _ = measure.file(tuned, config, "fp32")
                         share = 1 - count_params(tuned) / count_params(model)
                         criteria_rows.append((name, criterion, scope, share, base, tuned_acc))
+            if args.results:
+                write_results(args, heading, precision_rows, pruning_rows)
 
-    print("\nPrecision (accuracy change in points; size against the fp32 file)")
-    print(
-        f"{'model':22} {'params':>8} {'fp32 torch':>10} {'onnx fp32':>9} {'fp16':>7} "
-        f"{'int8 PTQ':>8} {'int8 QAT':>8} {'fp32 KB':>8} {'fp16':>6} {'int8':>6}"
-    )
-    for name, params, base, fp32, fp16, ptq, qat, fp32_kb, fp16_kb, int8_kb in precision_rows:
-        print(
-            f"{name:22} {params:>8,} {base:>10.2%} {points(fp32, base):>9} "
-            f"{points(fp16, base):>7} {points(ptq, base):>8} {points(qat, base):>8} "
-            f"{fp32_kb:>8.1f} {fp16_kb / fp32_kb:>6.3f} {int8_kb / fp32_kb:>6.3f}"
-        )
-    print(
-        f"\nPruning ({args.criterion}, {args.scope}; accuracy change in points; the last "
-        "column: unpruned fp32 file / pruned int8 file)"
-    )
-    print(
-        f"{'model':22} {'asked':>5} {'pruned':>6} {'no fine-tune':>12} {'fine-tuned':>10} "
-        f"{'+ int8':>7} {'smaller':>8}"
-    )
-    for name, fraction, share, base, bare, tuned, small, small_qat, ratio in pruning_rows:
-        marker = " QAT" if small_qat else ""
-        print(
-            f"{name:22} {fraction:>5.0%} {share:>6.1%} {points(bare, base):>12} "
-            f"{points(tuned, base):>10} {points(small, base):>7} {ratio:>7.1f}x{marker}"
-        )
+    print()
+    print("\n".join(precision_table(precision_rows)))
+    print(f"\nPruning ({args.criterion}, {args.scope})")
+    print("\n".join(pruning_table(pruning_rows)))
     if criteria_rows:
         print("\nCriteria at 50% of the parameters, fine-tuned, fp32 file (change in points)")
         for name, criterion, scope, share, base, tuned in criteria_rows:
             print(f"{name:22} {criterion:>8} {scope:>6} {share:>6.1%} {points(tuned, base):>7}")
+    print("\nSummary")
+    print("\n".join(summary(precision_rows, pruning_rows, names)))
+    if args.results:
+        print(f"written: {args.results}")
+    print(f"\n{time.perf_counter() - started:.0f} s in all")
 
-    def summary(label: str, changes: list[float]) -> None:
-        print(
-            f"  {label}: mean {statistics.mean(changes):+.2f}, worst {min(changes):+.2f} "
+
+def kept_int8(base: float, ptq: float, qat: float | None) -> float:
+    """int8 as a trial deploys it: the quantization-aware file tried only when
+    post-training loses more than the threshold, and the better file kept."""
+    if qat is None or base - ptq <= QUANTIZATION_AWARE_THRESHOLD:
+        return ptq
+    return max(ptq, qat)
+
+
+def precision_table(rows: list[dict]) -> list[str]:
+    lines = [
+        "| model | params | train s | fp32 (torch) | fp32 file | fp16 | int8 post-training "
+        "| int8 QAT | QAT s / train s | int8 kept | fp16 size | int8 size |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        base = r["torch"]
+        aware = "diverged" if r["aware"] is None else points(r["aware"], base)
+        lines.append(
+            f"| {r['model']} | {r['params']:,} | {r['train_seconds']:.0f} | {base:.2%} "
+            f"| {points(r['fp32'], base)} | {points(r['fp16'], base)} "
+            f"| {points(r['int8'], base)} | {aware} "
+            f"| {r['aware_seconds']:.0f} / {r['train_seconds']:.0f} = "
+            f"{r['aware_seconds'] / r['train_seconds']:.2f} | {points(r['kept'], base)} "
+            f"| {r['fp16_kb'] / r['fp32_kb']:.3f} | {r['int8_kb'] / r['fp32_kb']:.3f} |"
+        )
+    return lines
+
+
+def pruning_table(rows: list[dict]) -> list[str]:
+    lines = [
+        "| model | asked | pruned | no fine-tune | fine-tuned | + int8 | smaller |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        base = r["torch"]
+        lines.append(
+            f"| {r['model']} | {r['asked']:.0%} | {r['pruned']:.1%} "
+            f"| {points(r['no_finetune'], base)} | {points(r['finetuned'], base)} "
+            f"| {points(r['int8'], base)}{' QAT' if r['aware'] else ''} "
+            f"| {r['smaller']:.1f}x |"
+        )
+    return lines
+
+
+def summary(precision_rows: list[dict], pruning_rows: list[dict], names: list[str]) -> list[str]:
+    def line(label: str, key: str) -> str:
+        changes = [100 * (r[key] - r["torch"]) for r in precision_rows if r[key] is not None]
+        if not changes:
+            return f"- {label}: none measured"
+        return (
+            f"- {label}: mean {statistics.mean(changes):+.2f}, worst {min(changes):+.2f} "
             f"points over {len(changes)} models"
         )
 
-    print("\nSummary")
-    summary("fp16", [100 * (r[4] - r[2]) for r in precision_rows])
-    summary("int8 post-training", [100 * (r[5] - r[2]) for r in precision_rows])
-    summary("int8 quantization-aware", [100 * (r[6] - r[2]) for r in precision_rows])
-
-    def deployed(row: tuple) -> float:
-        """int8 as a trial deploys it: QAT tried only when post-training loses too much,
-        and the better file kept."""
-        base, ptq, qat = row[2], row[5], row[6]
-        return max(ptq, qat) if base - ptq > QUANTIZATION_AWARE_THRESHOLD else ptq
-
-    summary("int8 as a trial deploys it", [100 * (deployed(r) - r[2]) for r in precision_rows])
-    good = [r for r in pruning_rows if 100 * (r[6] - r[3]) >= -0.5]
-    best = max(good, key=lambda r: r[8], default=None)
-    if best is not None:
-        print(
-            f"  pruning + int8: {best[8]:.1f}x smaller than unpruned fp32 for "
-            f"{points(best[6], best[3])} points ({best[0]}, {best[1]:.0%} pruned)"
+    lines = [
+        line("fp16", "fp16"),
+        line("int8 post-training", "int8"),
+        line("int8 quantization-aware", "aware"),
+        line("int8 as a trial keeps it", "kept"),
+    ]
+    diverged = sum(r["aware"] is None for r in precision_rows)
+    shares = [r["aware_seconds"] / r["train_seconds"] for r in precision_rows]
+    if shares:
+        lines.append(
+            f"- quantization-aware fine-tune: {diverged} of {len(shares)} diverged; its "
+            f"seconds over the training's: at most {max(shares):.2f}"
         )
-    for name in names:
-        rows = [r for r in good if r[0] == name]
-        if rows:
-            top = max(rows, key=lambda r: r[8])
-            print(f"    {name}: {top[8]:.1f}x at {points(top[6], top[3])} points")
-    print(f"\n{time.perf_counter() - started:.0f} s in all")
+    for within in (0.5, 1.0):
+        for name in names:
+            rows = [
+                r for r in pruning_rows
+                if r["model"] == name and 100 * (r["int8"] - r["torch"]) >= -within
+            ]  # fmt: skip
+            if rows:
+                top = max(rows, key=lambda r: r["smaller"])
+                lines.append(
+                    f"- pruning + int8 within {within} points, {name}: {top['smaller']:.1f}x "
+                    f"smaller than unpruned fp32 at {points(top['int8'], top['torch'])} "
+                    f"({top['asked']:.0%} asked)"
+                )
+            else:
+                lines.append(f"- pruning + int8 within {within} points, {name}: none")
+    return lines
+
+
+def write_results(
+    args: argparse.Namespace, heading: str, precision_rows: list[dict], pruning_rows: list[dict]
+) -> None:
+    command = shlex.join(["python", "bench/compression_fidelity.py", *sys.argv[1:]])
+    text = [
+        heading,
+        "",
+        "Every accuracy is the test accuracy of an ONNX file in onnxruntime except `fp32 "
+        "(torch)`; changes are points against it. `int8 QAT` is the trial's "
+        "quantization-aware fine-tune, run here on every model; `int8 kept` is the file a "
+        "trial keeps (the fine-tune only when post-training loses more than "
+        f"{100 * QUANTIZATION_AWARE_THRESHOLD:.1f} points). Sizes are against the fp32 file.",
+        "",
+        *precision_table(precision_rows),
+        "",
+        f"Pruning ({args.criterion}, {args.scope}), fine-tuned as a trial does, then int8 as "
+        "a trial keeps it (QAT: the quantization-aware file was kept); `smaller` is the "
+        "unpruned fp32 file's bytes over the pruned int8 file's.",
+        "",
+        *pruning_table(pruning_rows),
+        "",
+        *summary(precision_rows, pruning_rows, [r["model"] for r in precision_rows]),
+        "",
+        f"`{command}`",
+        "",
+    ]
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text("\n".join(text))
+    both = {"precision": precision_rows, "pruning": pruning_rows}
+    args.results.with_suffix(".json").write_text(json.dumps(both, indent=1) + "\n")
 
 
 if __name__ == "__main__":
