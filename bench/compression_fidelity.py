@@ -8,17 +8,18 @@ ONNX file run in onnxruntime and every size from the file's bytes:
   training images) and int8 after the trial's quantization-aware fine-tune (run on every
   model here, timed against the training), the int8 file a trial would keep; the change
   against the torch fp32 model and each file's size against the fp32 file;
-- pruning to 30, 50 and 70% fewer parameters (`--criterion`, `--scope`): without a
-  fine-tune (batch-norm statistics re-estimated only) and with the trial's fine-tune at
-  the test resolution; that fine-tuned model then in int8 (post-training, or
-  quantization-aware where post-training loses more than the trial's threshold), with
-  its size against the unpruned fp32 file;
+- pruning to 30, 50 and 70% fewer parameters (`--fractions`, `--criterion`, `--scope`):
+  without a fine-tune (batch-norm statistics re-estimated only) and with the trial's
+  fine-tune at the test resolution; that fine-tuned model then in int8 (post-training,
+  or quantization-aware where post-training loses more than the trial's threshold),
+  with its size against the unpruned fp32 file;
 - with `--criteria`, every criterion and scope at 50%, fine-tuned, in fp32.
 
     python bench/compression_fidelity.py                   # MNIST from ../shared/data
     python bench/compression_fidelity.py --subset 10000 --epochs 6 --criteria
     python bench/compression_fidelity.py --dataset folder:../shared/data/cifar10-jpeg \
-        --subset 20000 --epochs 12 --results bench/results/compression_fidelity_cifar10.md
+        --subset 20000 --epochs 12 --fractions 0.5 0.7 \
+        --results bench/results/compression_fidelity_cifar10.md
 """
 
 from __future__ import annotations
@@ -186,6 +187,9 @@ def main() -> None:
     parser.add_argument("--criteria", action="store_true", help="compare criteria at 50%")
     parser.add_argument("--models", nargs="+", help="names of architectures to run")
     parser.add_argument(
+        "--fractions", type=float, nargs="+", default=FRACTIONS, help="shares of params pruned"
+    )
+    parser.add_argument(
         "--results", type=Path, help="also write the tables to this .md file (and .json)"
     )
     args = parser.parse_args()
@@ -262,7 +266,7 @@ def main() -> None:
             )
 
             pruned = functools.partial(pruned_copy, model, arch, on_device, schedule, args.seed)
-            for fraction in FRACTIONS:
+            for fraction in args.fractions:
                 bare = pruned(fraction, args.criterion, args.scope, finetune=False)
                 tuned = pruned(fraction, args.criterion, args.scope, finetune=True)
                 bare_acc, _, _ = measure.file(bare, config, "fp32")

@@ -358,9 +358,9 @@ def execute_export(prepared: PreparedExport, console: Console, reporter: Reporte
 # The export's training gets this share of --time; the rest is for writing and measuring
 # its candidate files and the test split.
 TRAINING_SHARE_OF_TIME = 0.9
-# An int8 candidate adds a quantization-aware fine-tune: an eighth of the images the
-# training saw, in fp32 with rounding (trial.QUANTIZATION_AWARE_IMAGE_SHARE), about a
-# fifth of the training's seconds, counted as this share of them. Under
+# An int8 candidate adds a quantization-aware fine-tune: a sixteenth of the images the
+# training saw, in fp32 with rounding (trial.QUANTIZATION_AWARE_IMAGE_SHARE), at most
+# about a quarter of the training's seconds, counted as this share of them. Under
 # --time it runs only if that many seconds are left (kept for it only when the trial's
 # int8 file lost to post-training quantization, lost_to_post_training).
 QUANTIZATION_AWARE_SHARE = 0.25
