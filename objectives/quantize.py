@@ -75,6 +75,17 @@ class RoundActivations:
         return (rounded.to(x.dtype), *inputs[1:])
 
 
+@torch.no_grad()
+def check_outputs_finite(model: nn.Module, data: DeviceData, phase: Phase) -> None:
+    """Raise TrainingDiverged when `model` answers a batch of training images with a
+    non-finite logit. The loss is checked only before each step, so a last step that
+    blows the weights up (a fine-tune of two steps did) leaves a finite loss behind."""
+    images = data.train.images[: phase.batch_size]
+    logits = model.eval()(data.inputs(images, phase.resolution))
+    if not torch.isfinite(logits).all():
+        raise TrainingDiverged("the quantization-aware fine-tune left non-finite outputs")
+
+
 def conv_norm_pairs(model: nn.Module) -> dict[str, nn.Sequential]:
     """Every convolution followed by its batch norm (the builder's `conv_bn`), by name."""
     return {
@@ -166,6 +177,7 @@ def quantization_aware_finetune(
     finally:
         for hook in hooks:
             hook.remove()
+    check_outputs_finite(folded, full_precision, phase)
     for layer in layers:
         # Keep the rounded weights: onnxruntime then finds the same maxima and scales and
         # rounds them to the same integers.
