@@ -78,8 +78,8 @@ class RoundActivations:
 @torch.no_grad()
 def check_outputs_finite(model: nn.Module, data: DeviceData, phase: Phase) -> None:
     """Raise TrainingDiverged when `model` answers a batch of training images with a
-    non-finite logit. The loss is checked only before each step, so a last step that
-    blows the weights up (a fine-tune of two steps did) leaves a finite loss behind."""
+    non-finite logit. The loss that training checks is computed before each step, so a
+    last step that blows the weights up (a fine-tune of two steps did) goes unseen."""
     images = data.train.images[: phase.batch_size]
     logits = model.eval()(data.inputs(images, phase.resolution))
     if not torch.isfinite(logits).all():
