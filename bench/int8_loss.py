@@ -38,6 +38,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import shlex
 import sys
 import tempfile
 import time
@@ -511,7 +512,7 @@ def main() -> None:
         f"{args.epochs} epochs, seed {args.seed}, {len(test):,} test images; every accuracy "
         f"of an ONNX file in onnxruntime; machine: {machine()}"
     )
-    command = "python bench/int8_loss.py " + " ".join(sys.argv[1:])
+    command = shlex.join(["python", "bench/int8_loss.py", *sys.argv[1:]])
     args.results.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in names:
