@@ -56,6 +56,7 @@ from compsearch.objectives.trial import (
     QUANTIZATION_AWARE_THRESHOLD,
     deploy,
     finetune_phase,
+    lost_too_much,
     quantization_aware_copy,
     taylor_loss,
     train_model,
@@ -314,7 +315,7 @@ def main() -> None:
 def kept_int8(base: float, ptq: float, qat: float | None) -> float:
     """int8 as a trial deploys it: the quantization-aware file tried only when
     post-training loses more than the threshold, and the better file kept."""
-    if qat is None or base - ptq <= QUANTIZATION_AWARE_THRESHOLD:
+    if qat is None or not lost_too_much(base, ptq):
         return ptq
     return max(ptq, qat)
 

@@ -65,10 +65,9 @@ QUANTIZATION_AWARE_LEARNING_RATE_FACTOR = 0.5
 # Its length: this share of the images the training saw (epochs x training images), in
 # whole epochs over a fixed draw of the training images. It runs in fp32 with rounding
 # at the test resolution, so an image costs it more than it costs the training: 1.4
-# times on a CPU that trains in fp32 (AVX2), about 2.9 times on one that trains in bf16
-# (an eighth of the images took 0.21 and 0.28 of a ResNet-8's training seconds on
-# CIFAR-10, a tenth 0.29 of a ResNet-20's on the bf16 CPU). A sixteenth keeps it well
-# under a quarter of them on both.
+# times on a CPU that trains in fp32 (ResNet-8, AVX2), 1.4 to 3.8 times on one that
+# trains in bf16 (five networks, bench/results/compression_fidelity_cifar10.md), where
+# a sixteenth took 0.09 to 0.24 of the training's seconds.
 QUANTIZATION_AWARE_IMAGE_SHARE = 1 / 16
 
 
@@ -262,6 +261,14 @@ class Deployed:
     quantization_aware: bool  # whether the file comes from the quantization-aware copy
 
 
+def lost_too_much(accuracy_torch: float, post_training: float) -> bool:
+    """Whether a post-training int8 file lost more than QUANTIZATION_AWARE_THRESHOLD
+    against the fp32 model: then the quantization-aware fine-tune is tried."""
+    # Rounded: accuracies are fractions of images, and a loss of exactly the threshold
+    # (0.9 - 0.897) comes out as 0.0030000000000000027 unrounded.
+    return round(accuracy_torch - post_training, 9) > QUANTIZATION_AWARE_THRESHOLD
+
+
 def deploy(
     model: torch.nn.Module,
     config: TrialConfig,
@@ -291,10 +298,7 @@ def deploy(
 
     measured = write(model, path)
     first = Deployed(model, path, measured, measured, quantization_aware=False)
-    # Rounded: accuracies are fractions of images, and a loss of exactly the threshold
-    # (0.9 - 0.897) comes out as 0.0030000000000000027 unrounded.
-    lost = round(accuracy_torch - measured, 9)
-    if precision != "int8" or lost <= QUANTIZATION_AWARE_THRESHOLD:
+    if precision != "int8" or not lost_too_much(accuracy_torch, measured):
         return first
     on_step("the quantization-aware fine-tune")
     try:

@@ -32,11 +32,11 @@ from compsearch.objectives.measure import onnx_accuracy
 from compsearch.objectives.teacher import prepare_teacher
 from compsearch.objectives.train import DeviceData, Distillation, EpochCallback, accuracy, predict
 from compsearch.objectives.trial import (
-    QUANTIZATION_AWARE_THRESHOLD,
     Candidate,
     TrialResult,
     best_candidate,
     compression_candidates,
+    lost_too_much,
     train_model,
 )
 from compsearch.results.export import ExportError, model_card, write_export
@@ -400,8 +400,7 @@ def lost_to_post_training(record: TrialRecord) -> bool:
     """Whether the trial's int8 file lost more than QUANTIZATION_AWARE_THRESHOLD to
     post-training quantization: then an export's --time keeps room for the
     quantization-aware fine-tune. Otherwise that fine-tune runs only if time is left."""
-    lost = record.accuracy_before_compression - record.accuracy_post_training
-    return bool(lost > QUANTIZATION_AWARE_THRESHOLD)
+    return lost_too_much(record.accuracy_before_compression, record.accuracy_post_training)
 
 
 def training_share(quantization_aware: bool) -> float:
