@@ -10,9 +10,12 @@ ONNX file run in onnxruntime and every size from the file's bytes:
   against the torch fp32 model and each file's size against the fp32 file;
 - pruning to 30, 50 and 70% fewer parameters (`--fractions`, `--criterion`, `--scope`):
   without a fine-tune (batch-norm statistics re-estimated only) and with the trial's
-  fine-tune at the test resolution; that fine-tuned model then in int8 (post-training,
+  fine-tune at the test resolution (as long as pruning stretches it in a trial,
+  `TrialConfig.finetune_epochs`); that fine-tuned model then in int8 (post-training,
   or quantization-aware where post-training loses more than the trial's threshold),
   with its size against the unpruned fp32 file;
+- a control: the unpruned model fine-tuned as long as the most pruned one was, whose
+  gain is what the extra epochs give without pruning;
 - with `--criteria`, every criterion and scope at 50%, fine-tuned, in fp32.
 
     python bench/compression_fidelity.py                   # MNIST from ../shared/data
@@ -128,18 +131,42 @@ def pruned_copy(
     criterion: str,
     scope: str,
     finetune: bool,
-) -> torch.nn.Module:
-    """A copy of `model` pruned as asked, fine-tuned as a trial does when `finetune`,
-    batch-norm statistics re-estimated either way."""
+) -> tuple[torch.nn.Module, int, float]:
+    """A copy of `model` pruned as asked, fine-tuned as a trial does when `finetune` (for
+    the epochs pruning stretches it to), batch-norm statistics re-estimated either way;
+    with the fine-tune's epochs and seconds."""
     resolution = schedule.test_resolution
     copied = copy.deepcopy(model)
     example = torch.zeros(1, on_device.channels, resolution, resolution)
     compress = CompressConfig("fp32", fraction, criterion, scope)
     prune(copied, arch, compress, example, taylor_loss(on_device, resolution))
+    epochs = TrialConfig(arch, schedule, compress).finetune_epochs if finetune else 0
+    tick = time.perf_counter()
     if finetune:
-        fit(copied, on_device, finetune_phase(schedule), torch.Generator().manual_seed(seed + 2))
+        fit(copied, on_device, finetune_phase(schedule, epochs=epochs), generator(seed))
+    seconds = time.perf_counter() - tick
     recalibrate_batchnorm(copied, on_device, resolution, schedule.batch_size)
+    return copied.eval(), epochs, seconds
+
+
+def fine_tuned_copy(
+    model: torch.nn.Module, on_device: DeviceData, schedule: TrainConfig, seed: int, epochs: int
+) -> torch.nn.Module:
+    """A copy of `model`, unpruned, fine-tuned as a pruned one is for `epochs`: the control
+    that says what the extra epochs give without pruning."""
+    copied = copy.deepcopy(model)
+    fit(copied, on_device, finetune_phase(schedule, epochs=epochs), generator(seed))
+    recalibrate_batchnorm(copied, on_device, schedule.test_resolution, schedule.batch_size)
     return copied.eval()
+
+
+def generator(seed: int) -> torch.Generator:
+    """The fine-tune's draws: the same for every pruned copy and the control."""
+    return torch.Generator().manual_seed(seed + 2)
+
+
+def epochs(count: int) -> str:
+    return f"{count} epoch" if count == 1 else f"{count} epochs"
 
 
 def points(after: float, before: float) -> str:
@@ -266,10 +293,18 @@ def main() -> None:
                 flush=True,
             )
 
+            if args.fractions:
+                longest = max(
+                    TrialConfig(arch, schedule, CompressConfig("fp32", f)).finetune_epochs
+                    for f in args.fractions
+                )
+                control = fine_tuned_copy(model, on_device, schedule, args.seed, longest)
+                row["control"] = measure.file(control, config, "fp32")[0]
+                row["control_epochs"] = longest
             pruned = functools.partial(pruned_copy, model, arch, on_device, schedule, args.seed)
             for fraction in args.fractions:
-                bare = pruned(fraction, args.criterion, args.scope, finetune=False)
-                tuned = pruned(fraction, args.criterion, args.scope, finetune=True)
+                bare, _, _ = pruned(fraction, args.criterion, args.scope, finetune=False)
+                tuned, epochs, seconds = pruned(fraction, args.criterion, args.scope, finetune=True)
                 bare_acc, _, _ = measure.file(bare, config, "fp32")
                 tuned_acc, _, _ = measure.file(tuned, config, "fp32")
                 reference = measure.torch_accuracy(tuned, resolution)
@@ -285,12 +320,16 @@ def main() -> None:
                         "int8": small_acc,
                         "aware": small_qat,
                         "smaller": fp32_kb / small_kb,
+                        "finetune_epochs": epochs,
+                        "finetune_seconds": seconds,
+                        "control": row["control"],
+                        "control_epochs": row["control_epochs"],
                     }
                 )
             if args.criteria:
                 for criterion in PRUNE_CRITERIA:
                     for scope in PRUNE_SCOPES:
-                        tuned = pruned(0.5, criterion, scope, finetune=True)
+                        tuned, _, _ = pruned(0.5, criterion, scope, finetune=True)
                         tuned_acc, _, _ = measure.file(tuned, config, "fp32")
                         share = 1 - count_params(tuned) / count_params(model)
                         criteria_rows.append((name, criterion, scope, share, base, tuned_acc))
@@ -341,14 +380,24 @@ def precision_table(rows: list[dict]) -> list[str]:
 
 
 def pruning_table(rows: list[dict]) -> list[str]:
+    """Each model's pruned rows after its control row (unpruned, fine-tuned as long as the
+    most pruned one was)."""
     lines = [
-        "| model | asked | pruned | no fine-tune | fine-tuned | + int8 | smaller |",
-        "|---|---|---|---|---|---|---|",
+        "| model | asked | pruned | fine-tune | no fine-tune | fine-tuned | + int8 | smaller |",
+        "|---|---|---|---|---|---|---|---|",
     ]
+    model = None
     for r in rows:
         base = r["torch"]
+        if r["model"] != model:
+            model = r["model"]
+            lines.append(
+                f"| {model} | control | 0.0% | {epochs(r['control_epochs'])} "
+                f"| | {points(r['control'], base)} | | 1.0x |"
+            )
         lines.append(
             f"| {r['model']} | {r['asked']:.0%} | {r['pruned']:.1%} "
+            f"| {epochs(r['finetune_epochs'])}, {r['finetune_seconds']:.0f} s "
             f"| {points(r['no_finetune'], base)} | {points(r['finetuned'], base)} "
             f"| {points(r['int8'], base)}{' QAT' if r['aware'] else ''} "
             f"| {r['smaller']:.1f}x |"
@@ -412,9 +461,11 @@ def write_results(
         "",
         *precision_table(precision_rows),
         "",
-        f"Pruning ({args.criterion}, {args.scope}), fine-tuned as a trial does, then int8 as "
-        "a trial keeps it (QAT: the quantization-aware file was kept); `smaller` is the "
-        "unpruned fp32 file's bytes over the pruned int8 file's.",
+        f"Pruning ({args.criterion}, {args.scope}), fine-tuned as a trial does (for the "
+        "epochs pruning stretches its fine-tune to), then int8 as a trial keeps it (QAT: "
+        "the quantization-aware file was kept); `smaller` is the unpruned fp32 file's bytes "
+        "over the pruned int8 file's. Each `control` row is the unpruned model fine-tuned as "
+        "long as the most pruned one, as an fp32 file: what the extra epochs give alone.",
         "",
         *pruning_table(pruning_rows),
         "",

@@ -62,8 +62,9 @@ TAYLOR_IMAGES = 512  # training images whose loss gradients rank channels for Ta
 QUANTIZATION_AWARE_THRESHOLD = 0.003
 # Its learning rate against the fine-tune's: the weights only need to move to the grid.
 QUANTIZATION_AWARE_LEARNING_RATE_FACTOR = 0.5
-# Its length: this share of the images the training saw (epochs x training images), in
-# whole epochs over a fixed draw of the training images. It runs in fp32 with rounding
+# Its length: this share of the images the schedule trains on (its epochs x training
+# images, before pruning stretches the fine-tune), in whole epochs over a fixed draw of
+# the training images. It runs in fp32 with rounding
 # at the test resolution, so an image costs it more than it costs the training: 1.4
 # times on a CPU that trains in fp32 (ResNet-8, AVX2), 1.4 to 3.8 times on one that
 # trains in bf16 (five networks, bench/results/compression_fidelity_cifar10.md), where
@@ -154,7 +155,8 @@ def train_model(
     arch = prune(model, config.arch, config.compress, example.to(on_device.device), loss)
     config = dataclasses.replace(config, arch=arch)
     on_step(f"fine-tuning at {train.test_resolution} px")
-    fit(model, on_device, finetune_phase(train, recipe=recipe), generator, on_epoch, distillation)
+    phase = finetune_phase(train, recipe=recipe, epochs=config.finetune_epochs)
+    fit(model, on_device, phase, generator, on_epoch, distillation)
     on_step("recalibrating batch norms")
     recalibrate_batchnorm(model, on_device, train.test_resolution, train.batch_size)
     return model, config
@@ -177,13 +179,18 @@ def taylor_loss(
 
 
 def finetune_phase(
-    train: TrainConfig, learning_rate_factor: float = 1.0, recipe: Recipe | None = None
+    train: TrainConfig,
+    learning_rate_factor: float = 1.0,
+    recipe: Recipe | None = None,
+    epochs: int | None = None,
 ) -> Phase:
-    """The fine-tune at the test resolution after pruning (FixRes), no warm-up; its
-    learning rate scaled by `learning_rate_factor`."""
+    """The fine-tune at the test resolution after pruning (FixRes), no warm-up, for
+    `epochs` (the schedule's fine-tune epochs when None; `TrialConfig.finetune_epochs`
+    after pruning); its learning rate scaled by `learning_rate_factor`."""
     factor = FINETUNE_LEARNING_RATE_FACTOR * learning_rate_factor
+    epochs = train.finetune_epochs if epochs is None else epochs
     return dataclasses.replace(
-        Phase.of(train, train.test_resolution, train.finetune_epochs, recipe),
+        Phase.of(train, train.test_resolution, epochs, recipe),
         peak_learning_rate=train.learning_rate * factor,
         warmup_fraction=0.0,
     )

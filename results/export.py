@@ -180,6 +180,8 @@ def model_card(
         },
         "candidates": list(candidates),
         "epochs": epochs,
+        # with the fine-tune after pruning stretched (TrialConfig.epochs)
+        "epochs_trained": config.epochs,
         "teacher": teacher,
         "seed": seed,
         "sha256": sha256(result.onnx_path),

@@ -314,8 +314,9 @@ def execute_export(prepared: PreparedExport, console: Console, reporter: Reporte
             say=console.print, on_epoch=on_epoch,
         )  # fmt: skip
         console.print(
-            f"exporting trial {record.number}: {epochs} epochs on {len(data.train)} training "
-            f"images (the trial had {trial_epochs}{sized}), teacher {teacher_spec}"
+            f"exporting trial {record.number}: {trained_epochs(config)} on "
+            f"{len(data.train)} training images (the trial had "
+            f"{trained_epochs(record.config)}{sized}), teacher {teacher_spec}"
             + (", flip-averaged file (twice the MACs)" if options.flip else "")
         )
         with tempfile.TemporaryDirectory(dir=folder, prefix=".export-") as work:
@@ -355,6 +356,14 @@ def execute_export(prepared: PreparedExport, console: Console, reporter: Reporte
     return ExportSummary(target, card, budgets, report)
 
 
+def trained_epochs(config: TrialConfig) -> str:
+    """'12 epochs', or '12 epochs (15 trained: pruning stretches the fine-tune)'."""
+    text = f"{config.train.epochs} epochs"
+    if config.epochs != config.train.epochs:
+        text += f" ({config.epochs} trained: pruning stretches the fine-tune)"
+    return text
+
+
 # The export's training gets this share of --time; the rest is for writing and measuring
 # its candidate files and the test split.
 TRAINING_SHARE_OF_TIME = 0.9
@@ -373,8 +382,9 @@ def epochs_for_time(
     seconds: float,
     quantization_aware: bool = False,
 ) -> int:
-    """The epochs on `train_images` images that fit `seconds`, at the trial's own measured
-    seconds per image and epoch (at least 2: train, then fine-tune), leaving time for a
+    """The schedule's epochs on `train_images` images that fit `seconds`, at the trial's
+    own measured seconds per image and epoch (at least 2: train, then fine-tune), with the
+    fine-tune stretched by pruning as the trial's was, leaving time for a
     quantization-aware fine-tune when `quantization_aware`. The trial trained on its
     rung's images; a trial from before fidelities, on `subset` images or all."""
     trial_images = min(subset, train_images) if subset else train_images
@@ -385,9 +395,11 @@ def epochs_for_time(
             f"trial {record.number} has no measured training time to size --time from; "
             "give --epochs instead"
         )
-    per_image_epoch = trial_training_seconds(record) / (record.config.train.epochs * trial_images)
-    share = training_share(quantization_aware)
-    return max(2, int(share * seconds / (per_image_epoch * train_images)))
+    config = record.config
+    per_image_epoch = trial_training_seconds(record) / (config.epochs * trial_images)
+    trained = training_share(quantization_aware) * seconds / (per_image_epoch * train_images)
+    # Pruning stretches the fine-tune (TrialConfig.epochs): the schedule's epochs are fewer.
+    return max(2, int(trained * config.train.epochs / config.epochs))
 
 
 def trial_training_seconds(record: TrialRecord) -> float:

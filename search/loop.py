@@ -445,7 +445,7 @@ def run_one(job: SearchJob, trial: optuna.Trial, rejections_in_a_row: int) -> Ou
         if too_slow:
             return reject_too_slow(job, trial, expected, too_slow)
     if job.display:
-        job.display.start_trial(trial.number, config.train.epochs)
+        job.display.start_trial(trial.number, config.epochs)
     folder = settings.folder / "trials" / f"{trial.number:05d}"
     stopper = (
         EarlyStopper(job.study, expected.size_kb, budgets, fidelity)
@@ -463,7 +463,7 @@ def run_one(job: SearchJob, trial: optuna.Trial, rejections_in_a_row: int) -> Ou
     except StoppedEarly as stop:
         write_stopped_early(trial, stop.early_accuracy, str(stop))
         job.study.tell(trial, state=TrialState.PRUNED)
-        saved = config.train.epochs - stop.epochs_done
+        saved = config.epochs - stop.epochs_done
         return Outcome("stopped early", f"stopped early: {stop}", stop.epochs_done, saved)
     except (TrainingDiverged, torch.OutOfMemoryError) as error:
         reason = f"{type(error).__name__}: {first_line(error)}"
@@ -483,9 +483,7 @@ def run_one(job: SearchJob, trial: optuna.Trial, rejections_in_a_row: int) -> Ou
     text = trained_outcome(result, over)
     if fidelity.rungs > 1:
         text = f"{fidelity.describe()}; {text}"
-    return Outcome(
-        "trained", text, config.train.epochs, 0, result, feasible=not over, rung=fidelity.rung
-    )
+    return Outcome("trained", text, config.epochs, 0, result, feasible=not over, rung=fidelity.rung)
 
 
 def promote(study: optuna.Study, budgets: Budgets, rungs: int) -> None:

@@ -59,6 +59,7 @@ def training_work(
     and writing the file."""
     train, arch = config.train, config.arch
     low_epochs = train.epochs - train.finetune_epochs
+    finetune_epochs = config.finetune_epochs  # stretched by pruning
     full = count_layers(arch, train.train_resolution)
     pruned = count_layers(
         pruned_arch(arch, channel_ratio(arch, config.compress.prune_fraction)),
@@ -72,7 +73,7 @@ def training_work(
     def images_through(field: str) -> float:
         return (
             getattr(full, field) * train_images * low_epochs
-            + getattr(pruned, field) * train_images * train.finetune_epochs
+            + getattr(pruned, field) * train_images * finetune_epochs
             + FORWARD_SHARE
             * (getattr(full, field) * forward_full + getattr(pruned, field) * forward_pruned)
         )
@@ -80,8 +81,8 @@ def training_work(
     return Work(
         mac_images=images_through("macs"),
         value_images=images_through("activation_values"),
-        node_steps=steps * (nodes(full) * low_epochs + nodes(pruned) * train.finetune_epochs),
-        pixel_images=train_images * train.epochs * channels * data_resolution**2,
+        node_steps=steps * (nodes(full) * low_epochs + nodes(pruned) * finetune_epochs),
+        pixel_images=train_images * config.epochs * channels * data_resolution**2,
         deployed_nodes=nodes(pruned),
         int8_nodes=nodes(pruned) if int8 else 0,
         int8_finetune=pruned.macs * train_images * train.epochs if int8 else 0,

@@ -79,6 +79,18 @@ def test_work_grows_with_epochs_and_counts_int8_only_for_int8():
     base = training_work(config, 1000, 200, 8, 1)
     assert training_work(longer, 1000, 200, 8, 1).mac_images > base.mac_images
     assert training_work(config, 2000, 200, 8, 1).node_steps > base.node_steps
+    # Pruning stretches the fine-tune (TrialConfig.epochs): more epochs of images to augment.
+    by_fraction = {
+        fraction: dataclasses.replace(
+            config, compress=dataclasses.replace(config.compress, prune_fraction=fraction)
+        )
+        for fraction in (0.0, 0.5)
+    }
+    assert by_fraction[0.5].epochs > by_fraction[0.0].epochs
+    pixels = {f: training_work(c, 1000, 200, 8, 1).pixel_images for f, c in by_fraction.items()}
+    assert pixels[0.5] / pixels[0.0] == pytest.approx(
+        by_fraction[0.5].epochs / by_fraction[0.0].epochs
+    )
     for precision in ("fp32", "fp16", "int8"):
         compress = dataclasses.replace(config.compress, precision=precision)
         counted = training_work(dataclasses.replace(config, compress=compress), 1000, 200, 8, 1)

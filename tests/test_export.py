@@ -279,10 +279,17 @@ def test_an_export_given_a_time_sizes_its_epochs_from_the_trials_own_speed(study
     # The trial trained at its rung, on part of them.
     trial_images = record.train_images
     assert 0 < trial_images <= images
-    per_image_epoch = record.train_seconds / (record.config.train.epochs * trial_images)
+    # Epochs as trained: with the fine-tune pruning stretched, of which the schedule's
+    # epochs are this share.
+    per_image_epoch = record.train_seconds / (record.config.epochs * trial_images)
+    schedule_share = record.config.train.epochs / record.config.epochs
     seconds = 40.5 * per_image_epoch * images  # 40.5 of the trial's epochs, off any rounding edge
-    assert epochs_for_time(record, None, images, seconds) == int(40.5 * TRAINING_SHARE_OF_TIME)
-    assert epochs_for_time(record, None, images, 2 * seconds) == int(81 * TRAINING_SHARE_OF_TIME)
+    assert epochs_for_time(record, None, images, seconds) == int(
+        40.5 * TRAINING_SHARE_OF_TIME * schedule_share
+    )
+    assert epochs_for_time(record, None, images, 2 * seconds) == int(
+        81 * TRAINING_SHARE_OF_TIME * schedule_share
+    )
     assert epochs_for_time(record, None, images, 1e-3) == 2  # never below train + fine-tune
     # A study from before training seconds were recorded: the trial's whole seconds,
     # longer, so fewer epochs.

@@ -134,6 +134,33 @@ def test_fixres_trains_at_the_low_then_the_test_resolution(digits):
     assert len(seen) > 3 * batches
 
 
+def test_pruning_stretches_the_fine_tune_by_the_share_of_parameters_it_removes():
+    schedule = dataclasses.replace(SCHEDULE, epochs=12, finetune_epochs=3)
+
+    def pruned(fraction: float) -> TrialConfig:
+        return TrialConfig(small_arch(), schedule, CompressConfig("int8", fraction))
+
+    assert (pruned(0.0).finetune_epochs, pruned(0.0).epochs) == (3, 12)
+    assert (pruned(0.5).finetune_epochs, pruned(0.5).epochs) == (6, 15)
+    assert (pruned(0.7).finetune_epochs, pruned(0.7).epochs) == (10, 19)  # 3 / 0.3
+    assert pruned(0.9).finetune_epochs == 12  # at most MAX_FINETUNE_STRETCH times as long
+    assert pruned(0.7).to_dict()["train"] == dataclasses.asdict(schedule)  # stored as given
+
+
+def test_a_pruned_trial_fine_tunes_for_its_stretched_epochs(digits):
+    epochs_seen: list[tuple[int, int]] = []  # (epochs of the phase, resolution)
+    config = dataclasses.replace(
+        trial_config(epochs=2, finetune_epochs=1, train_resolution=6, test_resolution=8),
+        compress=CompressConfig("fp32", 0.5),
+    )
+    train_model(
+        config, DeviceData(digits, "cpu"), seed=0,
+        on_epoch=lambda epoch, epochs, resolution: epochs_seen.append((epochs, resolution)),
+    )  # fmt: skip
+    assert config.finetune_epochs == 2
+    assert epochs_seen == [(1, 6), (2, 8), (2, 8)]
+
+
 def test_a_seed_repeats_training_exactly_on_cpu(digits):
     on_device = DeviceData(digits, "cpu")
     config = trial_config(epochs=2, finetune_epochs=1, train_resolution=6, cutout=3)
