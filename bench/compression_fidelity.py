@@ -304,7 +304,9 @@ def main() -> None:
             pruned = functools.partial(pruned_copy, model, arch, on_device, schedule, args.seed)
             for fraction in args.fractions:
                 bare, _, _ = pruned(fraction, args.criterion, args.scope, finetune=False)
-                tuned, epochs, seconds = pruned(fraction, args.criterion, args.scope, finetune=True)
+                tuned, tuned_epochs, seconds = pruned(
+                    fraction, args.criterion, args.scope, finetune=True
+                )
                 bare_acc, _, _ = measure.file(bare, config, "fp32")
                 tuned_acc, _, _ = measure.file(tuned, config, "fp32")
                 reference = measure.torch_accuracy(tuned, resolution)
@@ -320,7 +322,7 @@ def main() -> None:
                         "int8": small_acc,
                         "aware": small_qat,
                         "smaller": fp32_kb / small_kb,
-                        "finetune_epochs": epochs,
+                        "finetune_epochs": tuned_epochs,
                         "finetune_seconds": seconds,
                         "control": row["control"],
                         "control_epochs": row["control_epochs"],
