@@ -1,16 +1,9 @@
 """Peak activation memory of one inference, measured on a deployable ONNX file.
 
-A microcontroller runtime (TensorFlow Lite Micro) runs the graph's operators one after
-another and keeps in its arena every tensor that is still to be read: the largest sum of
-tensors alive at once bounds the RAM it needs beside the weights, which stay in flash.
-This is that sum for sequential execution in the file's node order (sorted
-topologically where a converter appended nodes out of order), with ONNX shape inference
-for the tensor shapes and one image per inference:
+The file is reduced to the operators that write a new tensor and counted as
+spaces/memory.py says (sequential, level by level, each tensor alive from its writer to
+its last reader), with ONNX shape inference for the shapes and one image per inference:
 
-- a tensor lives from the operator that writes it (the graph's input: from the start)
-  to the last operator that reads it (the graph's output: to the end), both included:
-  an operator holds its inputs and outputs at once, and a residual block's shortcut
-  holds its input across the branch;
 - each tensor counts at the precision the file stores it in: 4 bytes for fp32, 2 for
   fp16, 1 for int8. A quantize-dequantize pair stands for one int8 tensor, the one a
   quantized runtime writes in place of the float tensor before the pair and reads in
@@ -29,6 +22,7 @@ import onnx
 from onnx import TensorProto
 
 from compsearch.objectives.compress import sort_topologically
+from compsearch.spaces.memory import Graph, Operator, peak_bytes
 
 # Operators whose output shares its input's buffer.
 RELABELLING = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"})
@@ -47,6 +41,12 @@ BYTES = {
 
 def peak_activation_bytes(model: onnx.ModelProto) -> int:
     """Bytes of the largest set of tensors alive at once when `model` runs one image."""
+    return peak_bytes(reduced_graph(model))
+
+
+def reduced_graph(model: onnx.ModelProto) -> Graph:
+    """The operators of `model` that write a new tensor, over numbered tensors with
+    their bytes: what `spaces.memory.peak_bytes` counts."""
     graph = onnx.shape_inference.infer_shapes(model, strict_mode=True).graph
     if not in_order(graph):
         sort_topologically(graph)
@@ -64,37 +64,42 @@ def peak_activation_bytes(model: onnx.ModelProto) -> int:
 
     steps: list[onnx.NodeProto] = []
     for node in graph.node:
+        source = node.input[0] if node.input else ""
         if node.op_type == "Constant" or all(name in constants for name in node.input if name):
             constants.update(node.output)  # folded weights: dequantized or cast constants
-        elif node.op_type == "QuantizeLinear" and all(
-            reader.op_type == "QuantizeLinear" for reader in readers[node.input[0]]
+        elif (
+            node.op_type == "QuantizeLinear"
+            and source not in buffer  # not a relabelled tensor (Flatten's): that is its own
+            and all(reader.op_type == "QuantizeLinear" for reader in readers[source])
         ):
-            buffer[node.input[0]] = node.output[0]  # written as int8 by its producer
+            buffer[source] = node.output[0]  # written as int8 by its producer
         elif node.op_type in ("QuantizeLinear", "DequantizeLinear", *RELABELLING) or (
-            node.op_type in IN_PLACE and len(readers[node.input[0]]) == 1
+            node.op_type in IN_PLACE and len(readers[source]) == 1
         ):
-            buffer[node.output[0]] = node.input[0]
+            buffer[node.output[0]] = source
         else:
             steps.append(node)
 
     sizes = tensor_bytes(graph)
-    end = len(steps)
-    born: dict[str, int] = {holder(value.name): -1 for value in graph.input}
-    last: dict[str, int] = {holder(value.name): end for value in graph.output}
-    for step, node in enumerate(steps):
-        for name in node.output:
-            born.setdefault(holder(name), step)
-        for name in node.input:
-            if name and name not in constants:
-                last[holder(name)] = max(last.get(holder(name), step), step)
-    untyped = sorted(set(born) - set(sizes))
-    if untyped:
-        raise ValueError(f"shape inference left tensors {untyped} without a type and shape")
-    peak = 0
-    for step in range(end):
-        alive = [name for name, start in born.items() if start <= step <= last.get(name, start)]
-        peak = max(peak, sum(sizes[name] for name in alive))
-    return peak
+    numbers: dict[str, int] = {}
+    reduced = Graph()
+
+    def number(name: str) -> int:
+        name = holder(name)
+        if name not in numbers:
+            if name not in sizes:
+                raise ValueError(f"shape inference left tensor {name!r} without a type and shape")
+            numbers[name] = reduced.tensor(sizes[name])
+        return numbers[name]
+
+    reduced.inputs.extend(
+        number(value.name) for value in graph.input if value.name not in constants
+    )
+    for node in steps:
+        inputs = tuple(number(name) for name in node.input if name and name not in constants)
+        reduced.operators.append(Operator(node.op_type, inputs, tuple(map(number, node.output))))
+    reduced.outputs.extend(number(value.name) for value in graph.output)
+    return reduced
 
 
 def in_order(graph: onnx.GraphProto) -> bool:

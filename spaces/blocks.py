@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from compsearch.spaces.layers import ActivationFactory
+    from compsearch.spaces.memory import Tracer
 
 ACTIVATIONS = ("relu", "leaky_relu", "silu", "hardswish")
 
@@ -148,6 +149,12 @@ class Block:
         raise NotImplementedError
 
     @staticmethod
+    def trace(tracer: Tracer, x: int, shape: BlockShape, in_side: int) -> int:
+        """The block's operators on tensor `x` (`in_side` x `in_side`), as its deployable
+        file runs them (spaces/memory.py); returns the block's output tensor."""
+        raise NotImplementedError
+
+    @staticmethod
     def widths(module: nn.Module) -> tuple[int, int, int]:
         """(hidden, out, squeeze) widths as the module holds them now, after any pruning."""
         raise NotImplementedError
@@ -233,6 +240,12 @@ class PlainBlock(Block):
         )
 
     @staticmethod
+    def trace(tracer, x, shape, in_side):
+        side = out_resolution(in_side, shape.stride)
+        y = tracer.activation(tracer.conv(x, shape.out_width, side), shape.out_width, side)
+        return tracer.squeeze_excite(y, shape.out_width, shape.squeeze_width, side)
+
+    @staticmethod
     def widths(module):
         out = module[0][0].out_channels
         return out, out, _squeeze_width(module)
@@ -272,6 +285,16 @@ class BasicBlock(Block):
         )
         shortcut = conv_bn(shape.in_width, shape.out_width, 1, shape.stride)
         return Residual(branch, shortcut if shape.projection else None, activation())
+
+    @staticmethod
+    def trace(tracer, x, shape, in_side):
+        side = out_resolution(in_side, shape.stride)
+        hidden, out = shape.hidden_width, shape.out_width
+        branch = tracer.activation(tracer.conv(x, hidden, side), hidden, side)
+        branch = tracer.conv(branch, out, side)
+        branch = tracer.squeeze_excite(branch, out, shape.squeeze_width, side)
+        shortcut = tracer.conv(x, out, side) if shape.projection else x
+        return tracer.activation(tracer.sum(branch, shortcut, out, side), out, side)
 
     @staticmethod
     def widths(module):
@@ -331,6 +354,17 @@ class GroupedBlock(Block):
         return Residual(branch, shortcut if shape.projection else None, activation())
 
     @staticmethod
+    def trace(tracer, x, shape, in_side):
+        side = out_resolution(in_side, shape.stride)
+        hidden, out = shape.hidden_width, shape.out_width
+        branch = tracer.activation(tracer.conv(x, hidden, in_side), hidden, in_side)
+        branch = tracer.activation(tracer.conv(branch, hidden, side), hidden, side)
+        branch = tracer.conv(branch, out, side)
+        branch = tracer.squeeze_excite(branch, out, shape.squeeze_width, side)
+        shortcut = tracer.conv(x, out, side) if shape.projection else x
+        return tracer.activation(tracer.sum(branch, shortcut, out, side), out, side)
+
+    @staticmethod
     def widths(module):
         return (
             module.branch[0][0].out_channels,
@@ -378,6 +412,14 @@ class DepthwiseSeparableBlock(Block):
             conv_bn(width, shape.out_width, 1, 1),
             activation(),
         )
+
+    @staticmethod
+    def trace(tracer, x, shape, in_side):
+        side = out_resolution(in_side, shape.stride)
+        width, out = shape.in_width, shape.out_width
+        y = tracer.activation(tracer.conv(x, width, side), width, side)
+        y = tracer.squeeze_excite(y, width, shape.squeeze_width, side)
+        return tracer.activation(tracer.conv(y, out, side), out, side)
 
     @staticmethod
     def widths(module):
@@ -434,6 +476,16 @@ class InvertedResidualBlock(Block):
             conv_bn(hidden, shape.out_width, 1, 1),
         )
         return branch if shape.projection else Residual(branch, None, None)
+
+    @staticmethod
+    def trace(tracer, x, shape, in_side):
+        side = out_resolution(in_side, shape.stride)
+        hidden, out = shape.hidden_width, shape.out_width
+        branch = tracer.activation(tracer.conv(x, hidden, in_side), hidden, in_side)
+        branch = tracer.activation(tracer.conv(branch, hidden, side), hidden, side)
+        branch = tracer.squeeze_excite(branch, hidden, shape.squeeze_width, side)
+        y = tracer.conv(branch, out, side)
+        return y if shape.projection else tracer.sum(y, x, out, side)
 
     @staticmethod
     def widths(module):

@@ -24,6 +24,7 @@ from compsearch.spaces.config import (
     block_shapes,
     with_widths,
 )
+from compsearch.spaces.memory import VALUE_BYTES, estimate_peak_bytes
 from compsearch.spaces.space import SearchSpace, make_stage
 
 
@@ -32,10 +33,17 @@ class Estimate:
     params: int
     macs: int  # per image at the test resolution, counted as ptflops' aten backend does
     onnx_bytes: int  # expected size of the deployable file at the config's precision
+    # Peak activation memory of one inference of the deployable file (spaces/memory.py);
+    # for the space's extremes, bounds that every config lies within.
+    ram_bytes: int = 0
 
     @property
     def size_kb(self) -> float:
         return self.onnx_bytes / 1000
+
+    @property
+    def ram_kb(self) -> float:
+        return self.ram_bytes / 1000
 
 
 MAX_CHANNEL_RATIO = 0.95  # the most of each group's channels local pruning removes
@@ -175,15 +183,17 @@ def onnx_bytes(counts: LayerCounts, precision: str, activation: str) -> int:
 
 
 def estimate(config: TrialConfig) -> Estimate:
-    """Exact params and MACs, and the file's bytes, for local pruning. Global pruning
-    removes the same share of parameters but chooses where, so for it these are what
-    local pruning at that share would leave: close, not exact."""
+    """Exact params, MACs and peak activation memory, and the file's bytes, for local
+    pruning. Global pruning removes the same share of parameters but chooses where, so
+    for it these are what local pruning at that share would leave: close, not exact."""
     arch = pruned_arch(config.arch, channel_ratio(config.arch, config.compress.prune_fraction))
-    counts = count_layers(arch, config.train.test_resolution)
+    resolution = config.train.test_resolution
+    counts = count_layers(arch, resolution)
     return Estimate(
         params=counts.params,
         macs=counts.macs,
         onnx_bytes=onnx_bytes(counts, config.compress.precision, arch.activation),
+        ram_bytes=estimate_peak_bytes(arch, resolution, config.compress.precision),
     )
 
 
@@ -252,4 +262,23 @@ def extreme_estimate(space: SearchSpace, smallest: bool) -> Estimate:
         params=sum(pick(counts.params for counts in options) for options in parts),
         macs=sum(pick(counts.macs for counts in options) for options in parts),
         onnx_bytes=pick(sizes),
+        ram_bytes=ram_bound(space, smallest),
     )
+
+
+def ram_bound(space: SearchSpace, smallest: bool) -> int:
+    """A bound on the peak activation bytes of every config of `space`: below, what the
+    stem's convolution alone holds (the input and the narrowest stem output, both at
+    full resolution, at the space's fewest bytes per value; pruning may leave the stem
+    a single channel); above, the fp32 input and
+    five of the largest tensor any layer can write (no operator holds more than four
+    full tensors at once: a SiLU's two inside a branch whose block input waits for the
+    sum, with its output; the fifth covers squeeze-and-excitation's vectors)."""
+    pixels = space.test_resolution**2
+    if smallest:
+        stem = space.stem_width[0] if space.prune_fraction[1] == 0 else 1
+        value_bytes = min(VALUE_BYTES[precision] for precision in space.precisions)
+        return (space.in_channels + stem) * pixels * value_bytes
+    expansion = max(space.expansions) if "inverted" in space.blocks else 1
+    channels = max(space.stem_width[1], space.width[1]) * expansion + max(space.groups)
+    return 4 * (space.in_channels + 5 * channels) * pixels

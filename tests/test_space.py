@@ -114,6 +114,7 @@ def test_every_sampled_config_lies_between_the_space_extremes(space):
         assert smallest.params <= expected.params <= largest.params
         assert smallest.onnx_bytes <= expected.onnx_bytes <= largest.onnx_bytes
         assert smallest.macs <= expected.macs <= largest.macs
+        assert smallest.ram_bytes <= expected.ram_bytes <= largest.ram_bytes
 
 
 def test_a_space_of_one_config_has_that_config_as_both_extremes():
@@ -135,5 +136,12 @@ def test_a_space_of_one_config_has_that_config_as_both_extremes():
         prune_fraction=(0.0, 0.0),
     )
     (config,) = sampled_configs(space, 1, seed=0)
-    assert extreme_estimate(space, smallest=True) == estimate(config)
-    assert extreme_estimate(space, smallest=False) == estimate(config)
+    expected = estimate(config)
+    for smallest in (True, False):
+        extreme = extreme_estimate(space, smallest)
+        assert dataclasses.replace(extreme, ram_bytes=0) == dataclasses.replace(
+            expected, ram_bytes=0
+        )
+    # Peak memory has bounds only (spaces/estimate.py, ram_bound).
+    assert extreme_estimate(space, True).ram_bytes <= expected.ram_bytes
+    assert expected.ram_bytes <= extreme_estimate(space, False).ram_bytes
