@@ -17,6 +17,7 @@ its last reader), with ONNX shape inference for the shapes and one image per inf
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import onnx
 from onnx import TensorProto
@@ -39,6 +40,12 @@ BYTES = {
 }
 
 
+def file_ram_kb(path: Path) -> float:
+    """Peak activation memory of one inference of the ONNX file at `path`, in KB (1000
+    bytes)."""
+    return peak_activation_bytes(onnx.load(path)) / 1000
+
+
 def peak_activation_bytes(model: onnx.ModelProto) -> int:
     """Bytes of the largest set of tensors alive at once when `model` runs one image."""
     return peak_bytes(reduced_graph(model))
@@ -47,6 +54,7 @@ def peak_activation_bytes(model: onnx.ModelProto) -> int:
 def reduced_graph(model: onnx.ModelProto) -> Graph:
     """The operators of `model` that write a new tensor, over numbered tensors with
     their bytes: what `spaces.memory.peak_bytes` counts."""
+    model = one_image(model)
     graph = onnx.shape_inference.infer_shapes(model, strict_mode=True).graph
     if not in_order(graph):
         sort_topologically(graph)
@@ -100,6 +108,18 @@ def reduced_graph(model: onnx.ModelProto) -> Graph:
         reduced.operators.append(Operator(node.op_type, inputs, tuple(map(number, node.output))))
     reduced.outputs.extend(number(value.name) for value in graph.output)
     return reduced
+
+
+def one_image(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` whose inputs take one image: a symbolic batch dimension set to 1,
+    so that shape inference knows every tensor's size (a flip-averaged file, which runs
+    the image and its mirror as a batch of two, then holds two)."""
+    copied = onnx.ModelProto.FromString(model.SerializeToString())
+    for value in copied.graph.input:
+        dims = value.type.tensor_type.shape.dim
+        if dims and not dims[0].HasField("dim_value"):
+            dims[0].dim_value = 1
+    return copied
 
 
 def in_order(graph: onnx.GraphProto) -> bool:

@@ -171,6 +171,7 @@ def model_card(
         "params": result.params,
         "size_kb": result.size_kb,
         "macs": result.macs,
+        "ram_kb": result.ram_kb,  # peak activation memory of one inference of the file
         "flip_test_time_augmentation": flip,
         "precision": config.compress.precision,
         "pruning": {

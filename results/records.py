@@ -115,6 +115,7 @@ class TrialRecord:
     params: float
     size_kb: float
     macs: float
+    ram_kb: float  # peak activation memory of one inference of the file / 1000
     seconds: float  # the whole trial
     # Of `seconds`, those of training alone (NaN: a study from before they were recorded).
     train_seconds: float
@@ -122,6 +123,7 @@ class TrialRecord:
     estimated_params: float
     estimated_size_kb: float
     estimated_macs: float
+    estimated_ram_kb: float
     early_accuracy: float  # validation accuracy at the early check; NaN: no check made
     fitted_from: int | None  # the rejected trial this one is a shrunk copy of
     retry_of: int | None  # the failed trial this one runs again
@@ -148,7 +150,9 @@ class TrialRecord:
     searched: dict[str, Any] = field(default_factory=dict)  # the sampled parameters
 
     def feasible(self, budgets: Budgets) -> bool:
-        return self.trained and not budgets.excess(self.params, self.size_kb, self.macs)
+        return self.trained and not budgets.excess(
+            self.params, self.size_kb, self.macs, self.ram_kb
+        )
 
     @property
     def fidelity(self) -> tuple[int, float, int]:
@@ -189,12 +193,14 @@ def read_trial(trial: optuna.trial.FrozenTrial, run_again_as: int | None = None)
         params=measured("params"),
         size_kb=measured("size_kb"),
         macs=measured("macs"),
+        ram_kb=measured("ram_kb"),
         seconds=attrs.get("seconds", NAN),
         train_seconds=attrs.get("train_seconds", NAN),
         reason=reason,
         estimated_params=attrs.get("estimated_params", NAN),
         estimated_size_kb=attrs.get("estimated_size_kb", NAN),
         estimated_macs=attrs.get("estimated_macs", NAN),
+        estimated_ram_kb=attrs.get("estimated_ram_kb", NAN),
         early_accuracy=none_as_nan(attrs.get("early_accuracy", NAN)),
         fitted_from=attrs.get("fitted_from"),
         retry_of=attrs.get("retry_of"),
@@ -297,6 +303,7 @@ def write_estimate(trial: optuna.Trial, expected: Estimate) -> None:
     trial.set_user_attr("estimated_params", expected.params)
     trial.set_user_attr("estimated_size_kb", expected.size_kb)
     trial.set_user_attr("estimated_macs", expected.macs)
+    trial.set_user_attr("estimated_ram_kb", expected.ram_kb)
 
 
 def write_rejected(trial: optuna.Trial, over: list[str]) -> None:
@@ -351,6 +358,7 @@ def write_result(trial: optuna.Trial, result: TrialResult, folder: Path, over: l
     trial.set_user_attr("params", result.params)
     trial.set_user_attr("size_kb", result.size_kb)
     trial.set_user_attr("macs", result.macs)
+    trial.set_user_attr("ram_kb", result.ram_kb)
     trial.set_user_attr("seconds", round(result.seconds, 3))
     if not math.isnan(result.train_seconds):
         trial.set_user_attr("train_seconds", round(result.train_seconds, 3))
@@ -378,6 +386,7 @@ KEPT_BY_RETRY = (
     "estimated_params",
     "estimated_size_kb",
     "estimated_macs",
+    "estimated_ram_kb",
     "fitted_from",
     "anchor",
     "rung",

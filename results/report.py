@@ -24,6 +24,7 @@ from compsearch.results.table import (
     outcome_counts,
     pareto_front,
     pruning_summary,
+    ram_label,
     trial_label,
 )
 from compsearch.spaces.budgets import amount
@@ -101,14 +102,18 @@ def front_html(front: pd.DataFrame) -> str:
             f"{int(row['params']):,}",
             f"{row['size_kb']:.1f}",
             compact_amount(row["macs"]),
+            ram_label(row.get("ram_kb", math.nan)),
             str(row.get("param_precision", ""))
             + (" QAT" if row.get("quantization_aware") in (True, "True") else ""),
             pruning_summary(row),
         ]
         for _, row in front.iterrows()
     ]
-    header = ["trial", "accuracy", "fp32", "params", "size (KB)", "MACs", "weights", "pruned"]
-    return table_html(header, rows, numeric={0, 1, 2, 3, 4, 5})
+    header = [
+        "trial", "accuracy", "fp32", "params", "size (KB)", "MACs", "RAM (KB)", "weights",
+        "pruned",
+    ]  # fmt: skip
+    return table_html(header, rows, numeric={0, 1, 2, 3, 4, 5, 6})
 
 
 def export_html(card: dict[str, Any] | None) -> str:
@@ -136,6 +141,7 @@ def export_html(card: dict[str, Any] | None) -> str:
         ["file size", f"{card['size_kb']:.1f} KB"],
         ["parameters", f"{card['params']:,}"],
         ["MACs", f"{card['macs']:,}"],
+        ["peak activation memory (one inference)", ram_text(card.get("ram_kb"))],
         [
             "weights",
             card["precision"] + (" (quantization-aware)" if card.get("quantization_aware") else ""),
@@ -174,6 +180,11 @@ def candidates_html(candidates: list[dict[str, Any]]) -> str:
     ]
     header = ["file", "validation accuracy", "size (KB)", "params", "within budgets", "note"]
     return "<h3>Compression candidates</h3>" + table_html(header, rows, numeric={1, 2, 3})
+
+
+def ram_text(ram_kb: float | None) -> str:
+    """A card's peak activation memory, or "not measured" for a card from before it was."""
+    return "not measured" if ram_kb is None else f"{ram_kb:.1f} KB"
 
 
 def pct(card: dict[str, Any], key: str) -> str:

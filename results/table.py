@@ -30,6 +30,7 @@ COLUMNS = [
     "params",
     "size_kb",
     "macs",
+    "ram_kb",
     "seconds",
     "train_seconds",
     "predicted_seconds",
@@ -37,6 +38,7 @@ COLUMNS = [
     "estimated_params",
     "estimated_size_kb",
     "estimated_macs",
+    "estimated_ram_kb",
     "early_accuracy",
     "fitted_from",
     "retry_of",
@@ -159,6 +161,7 @@ def front_table(front: pd.DataFrame, title: str) -> Table:
         ("params", "right"),
         ("size_kb", "right"),
         ("MACs", "right"),
+        ("RAM KB", "right"),
         ("weights", "left"),
         ("pruned", "right"),
     ):
@@ -171,11 +174,17 @@ def front_table(front: pd.DataFrame, title: str) -> Table:
             f"{int(row['params']):,}",
             f"{row['size_kb']:.1f}",
             compact_amount(row["macs"]),
+            ram_label(row.get("ram_kb", math.nan)),
             str(row.get("param_precision", ""))
             + (" QAT" if row.get("quantization_aware") in (True, "True") else ""),
             pruning_summary(row),
         )
     return table
+
+
+def ram_label(ram_kb: float) -> str:
+    """Peak activation memory in KB, or "-" for a study from before it was measured."""
+    return "-" if ram_kb != ram_kb else f"{ram_kb:.1f}"
 
 
 def pruning_summary(row: pd.Series) -> str:

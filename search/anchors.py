@@ -134,7 +134,7 @@ def queue_anchors(
             notes.append(f"{name} (the space cannot express it)")
             continue
         expected = estimate(sample(optuna.trial.FixedTrial(params), space, schedule))
-        if budgets.excess(expected.params, expected.size_kb, expected.macs):
+        if budgets.excess(expected.params, expected.size_kb, expected.macs, expected.ram_kb):
             params = fit_to_budget(params, space, schedule, budgets)
             if params is None:
                 notes.append(f"{name} (nothing of it fits the budgets)")

@@ -37,6 +37,7 @@ def run(
     budget_kb: float,
     *,
     budget_macs: float | None = None,
+    budget_ram: float | None = None,
     dataset: str = "digits",
     data_dir: Path | str = Path("data"),
     trials: int = DEFAULT_TRIALS,
@@ -69,7 +70,7 @@ def run(
     is failed and queued again; the summary then says `interrupted`.
     """
     options = RunOptions(
-        budget_params, budget_kb, budget_macs, dataset, data_dir, trials, time, sampler,
+        budget_params, budget_kb, budget_macs, budget_ram, dataset, data_dir, trials, time, sampler,
         subset, space, epochs, seed, device, teacher, distill_weight, distill_temperature,
         workers, heartbeat, anchors, rungs, fidelity, study, out, storage,
     )  # fmt: skip

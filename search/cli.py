@@ -143,6 +143,11 @@ def build_parser() -> Parser:
     run.add_argument("--budget-kb", required=True, help="max ONNX file size in KB (1000 bytes)")
     run.add_argument("--budget-macs", help="max multiply-accumulates per image")
     run.add_argument(
+        "--budget-ram",
+        help="max peak activation memory of one inference in KB (1000 bytes), as a "
+        "sequential runtime holds the tensors in the file's precision",
+    )
+    run.add_argument(
         "--dataset",
         default="digits",
         help="digits (default), mnist, fashion-mnist, cifar10, cifar100, svhn, stl10 or "
@@ -334,6 +339,7 @@ def run_options(args: argparse.Namespace) -> RunOptions:
         parse_amount(args.budget_params, "--budget-params"),
         parse_amount(args.budget_kb, "--budget-kb"),
         parse_amount(args.budget_macs, "--budget-macs") if args.budget_macs else None,
+        parse_amount(args.budget_ram, "--budget-ram") if args.budget_ram else None,
     )
     trials = parse_count(args.trials, "--trials")
     epochs = parse_count(args.epochs, "--epochs")

@@ -127,7 +127,9 @@ def reference_seconds(
             config = sample(study.ask(), space, schedule)
             drawn.append(config)
             expected = estimate(config)
-            if not budgets.excess(expected.params, expected.size_kb, expected.macs):
+            if not budgets.excess(
+                expected.params, expected.size_kb, expected.macs, expected.ram_kb
+            ):
                 fitting.append(config)
                 if len(fitting) == REFERENCE_CONFIGS:
                     break

@@ -457,6 +457,7 @@ def chosen_result(
         params=chosen.params,
         macs=chosen.macs,
         size_kb=chosen.size_kb,
+        ram_kb=chosen.ram_kb,
         onnx_path=path,
         # model.pt holds the network itself; the card says when the file flip-averages it.
         model=unwrapped(chosen.model).cpu().eval(),
@@ -482,6 +483,7 @@ def candidate_rows(
             "size_kb": round(c.size_kb, 3),
             "params": c.params,
             "macs": c.macs,
+            "ram_kb": round(c.ram_kb, 3),
             "written": c.written,
             "within_budgets": not c.excess(budgets),
             "chosen": c is chosen,

@@ -419,7 +419,7 @@ def run_one(job: SearchJob, trial: optuna.Trial, rejections_in_a_row: int) -> Ou
     config = sample(trial, job.space, rung_schedule(job.schedule, fidelity))
     expected = estimate(config)
     write_estimate(trial, expected)
-    over = budgets.excess(expected.params, expected.size_kb, expected.macs)
+    over = budgets.excess(expected.params, expected.size_kb, expected.macs, expected.ram_kb)
     if over:
         return reject(job, trial, expected, over, rejections_in_a_row + 1)
     if job.costs.model is None:
@@ -476,8 +476,8 @@ def run_one(job: SearchJob, trial: optuna.Trial, rejections_in_a_row: int) -> Ou
         job.study.tell(trial, state=TrialState.FAIL)
         raise
     job.reporter.step(trial.number, "recording its result")
-    record_constraints(trial, budgets, result.params, result.size_kb, result.macs)
-    over = budgets.excess(result.params, result.size_kb, result.macs)
+    record_constraints(trial, budgets, result.params, result.size_kb, result.macs, result.ram_kb)
+    over = budgets.excess(result.params, result.size_kb, result.macs, result.ram_kb)
     write_result(trial, result, settings.folder, over)
     job.study.tell(trial, [result.accuracy, result.size_kb])
     text = trained_outcome(result, over)
@@ -549,7 +549,9 @@ def reject(
     is a placeholder that no table or plot shows.
     """
     budgets, every = job.settings.budgets, job.settings.fit_after_rejections
-    record_constraints(trial, budgets, expected.params, expected.size_kb, expected.macs)
+    record_constraints(
+        trial, budgets, expected.params, expected.size_kb, expected.macs, expected.ram_kb
+    )
     write_rejected(trial, over)
     job.study.tell(trial, [0.0, expected.size_kb])
     fitted = None
@@ -570,7 +572,9 @@ def reject_too_slow(
     run_one) tells the sampler so, apart from the budgets, so that it stays feasible in
     the deployment sense."""
     budgets = job.settings.budgets
-    record_constraints(trial, budgets, expected.params, expected.size_kb, expected.macs)
+    record_constraints(
+        trial, budgets, expected.params, expected.size_kb, expected.macs, expected.ram_kb
+    )
     write_too_slow(trial, reason)
     job.study.tell(trial, [0.0, expected.size_kb])
     return Outcome("too slow", "too slow for the time left: " + reason)
@@ -593,7 +597,7 @@ def fit_to_budget(
 
     def fits(config: TrialConfig) -> bool:
         expected = estimate(config)
-        return not budgets.excess(expected.params, expected.size_kb, expected.macs)
+        return not budgets.excess(expected.params, expected.size_kb, expected.macs, expected.ram_kb)
 
     base = dict(params)
     if not fits(scaled(base, 0.0)[1]):
@@ -669,7 +673,12 @@ class EarlyStopper:
 
 
 def record_constraints(
-    trial: optuna.Trial, budgets: Budgets, params: float, size_kb: float, macs: float
+    trial: optuna.Trial,
+    budgets: Budgets,
+    params: float,
+    size_kb: float,
+    macs: float,
+    ram_kb: float,
 ) -> None:
-    for name, value in budgets.constraints(params, size_kb, macs).items():
+    for name, value in budgets.constraints(params, size_kb, macs, ram_kb).items():
         trial.set_constraint(name, value)

@@ -155,6 +155,7 @@ class RunOptions:
     budget_params: float
     budget_kb: float
     budget_macs: float | None = None
+    budget_ram: float | None = None  # KB of peak activation memory (spaces/memory.py)
     dataset: str = "digits"
     data_dir: Path = Path("data")
     trials: int = DEFAULT_TRIALS
@@ -192,6 +193,8 @@ class RunOptions:
             check_number(value, flag)
         if self.budget_macs is not None:
             check_number(self.budget_macs, "--budget-macs")
+        if self.budget_ram is not None:
+            check_number(self.budget_ram, "--budget-ram")
         check_number(self.trials, "--trials", low=1, whole=True)
         check_epochs(self.epochs)
         check_rungs(self.rungs)
@@ -227,7 +230,7 @@ class RunOptions:
 
     @property
     def budgets(self) -> Budgets:
-        return Budgets(self.budget_params, self.budget_kb, self.budget_macs)
+        return Budgets(self.budget_params, self.budget_kb, self.budget_macs, self.budget_ram)
 
     @property
     def study_name(self) -> str:

@@ -66,14 +66,14 @@ def check_reachable(space: SearchSpace, budgets: Budgets, say: Callable[[str], N
     """Exit before any work when nothing in the space can meet the budgets, and say so
     when a budget is above everything the space holds (it then constrains nothing)."""
     smallest = extreme_estimate(space, smallest=True)
-    over = budgets.excess(smallest.params, smallest.size_kb, smallest.macs)
+    over = budgets.excess(smallest.params, smallest.size_kb, smallest.macs, smallest.ram_kb)
     if over:
         raise UsageError(
             "no model in the search space meets the budgets: the smallest reachable has "
-            f"{smallest.params:,} params, {smallest.size_kb:.1f} KB, {smallest.macs:,} MACs "
-            f"({'; '.join(over)}); raise the budgets, or widen the space to smaller models "
-            "with --space (lower width, stem_width and depth, higher prune_fraction, int8 in "
-            "precisions)"
+            f"{smallest.params:,} params, {smallest.size_kb:.1f} KB, {smallest.macs:,} MACs, "
+            f"at least {smallest.ram_kb:.1f} KB of RAM ({'; '.join(over)}); raise the "
+            "budgets, or widen the space to smaller models with --space (lower width, "
+            "stem_width and depth, higher prune_fraction, int8 in precisions)"
         )
     largest = extreme_estimate(space, smallest=False)
     slack = [
@@ -83,6 +83,7 @@ def check_reachable(space: SearchSpace, budgets: Budgets, say: Callable[[str], N
             ("budget-params", budgets.params, largest.params, " params"),
             ("budget-kb", budgets.size_kb, largest.size_kb, " KB"),
             ("budget-macs", budgets.macs, largest.macs, " MACs"),
+            ("budget-ram", budgets.ram_kb, largest.ram_kb, " KB of RAM at most"),
         )
         if limit is not None and limit >= reached
     ]

@@ -18,24 +18,30 @@ class Budgets:
     params: float  # parameters of the deployed model
     size_kb: float  # bytes of the deployable ONNX file / 1000
     macs: float | None = None  # multiply-accumulates per image, when constrained
+    # Peak activation memory of one inference / 1000 (spaces/memory.py), when constrained.
+    ram_kb: float | None = None
 
     def describe(self) -> str:
         """ "<= 2,000,000 params, <= 300 KB": the budgets as titles and messages state them."""
         text = f"<= {amount(self.params)} params, <= {amount(self.size_kb)} KB"
-        return text + (f", <= {amount(self.macs)} MACs" if self.macs else "")
+        text += f", <= {amount(self.macs)} MACs" if self.macs else ""
+        return text + (f", <= {amount(self.ram_kb)} KB RAM" if self.ram_kb else "")
 
     def __post_init__(self) -> None:
         for name, value in (
             ("params", self.params),
             ("size_kb", self.size_kb),
             ("macs", self.macs),
+            ("ram_kb", self.ram_kb),
         ):
-            if value is None and name == "macs":
+            if value is None and name in ("macs", "ram_kb"):
                 continue
             if not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"budget {name} must be a finite number > 0, but got {value!r}")
 
-    def constraints(self, params: float, size_kb: float, macs: float) -> dict[str, float]:
+    def constraints(
+        self, params: float, size_kb: float, macs: float, ram_kb: float
+    ) -> dict[str, float]:
         """Relative excess per budget: <= 0 where the budget holds (Optuna's convention).
 
         Relative rather than absolute so that the sampler weighs a 10% excess in bytes
@@ -47,17 +53,25 @@ class Budgets:
         }
         if self.macs is not None:
             values["macs"] = macs / self.macs - 1.0
+        if self.ram_kb is not None:
+            values["ram_kb"] = ram_kb / self.ram_kb - 1.0
         return values
 
-    def excess(self, params: float, size_kb: float, macs: float) -> list[str]:
+    def excess(self, params: float, size_kb: float, macs: float, ram_kb: float) -> list[str]:
         """One phrase per broken budget, e.g. 'params 2,310,000 > 2,000,000'."""
-        figures = {"params": params, "size_kb": size_kb, "macs": macs}
-        limits = {"params": self.params, "size_kb": self.size_kb, "macs": self.macs}
+        figures = {"params": params, "size_kb": size_kb, "macs": macs, "ram_kb": ram_kb}
+        limits = {
+            "params": self.params, "size_kb": self.size_kb, "macs": self.macs,
+            "ram_kb": self.ram_kb,
+        }  # fmt: skip
         return [
             f"{name} {amount(figures[name])} > {amount(limits[name])}"
-            for name, value in self.constraints(params, size_kb, macs).items()
+            for name, value in self.constraints(params, size_kb, macs, ram_kb).items()
             if value > 0
         ]
 
     def to_dict(self) -> dict[str, float | None]:
-        return {"params": self.params, "size_kb": self.size_kb, "macs": self.macs}
+        return {
+            "params": self.params, "size_kb": self.size_kb, "macs": self.macs,
+            "ram_kb": self.ram_kb,
+        }  # fmt: skip

@@ -143,6 +143,11 @@ CASES = [
          "--budget-kb must be a number > 0"),
     Case("budget missing", ("run", "--budget-params", "2e6"), "--budget-kb"),
     Case("MACs budget negative", run("--budget-macs", "-5"), "--budget-macs must be"),
+    Case("RAM budget text", run("--budget-ram", "lots"), "--budget-ram must be a number > 0"),
+    # digits: 8x8 images of 1 channel; int8 holds the input and a 1-channel stem, 128 bytes.
+    Case("RAM budget nothing can meet",
+         ("run", *BUDGETS, "--budget-ram", "0.1", "--study", "tiny-ram"),
+         "at least 0.1 KB of RAM (ram_kb 0.128 > 0.1)"),
     Case("budgets nothing can meet",
          ("run", "--budget-params", "10", "--budget-kb", "300", "--study", "tiny"),
          "no model in the search space meets the budgets"),

@@ -65,7 +65,9 @@ def test_anchors_are_queued_once_in_order_and_shrunk_to_tight_budgets():
         trial = study.ask()
         expected = estimate(sample(trial, space, SCHEDULE))
         assert trial.user_attrs["anchor"] in ANCHORS
-        assert not tight.excess(expected.params, expected.size_kb, expected.macs), trial.params
+        assert not tight.excess(
+            expected.params, expected.size_kb, expected.macs, expected.ram_kb
+        ), trial.params
 
 
 def test_an_anchor_the_space_cannot_express_is_left_out_and_said():

@@ -19,6 +19,7 @@ from test_cli import compsearch
 
 from compsearch.objectives import trial as trial_module
 from compsearch.objectives.data import TEST_FRACTION, TEST_SEED, stratified_split
+from compsearch.objectives.memory import file_ram_kb
 from compsearch.objectives.train import fit
 from compsearch.results.records import SETTINGS_KEY
 from compsearch.search import api as compsearch_api
@@ -80,6 +81,10 @@ def test_export_writes_a_verified_model_and_its_card(exported, study_folder):
     assert card["size_kb"] <= card["budgets"]["size_kb"]
     assert card["params"] <= card["budgets"]["params"]
     assert card["epochs"] == 3
+    # Trained: with the fine-tune stretched by the share pruned (3 epochs: 1 fine-tune).
+    config = TrialConfig.from_dict(card["config"])
+    assert card["epochs_trained"] == config.epochs == 2 + config.finetune_epochs
+    assert card["ram_kb"] == file_ram_kb(folder / "model.onnx") > 0
     assert {"torch", "onnxruntime", "optuna"} <= set(card["packages"])
     assert f"{card['test_accuracy']:.2%}" in stdout
     # best: the most accurate feasible trial of the study (the smaller file on a tie).

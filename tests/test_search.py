@@ -5,13 +5,17 @@ from __future__ import annotations
 import dataclasses
 import io
 
+import onnx
 import optuna
 import pytest
 from conftest import SCHEDULE
 from rich.console import Console
 
 from compsearch.objectives.data import load_dataset
+from compsearch.objectives.memory import peak_activation_bytes
 from compsearch.objectives.trial import check_epoch, run_trial
+from compsearch.results.records import read_trials
+from compsearch.results.table import trials_frame
 from compsearch.search import loop as run_module
 from compsearch.search.loop import (
     EARLY_STOPPING_MARGIN,
@@ -38,7 +42,7 @@ def over_budget_proposals(count: int):
         trial = study.ask()
         config = sample(trial, SPACE, SCHEDULE)
         expected = estimate(config)
-        if TIGHT.excess(expected.params, expected.size_kb, expected.macs):
+        if TIGHT.excess(expected.params, expected.size_kb, expected.macs, expected.ram_kb):
             found.append((trial.params, config))
     return found
 
@@ -52,7 +56,7 @@ def test_fitting_shrinks_only_widths_and_depths_until_the_budgets_hold():
         fitted_any += 1
         new = sample(optuna.trial.FixedTrial(fitted), SPACE, SCHEDULE)
         expected = estimate(new)
-        assert not TIGHT.excess(expected.params, expected.size_kb, expected.macs)
+        assert not TIGHT.excess(expected.params, expected.size_kb, expected.macs, expected.ram_kb)
         for name, value in params.items():
             if name.endswith(("_width", "_depth")):
                 assert fitted[name] <= value, name
@@ -126,7 +130,11 @@ def test_a_search_stops_trials_early_and_counts_the_epochs_saved(tmp_path, monke
         assert epochs_run[trial.number] == check_epoch(schedule) < schedule.epochs
         assert not (tmp_path / "trials" / f"{trial.number:05d}" / "model.onnx").exists()
     assert counts.epochs_trained == sum(epochs_run.values())
-    assert counts.epochs_saved == sum(schedule.epochs - run for run in epochs_run.values())
+    # Saved: the epochs each would have trained, with the fine-tune pruning stretches.
+    planned = {
+        t.number: sample(optuna.trial.FixedTrial(t.params), SPACE, schedule).epochs for t in stopped
+    }
+    assert counts.epochs_saved == sum(planned[n] - run for n, run in epochs_run.items())
 
 
 @pytest.mark.parametrize(
@@ -155,11 +163,39 @@ def test_the_search_trains_only_configs_within_the_budgets(
     for trial in study.trials:
         trained = trial.user_attrs["trained"]
         estimated = (trial.user_attrs["estimated_params"], trial.user_attrs["estimated_size_kb"])
-        assert trained == (not budgets.excess(*estimated, None))
+        assert trained == (not budgets.excess(*estimated, None, None))
         # The estimate is exact for local pruning; global pruning chooses its own widths,
         # so only the measured figures it leaves decide whether it met the budgets.
         if trial.params["prune_scope"] == "local" or trial.params["prune_fraction"] == 0:
             assert all(value <= 0 for value in trial.constraints.values()) == trained
+
+
+def test_a_ram_budget_rejects_by_estimate_and_records_the_files_measured_peak(tmp_path):
+    """--budget-ram: a config whose peak activation memory breaks it is rejected before
+    training, with the figure; each trained trial records its file's measured peak (in
+    trials.csv as ram_kb), equal to the estimate where pruning is local."""
+    budgets = Budgets(params=1e6, size_kb=100.0, ram_kb=8.0)  # about half the configs
+    data = load_dataset("digits", seed=0, subset=200)
+    study = optuna.create_study(
+        directions=list(DIRECTIONS), sampler=optuna.samplers.RandomSampler(seed=3)
+    )
+    settings = SearchSettings(budgets, 3, None, 0, "cpu", tmp_path, early_stopping=False)
+    counts = search(study, SPACE, SCHEDULE, data, settings, console=None)
+    assert counts.trained == 3
+    records = read_trials(study.trials)
+    over_ram = [r for r in records if r.estimated_ram_kb > 8.0]
+    assert over_ram and all(not r.trained and "ram_kb" in r.reason for r in over_ram)
+    frame = trials_frame(study, budgets)
+    for record, trial in zip(records, study.trials, strict=True):
+        assert "ram_kb" in trial.constraints
+        if not record.trained:
+            continue
+        onnx_file = tmp_path / record.onnx_path
+        assert record.ram_kb == peak_activation_bytes(onnx.load(onnx_file)) / 1000
+        if trial.params["prune_scope"] == "local" or trial.params["prune_fraction"] == 0:
+            assert record.ram_kb == record.estimated_ram_kb <= 8.0
+        row = frame[frame["number"] == record.number].iloc[0]
+        assert row["ram_kb"] == record.ram_kb and row["estimated_ram_kb"] == record.estimated_ram_kb
 
 
 def test_a_search_logged_to_a_file_prints_one_line_per_trial(tmp_path):
