@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from compsearch.objectives.compress import FlipAveraged, export, prune
 from compsearch.objectives.data import Dataset, Split
+from compsearch.objectives.latency import file_latency_ms
 from compsearch.objectives.measure import (
     calibration_images,
     count_macs,
@@ -97,6 +98,9 @@ class TrialResult:
     train_seconds: float = math.nan
     # Peak activation memory of one inference of the file / 1000 (objectives/memory.py).
     ram_kb: float = math.nan
+    # Median single-image milliseconds of the file in onnxruntime, one thread, on this
+    # machine (objectives/latency.py).
+    latency_ms: float = math.nan
 
 
 class StoppedEarly(Exception):
@@ -260,6 +264,7 @@ def run_trial(
         early_accuracy=early_accuracy,
         train_seconds=train_seconds,
         ram_kb=file_ram_kb(deployed.path),
+        latency_ms=file_latency_ms(deployed.path, data.channels, train.test_resolution),
     )
 
 
@@ -374,6 +379,7 @@ class Candidate:
     macs: int
     size_kb: float  # of the file, or the estimate when not written
     ram_kb: float  # peak activation memory of the file, or the estimate when not written
+    latency_ms: float  # of the file as measured here; NaN when not written
     path: Path | None  # None when not written
     model: torch.nn.Module | None  # what the file holds (the tuned copy for QAT)
     note: str = ""  # why it was not written, or "" when it was
@@ -383,7 +389,7 @@ class Candidate:
         return self.path is not None
 
     def excess(self, budgets: Budgets) -> list[str]:
-        return budgets.excess(self.params, self.size_kb, self.macs, self.ram_kb)
+        return budgets.excess(self.params, self.size_kb, self.macs, self.ram_kb, self.latency_ms)
 
 
 def compression_candidates(
@@ -431,7 +437,8 @@ def compression_candidates(
             note = "over budget by estimate, not written: " + ", ".join(over)
             candidates += [
                 Candidate(name, precision, "aware" in name, math.nan, expected.params,
-                          expected.macs, expected.size_kb, expected.ram_kb, None, None, note)
+                          expected.macs, expected.size_kb, expected.ram_kb, math.nan, None,
+                          None, note)
                 for name in names
             ]  # fmt: skip
             continue
@@ -448,8 +455,8 @@ def compression_candidates(
                 )
                 candidates.append(
                     Candidate(name, precision, True, math.nan, expected.params,
-                              expected.macs, expected.size_kb, expected.ram_kb, None, None,
-                              note)
+                              expected.macs, expected.size_kb, expected.ram_kb, math.nan,
+                              None, None, note)
                 )  # fmt: skip
                 continue
             if aware:
@@ -459,8 +466,8 @@ def compression_candidates(
                 except TrainingDiverged as error:
                     candidates.append(
                         Candidate(name, precision, True, math.nan, expected.params,
-                                  expected.macs, expected.size_kb, expected.ram_kb, None,
-                                  None, f"the fine-tune diverged ({error})")
+                                  expected.macs, expected.size_kb, expected.ram_kb, math.nan,
+                                  None, None, f"the fine-tune diverged ({error})")
                     )  # fmt: skip
                     continue
             if flip:
@@ -475,7 +482,8 @@ def compression_candidates(
                 Candidate(
                     name, precision, aware, measured, count_params(copied),
                     count_macs(copied, data.channels, train.test_resolution),
-                    file_size_kb(path), file_ram_kb(path), path, written,
+                    file_size_kb(path), file_ram_kb(path),
+                    file_latency_ms(path, data.channels, train.test_resolution), path, written,
                 )
             )  # fmt: skip
     return candidates

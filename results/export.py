@@ -172,6 +172,8 @@ def model_card(
         "size_kb": result.size_kb,
         "macs": result.macs,
         "ram_kb": result.ram_kb,  # peak activation memory of one inference of the file
+        # median single-image latency of the file, onnxruntime, one thread, this machine
+        "latency_ms": result.latency_ms,
         "flip_test_time_augmentation": flip,
         "precision": config.compress.precision,
         "pruning": {

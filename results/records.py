@@ -116,6 +116,7 @@ class TrialRecord:
     size_kb: float
     macs: float
     ram_kb: float  # peak activation memory of one inference of the file / 1000
+    latency_ms: float  # median single-image latency of the file, one thread, this machine
     seconds: float  # the whole trial
     # Of `seconds`, those of training alone (NaN: a study from before they were recorded).
     train_seconds: float
@@ -124,6 +125,8 @@ class TrialRecord:
     estimated_size_kb: float
     estimated_macs: float
     estimated_ram_kb: float
+    # The latency model's prediction (NaN: no --budget-latency, so none was made).
+    estimated_latency_ms: float
     early_accuracy: float  # validation accuracy at the early check; NaN: no check made
     fitted_from: int | None  # the rejected trial this one is a shrunk copy of
     retry_of: int | None  # the failed trial this one runs again
@@ -151,7 +154,7 @@ class TrialRecord:
 
     def feasible(self, budgets: Budgets) -> bool:
         return self.trained and not budgets.excess(
-            self.params, self.size_kb, self.macs, self.ram_kb
+            self.params, self.size_kb, self.macs, self.ram_kb, self.latency_ms
         )
 
     @property
@@ -194,6 +197,7 @@ def read_trial(trial: optuna.trial.FrozenTrial, run_again_as: int | None = None)
         size_kb=measured("size_kb"),
         macs=measured("macs"),
         ram_kb=measured("ram_kb"),
+        latency_ms=measured("latency_ms"),
         seconds=attrs.get("seconds", NAN),
         train_seconds=attrs.get("train_seconds", NAN),
         reason=reason,
@@ -201,6 +205,7 @@ def read_trial(trial: optuna.trial.FrozenTrial, run_again_as: int | None = None)
         estimated_size_kb=attrs.get("estimated_size_kb", NAN),
         estimated_macs=attrs.get("estimated_macs", NAN),
         estimated_ram_kb=attrs.get("estimated_ram_kb", NAN),
+        estimated_latency_ms=attrs.get("estimated_latency_ms", NAN),
         early_accuracy=none_as_nan(attrs.get("early_accuracy", NAN)),
         fitted_from=attrs.get("fitted_from"),
         retry_of=attrs.get("retry_of"),
@@ -359,6 +364,7 @@ def write_result(trial: optuna.Trial, result: TrialResult, folder: Path, over: l
     trial.set_user_attr("size_kb", result.size_kb)
     trial.set_user_attr("macs", result.macs)
     trial.set_user_attr("ram_kb", result.ram_kb)
+    trial.set_user_attr("latency_ms", round(result.latency_ms, 4))
     trial.set_user_attr("seconds", round(result.seconds, 3))
     if not math.isnan(result.train_seconds):
         trial.set_user_attr("train_seconds", round(result.train_seconds, 3))

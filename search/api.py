@@ -38,6 +38,7 @@ def run(
     *,
     budget_macs: float | None = None,
     budget_ram: float | None = None,
+    budget_latency: float | None = None,
     dataset: str = "digits",
     data_dir: Path | str = Path("data"),
     trials: int = DEFAULT_TRIALS,
@@ -70,9 +71,10 @@ def run(
     is failed and queued again; the summary then says `interrupted`.
     """
     options = RunOptions(
-        budget_params, budget_kb, budget_macs, budget_ram, dataset, data_dir, trials, time, sampler,
-        subset, space, epochs, seed, device, teacher, distill_weight, distill_temperature,
-        workers, heartbeat, anchors, rungs, fidelity, study, out, storage,
+        budget_params, budget_kb, budget_macs, budget_ram, budget_latency, dataset, data_dir,
+        trials, time, sampler, subset, space, epochs, seed, device, teacher, distill_weight,
+        distill_temperature, workers, heartbeat, anchors, rungs, fidelity, study, out,
+        storage,
     )  # fmt: skip
     return run_job(options, Console(quiet=quiet))
 

@@ -148,6 +148,11 @@ def build_parser() -> Parser:
         "sequential runtime holds the tensors in the file's precision",
     )
     run.add_argument(
+        "--budget-latency",
+        help="max median single-image latency of the file in ms: onnxruntime, one thread, "
+        "on the machine that runs the search",
+    )
+    run.add_argument(
         "--dataset",
         default="digits",
         help="digits (default), mnist, fashion-mnist, cifar10, cifar100, svhn, stl10 or "
@@ -340,6 +345,7 @@ def run_options(args: argparse.Namespace) -> RunOptions:
         parse_amount(args.budget_kb, "--budget-kb"),
         parse_amount(args.budget_macs, "--budget-macs") if args.budget_macs else None,
         parse_amount(args.budget_ram, "--budget-ram") if args.budget_ram else None,
+        parse_amount(args.budget_latency, "--budget-latency") if args.budget_latency else None,
     )
     trials = parse_count(args.trials, "--trials")
     epochs = parse_count(args.epochs, "--epochs")

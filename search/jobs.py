@@ -458,6 +458,7 @@ def chosen_result(
         macs=chosen.macs,
         size_kb=chosen.size_kb,
         ram_kb=chosen.ram_kb,
+        latency_ms=chosen.latency_ms,
         onnx_path=path,
         # model.pt holds the network itself; the card says when the file flip-averages it.
         model=unwrapped(chosen.model).cpu().eval(),
@@ -484,6 +485,7 @@ def candidate_rows(
             "params": c.params,
             "macs": c.macs,
             "ram_kb": round(c.ram_kb, 3),
+            "latency_ms": round(c.latency_ms, 4) if c.written else None,
             "written": c.written,
             "within_budgets": not c.excess(budgets),
             "chosen": c is chosen,

@@ -54,6 +54,7 @@ from compsearch.search.fidelity import (
     to_promote,
     with_epochs,
 )
+from compsearch.search.latency import LatencyModel, calibrate_latency
 from compsearch.search.optuna_private import fixed_params, heartbeat_thread, storage_of, trial_id
 from compsearch.search.progress import Display
 from compsearch.search.study import Retry
@@ -259,6 +260,20 @@ class Costs:
         return self.model
 
 
+class Latency:
+    """The search's latency model: calibrated on this machine when the first config needs
+    a prediction (only under --budget-latency)."""
+
+    def __init__(self, calibrate: Callable[[], LatencyModel]) -> None:
+        self.calibrate = calibrate
+        self.model: LatencyModel | None = None
+
+    def get(self) -> LatencyModel:
+        if self.model is None:
+            self.model = self.calibrate()
+        return self.model
+
+
 @dataclass(frozen=True)
 class SearchJob:
     """What every trial of one search shares."""
@@ -274,6 +289,7 @@ class SearchJob:
     reporter: Reporter
     costs: Costs
     fidelities: tuple[Fidelity, ...]  # the ladder, cheapest first
+    latency: Latency
     # The training data of each rung on the device, made when a rung first trains.
     rung_data: dict[int, DeviceData] = dataclasses.field(default_factory=dict)
 
@@ -336,7 +352,7 @@ def search(
     job = SearchJob(
         study, space, schedule, data, on_device, settings, distillation,
         Display(console, settings.trials) if console is not None else None, reporter, costs,
-        fidelities,
+        fidelities, Latency(lambda: calibrate_latency(space, schedule, settings.seed)),
     )  # fmt: skip
     counts = SearchCounts()
     fail_stale_trials(study)
@@ -418,8 +434,16 @@ def run_one(job: SearchJob, trial: optuna.Trial, rejections_in_a_row: int) -> Ou
     # Frozen dataclasses, no torch yet.
     config = sample(trial, job.space, rung_schedule(job.schedule, fidelity))
     expected = estimate(config)
+    if budgets.latency_ms is not None:
+        if job.latency.model is None:
+            job.reporter.step(trial.number, "timing a few files for the latency model")
+        model = job.latency.get()
+        trial.set_user_attr("estimated_latency_ms", round(model.predict(config), 4))
+        expected = dataclasses.replace(expected, latency_ms=model.optimistic(config))
     write_estimate(trial, expected)
-    over = budgets.excess(expected.params, expected.size_kb, expected.macs, expected.ram_kb)
+    over = budgets.excess(
+        expected.params, expected.size_kb, expected.macs, expected.ram_kb, expected.latency_ms
+    )
     if over:
         return reject(job, trial, expected, over, rejections_in_a_row + 1)
     if job.costs.model is None:
@@ -476,8 +500,13 @@ def run_one(job: SearchJob, trial: optuna.Trial, rejections_in_a_row: int) -> Ou
         job.study.tell(trial, state=TrialState.FAIL)
         raise
     job.reporter.step(trial.number, "recording its result")
-    record_constraints(trial, budgets, result.params, result.size_kb, result.macs, result.ram_kb)
-    over = budgets.excess(result.params, result.size_kb, result.macs, result.ram_kb)
+    record_constraints(
+        trial, budgets, result.params, result.size_kb, result.macs, result.ram_kb,
+        result.latency_ms,
+    )  # fmt: skip
+    over = budgets.excess(
+        result.params, result.size_kb, result.macs, result.ram_kb, result.latency_ms
+    )
     write_result(trial, result, settings.folder, over)
     job.study.tell(trial, [result.accuracy, result.size_kb])
     text = trained_outcome(result, over)
@@ -550,8 +579,9 @@ def reject(
     """
     budgets, every = job.settings.budgets, job.settings.fit_after_rejections
     record_constraints(
-        trial, budgets, expected.params, expected.size_kb, expected.macs, expected.ram_kb
-    )
+        trial, budgets, expected.params, expected.size_kb, expected.macs, expected.ram_kb,
+        expected.latency_ms,
+    )  # fmt: skip
     write_rejected(trial, over)
     job.study.tell(trial, [0.0, expected.size_kb])
     fitted = None
@@ -573,8 +603,9 @@ def reject_too_slow(
     the deployment sense."""
     budgets = job.settings.budgets
     record_constraints(
-        trial, budgets, expected.params, expected.size_kb, expected.macs, expected.ram_kb
-    )
+        trial, budgets, expected.params, expected.size_kb, expected.macs, expected.ram_kb,
+        expected.latency_ms,
+    )  # fmt: skip
     write_too_slow(trial, reason)
     job.study.tell(trial, [0.0, expected.size_kb])
     return Outcome("too slow", "too slow for the time left: " + reason)
@@ -679,6 +710,7 @@ def record_constraints(
     size_kb: float,
     macs: float,
     ram_kb: float,
+    latency_ms: float,
 ) -> None:
-    for name, value in budgets.constraints(params, size_kb, macs, ram_kb).items():
+    for name, value in budgets.constraints(params, size_kb, macs, ram_kb, latency_ms).items():
         trial.set_constraint(name, value)

@@ -156,6 +156,7 @@ class RunOptions:
     budget_kb: float
     budget_macs: float | None = None
     budget_ram: float | None = None  # KB of peak activation memory (spaces/memory.py)
+    budget_latency: float | None = None  # ms, median single-image latency (one thread)
     dataset: str = "digits"
     data_dir: Path = Path("data")
     trials: int = DEFAULT_TRIALS
@@ -195,6 +196,8 @@ class RunOptions:
             check_number(self.budget_macs, "--budget-macs")
         if self.budget_ram is not None:
             check_number(self.budget_ram, "--budget-ram")
+        if self.budget_latency is not None:
+            check_number(self.budget_latency, "--budget-latency")
         check_number(self.trials, "--trials", low=1, whole=True)
         check_epochs(self.epochs)
         check_rungs(self.rungs)
@@ -230,7 +233,10 @@ class RunOptions:
 
     @property
     def budgets(self) -> Budgets:
-        return Budgets(self.budget_params, self.budget_kb, self.budget_macs, self.budget_ram)
+        return Budgets(
+            self.budget_params, self.budget_kb, self.budget_macs, self.budget_ram,
+            self.budget_latency,
+        )  # fmt: skip
 
     @property
     def study_name(self) -> str:

@@ -106,3 +106,12 @@ def probe_work(
         int8_finetune=0.0,
         trials=0.0,
     )
+
+
+def latency_features(config: TrialConfig) -> tuple[float, ...]:
+    """What one inference of the config's deployable file does, as the latency model
+    weighs it: MACs, values the convolutions write, graph nodes, and 1 (a fixed cost per
+    run). The widths are those pruning leaves (exact for local pruning)."""
+    arch = pruned_arch(config.arch, channel_ratio(config.arch, config.compress.prune_fraction))
+    counts = count_layers(arch, config.train.test_resolution)
+    return (float(counts.macs), float(counts.activation_values), float(nodes(counts)), 1.0)

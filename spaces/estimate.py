@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 from dataclasses import dataclass
 
 from compsearch.spaces.blocks import (
@@ -36,6 +37,9 @@ class Estimate:
     # Peak activation memory of one inference of the deployable file (spaces/memory.py);
     # for the space's extremes, bounds that every config lies within.
     ram_bytes: int = 0
+    # The least latency the latency model (search/latency.py) allows for the config, in
+    # ms: what a --budget-latency rejects on; NaN when no model judged it.
+    latency_ms: float = math.nan
 
     @property
     def size_kb(self) -> float:

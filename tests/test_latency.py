@@ -1,0 +1,118 @@
+"""Latency: the file's measured median, the model that predicts it from a config, and a
+search under --budget-latency."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import optuna
+import pytest
+from conftest import SCHEDULE
+
+from compsearch.objectives.compress import export
+from compsearch.objectives.data import load_dataset
+from compsearch.objectives.latency import file_latency_ms
+from compsearch.objectives.teacher import residual_arch
+from compsearch.results.records import read_trials
+from compsearch.search import latency as latency_module
+from compsearch.search.latency import (
+    LATENCY_MARGIN,
+    LATENCY_SLACK,
+    LatencyModel,
+    calibrate_latency,
+)
+from compsearch.search.loop import SearchSettings, search
+from compsearch.search.study import DIRECTIONS
+from compsearch.spaces.budgets import Budgets
+from compsearch.spaces.builder import build
+from compsearch.spaces.cost import latency_features
+from compsearch.spaces.space import sample, space_for
+
+SPACE = space_for(1, 10, 8)
+
+
+def test_a_file_s_latency_is_the_median_of_timed_runs_and_grows_with_its_work(tmp_path):
+    """ResNet-20 at 32 px does about 100 times the MACs of a ResNet-8 4-8-16 at 8 px."""
+    small = export(
+        build(residual_arch(1, 10, (4, 8, 16), 1)).eval(), "fp32", 8, 1, tmp_path / "small.onnx"
+    )
+    large = export(
+        build(residual_arch(3, 10, (16, 32, 64), 3)).eval(), "fp32", 32, 3, tmp_path / "l.onnx"
+    )
+    fast, slow = file_latency_ms(small, 1, 8), file_latency_ms(large, 3, 32)
+    assert 0 < fast < slow and math.isfinite(slow)
+
+
+def test_the_latency_model_recovers_linear_costs_and_lowers_its_prediction_by_its_error():
+    configs = [sample(optuna.trial.FixedTrial(p), SPACE, SCHEDULE) for p in params(6)]
+    weights = (2e-6, 1e-5, 0.01, 0.05)  # ms per MAC, per value, per node, per run
+    rows = [(latency_features(c), float(np.dot(weights, latency_features(c)))) for c in configs]
+    model = LatencyModel.fit({"int8": rows})
+    assert model.worst_error < 1e-6
+    int8 = [c for c in configs if c.compress.precision == "int8"]
+    for config in int8:
+        assert model.predict(config) == pytest.approx(np.dot(weights, latency_features(config)))
+        assert model.optimistic(config) == pytest.approx(model.predict(config) / LATENCY_SLACK)
+    sloppy = dataclasses.replace(model, worst_error=5.0)  # then the error sets the slack
+    assert sloppy.optimistic(int8[0]) == pytest.approx(
+        model.predict(int8[0]) / (6.0 + LATENCY_MARGIN)
+    )
+
+
+def params(count: int) -> list[dict]:
+    """The parameters of `count` random int8 configs of SPACE."""
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=4))
+    found = []
+    for _ in range(count):
+        trial = study.ask()
+        sample(trial, SPACE, SCHEDULE)
+        found.append({**trial.params, "precision": "int8"})
+    return found
+
+
+def test_a_calibration_times_files_of_each_precision_and_fits_them(monkeypatch):
+    timed = []
+
+    def counted(path, channels, resolution):
+        timed.append(path.name)
+        return file_latency_ms(path, channels, resolution)
+
+    monkeypatch.setattr(latency_module, "file_latency_ms", counted)
+    model = calibrate_latency(SPACE, SCHEDULE, seed=0, probes=3)
+    assert len(timed) == 3 * len(SPACE.precisions)
+    assert set(model.coefficients) == set(SPACE.precisions)
+    assert all(w >= 0 for weights in model.coefficients.values() for w in weights)
+    assert math.isfinite(model.worst_error)
+
+
+def test_a_latency_budget_rejects_configs_clearly_too_slow_and_measures_the_rest(
+    tmp_path, monkeypatch
+):
+    """With a model whose prediction is the config's MACs / 20,000 ms, a budget of 2.5 ms
+    rejects configs above 200,000 MACs (2.5 ms x 20,000 x LATENCY_SLACK) before they
+    train; the trained ones record the latency their files measured."""
+    fixed = LatencyModel(
+        {p: (1 / 20_000, 0.0, 0.0, 0.0) for p in SPACE.precisions}, worst_error=0.0
+    )
+    monkeypatch.setattr("compsearch.search.loop.calibrate_latency", lambda *args: fixed)
+    budgets = Budgets(params=1e6, size_kb=100.0, latency_ms=2.5)
+    data = load_dataset("digits", seed=0, subset=200)
+    study = optuna.create_study(
+        directions=list(DIRECTIONS), sampler=optuna.samplers.RandomSampler(seed=3)
+    )
+    settings = SearchSettings(budgets, 2, None, 0, "cpu", tmp_path, early_stopping=False)
+    counts = search(study, SPACE, SCHEDULE, data, settings, console=None)
+    assert counts.trained == 2
+    records = read_trials(study.trials)
+    slow = [r for r in records if r.estimated_latency_ms / LATENCY_SLACK > 2.5]
+    assert slow and all(not r.trained and "latency_ms" in r.reason for r in slow)
+    for record, trial in zip(records, study.trials, strict=True):
+        assert record.estimated_latency_ms == pytest.approx(
+            fixed.predict(sample(optuna.trial.FixedTrial(trial.params), SPACE, SCHEDULE)),
+            abs=1e-4,
+        )
+        if record.trained:
+            assert record.latency_ms > 0
+            assert record.feasible(budgets) == (record.latency_ms <= 2.5)
