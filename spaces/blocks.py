@@ -14,15 +14,24 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import astuple, dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 if TYPE_CHECKING:
     from torch import nn
 
     from compsearch.spaces.layers import ActivationFactory
-    from compsearch.spaces.memory import Tracer
 
 ACTIVATIONS = ("relu", "leaky_relu", "silu", "hardswish")
+
+
+class Tracer(Protocol):
+    """What `Block.trace` writes its operators with (spaces/memory.py's Tracer): each
+    call adds the operators of one layer on numbered tensors and returns its output."""
+
+    def conv(self, x: int, channels: int, side: int) -> int: ...
+    def activation(self, x: int, channels: int, side: int) -> int: ...
+    def sum(self, a: int, b: int, channels: int, side: int) -> int: ...
+    def squeeze_excite(self, x: int, channels: int, squeeze_width: int, side: int) -> int: ...
 
 
 @dataclass(frozen=True)
