@@ -29,9 +29,6 @@ if TYPE_CHECKING:
 
 CARD_PACKAGES = ("compsearch", "torch", "onnx", "onnxruntime", "optuna", "numpy")
 EXPORT_FILES = ("model.onnx", "model.pt", "model.json")
-# With --format tflite, beside them: the int8 .tflite file and its C array.
-TFLITE = "model.tflite"
-C_ARRAY = "model_data.cc"
 
 
 class ExportError(ValueError):
@@ -78,10 +75,10 @@ def write_export(folder: Path, work: Path, result: TrialResult, card: dict[str, 
     )  # fmt: skip
     (work / "model.json").write_text(json.dumps(card, indent=2) + "\n")
     target = folder / "export"
-    for stale in (*EXPORT_FILES, TFLITE, C_ARRAY):
+    for stale in EXPORT_FILES:
         (target / stale).unlink(missing_ok=True)
     target.mkdir(parents=True, exist_ok=True)
-    for name in (*EXPORT_FILES, *card.get("tflite", {}).get("files", ())):
+    for name in EXPORT_FILES:
         shutil.move(work / name, target / name)
     return target
 
@@ -150,7 +147,6 @@ def model_card(
     test_accuracy: float,
     candidates: list[dict[str, Any]] = (),
     flip: bool = False,
-    tflite: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The card: `candidates` are every compressed file the export measured to choose
     model.onnx (name, precision, validation accuracy, size, whether it fit); `flip`: the
@@ -206,6 +202,4 @@ def model_card(
         "config": config.to_dict(),
         "packages": package_versions(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        # --format tflite: the int8 .tflite file, measured in the LiteRT interpreter
-        **({"tflite": tflite} if tflite else {}),
     }

@@ -109,15 +109,13 @@ def export(
     storage: str | None = None,
     quiet: bool = False,
     flip: bool = False,
-    format: str = "onnx",
 ) -> ExportSummary:
     """Retrain a trial for longer, verify its file against the budgets and write
     OUT/STUDY/export/ (model.onnx, model.pt, model.json), as `compsearch export` does.
     `time`: seconds of training instead of `epochs`, sized from the trial's own speed.
-    `flip`: the file averages the outputs on each image and its mirror (twice the MACs).
-    `format="tflite"`: an int8 model.tflite and its C array as well (the tflite extra)."""
+    `flip`: the file averages the outputs on each image and its mirror (twice the MACs)."""
     options = ExportOptions(
-        trial, epochs, time, teacher, data_dir, device, study, out, storage, flip, format
+        trial, epochs, time, teacher, data_dir, device, study, out, storage, flip
     )
     return export_job(options, Console(quiet=quiet))
 

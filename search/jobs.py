@@ -15,7 +15,7 @@ import subprocess
 import tempfile
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +27,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedCo
 from compsearch import __version__
 from compsearch.objectives.catalog import CACHE_FOLDER
 from compsearch.objectives.compress import FlipAveraged
-from compsearch.objectives.data import Dataset, load_dataset
-from compsearch.objectives.measure import calibration_images, file_size_kb, onnx_accuracy
+from compsearch.objectives.data import load_dataset
+from compsearch.objectives.measure import onnx_accuracy
 from compsearch.objectives.teacher import prepare_teacher
 from compsearch.objectives.train import DeviceData, Distillation, EpochCallback, accuracy, predict
 from compsearch.objectives.trial import (
-    CALIBRATION_IMAGES,
     Candidate,
     TrialResult,
     best_candidate,
@@ -40,14 +39,7 @@ from compsearch.objectives.trial import (
     lost_too_much,
     train_model,
 )
-from compsearch.results.export import (
-    C_ARRAY,
-    TFLITE,
-    ExportError,
-    model_card,
-    sha256,
-    write_export,
-)
+from compsearch.results.export import ExportError, model_card, write_export
 from compsearch.results.files import write_study_files
 from compsearch.results.records import StudySettings, TrialRecord
 from compsearch.search.anchors import queue_anchors
@@ -353,62 +345,15 @@ def execute_export(prepared: PreparedExport, console: Console, reporter: Reporte
                 time.perf_counter() - started,
             )  # fmt: skip
             test_accuracy = onnx_accuracy(result.onnx_path, data.test, data, data.resolution)
-            tflite = None
-            if options.format == "tflite":
-                tflite = write_tflite(chosen, data, resolution, work, seed, budgets, step)
             card = model_card(
                 prepared.study.study_name, record, result, data, budgets, seed, epochs,
                 teacher_spec, test_accuracy, candidate_rows(candidates, chosen, budgets),
-                flip=options.flip, tflite=tflite,
+                flip=options.flip,
             )  # fmt: skip
             target = write_export(folder, work, result, card)
     # The report shows the export's verified figures from now on.
     report = write_study_files(prepared.study, folder)[-1]
     return ExportSummary(target, card, budgets, report)
-
-
-def write_tflite(
-    chosen: Candidate,
-    data: Dataset,
-    resolution: int,
-    work: Path,
-    seed: int,
-    budgets: Budgets,
-    step: Callable[[str], None],
-) -> dict[str, Any]:
-    """The chosen model (the quantization-aware copy when that file was chosen) as an
-    int8 model.tflite in `work`, calibrated on the int8 ONNX file's images, checked
-    against the budgets with its own bytes and peak memory (ExportError when it breaks
-    one), measured in the LiteRT interpreter, and model_data.cc, its C array."""
-    from compsearch.objectives.tflite import (
-        export_tflite,
-        tflite_accuracy,
-        tflite_peak_bytes,
-        write_c_array,
-    )
-
-    step("writing the int8 .tflite file")
-    calibration = calibration_images(data, resolution, CALIBRATION_IMAGES, seed)
-    path = export_tflite(chosen.model, data.channels, resolution, calibration, work / TFLITE)
-    size_kb, ram_kb = file_size_kb(path), tflite_peak_bytes(path) / 1000
-    over = budgets.excess(chosen.params, size_kb, chosen.macs, ram_kb)
-    if over:
-        raise ExportError(
-            f"the .tflite file breaks the budgets ({', '.join(over)}); nothing was written: "
-            "export without --format tflite, or from a smaller trial (--trial N)"
-        )
-    step("measuring the .tflite file in the LiteRT interpreter")
-    figures = {
-        "files": [TFLITE, C_ARRAY],
-        "precision": "int8",
-        "size_kb": size_kb,
-        "ram_kb": ram_kb,
-        "validation_accuracy": tflite_accuracy(path, data.val, data, resolution),
-        "test_accuracy": tflite_accuracy(path, data.test, data, resolution),
-        "sha256": sha256(path),
-    }
-    write_c_array(path, work / C_ARRAY)
-    return figures
 
 
 def trained_epochs(config: TrialConfig) -> str:

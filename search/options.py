@@ -148,10 +148,6 @@ class Location:
             check_storage(self.storage)
 
 
-# What `export` writes beside model.onnx: nothing more, or an int8 .tflite file too.
-EXPORT_FORMATS = ("onnx", "tflite")
-
-
 @dataclass(frozen=True)
 class RunOptions:
     """`compsearch run`'s arguments, typed; the defaults are the command's."""
@@ -308,20 +304,8 @@ class ExportOptions:
     storage: str | None = None
     # The file averages the model's outputs on each image and its mirror (twice the MACs).
     flip: bool = False
-    # "tflite": also an int8 .tflite file and its C array (objectives/tflite.py).
-    format: str = "onnx"
 
     def __post_init__(self) -> None:
-        if self.format not in EXPORT_FORMATS:
-            raise UsageError(
-                f"unknown --format {self.format!r}; choose one of {', '.join(EXPORT_FORMATS)}"
-            )
-        if self.format == "tflite":
-            from compsearch.objectives.tflite import missing_reason
-
-            reason = missing_reason()
-            if reason:
-                raise UsageError(f"--format tflite needs {reason}")
         trial = str(self.trial).strip()
         if trial != "best" and not re.fullmatch(r"[0-9]+", trial):
             raise UsageError(f"--trial must be best or a trial number, but got {self.trial!r}")

@@ -6,7 +6,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +18,8 @@ from sklearn.datasets import load_digits
 from test_cli import compsearch
 
 from compsearch.objectives import trial as trial_module
-from compsearch.objectives.data import TEST_FRACTION, TEST_SEED, load_dataset, stratified_split
+from compsearch.objectives.data import TEST_FRACTION, TEST_SEED, stratified_split
 from compsearch.objectives.memory import file_ram_kb
-from compsearch.objectives.tflite import missing_reason, tflite_accuracy, tflite_peak_bytes
 from compsearch.objectives.train import fit
 from compsearch.results.records import SETTINGS_KEY
 from compsearch.search import api as compsearch_api
@@ -375,39 +373,3 @@ def test_a_flipped_export_averages_each_image_and_its_mirror_and_counts_both_run
         with torch.no_grad():
             expected = 0.5 * (model(x) + model(x.flip(3)))
         np.testing.assert_allclose(got, expected.numpy(), atol=1e-4, rtol=1e-4)
-
-
-@pytest.mark.skipif(missing_reason() is not None, reason=str(missing_reason()))
-def test_export_format_tflite_writes_a_measured_int8_tflite_file_and_its_c_array(
-    study_folder, tmp_path
-):
-    """On a copy of the study: model.tflite (int8, within the budgets by its own bytes and
-    peak memory) and model_data.cc beside model.onnx, the card's tflite figures measured
-    in the LiteRT interpreter; a later ONNX-only export removes them."""
-    shutil.copytree(study_folder, tmp_path / "study")
-    folder = tmp_path / "study"
-    # The smallest feasible trial: a .tflite file holds more bytes than the ONNX file
-    # (ResNet-8: 98.6 KB against 88.5), so one near the budget may not fit in it.
-    trials = pd.read_csv(folder / "runs" / "digits" / "trials.csv")
-    smallest = trials[trials["feasible"]].sort_values("size_kb").iloc[0]["number"]
-    result = compsearch(
-        "export", "--epochs", "2", "--format", "tflite", "--trial", str(smallest), cwd=folder
-    )
-    assert result.returncode == 0, result.stderr
-    export_folder = folder / "runs" / "digits" / "export"
-    card = json.loads((export_folder / "model.json").read_text())
-    tflite = card["tflite"]
-    path = export_folder / "model.tflite"
-    assert tflite["files"] == ["model.tflite", "model_data.cc"]
-    assert tflite["size_kb"] == path.stat().st_size / 1000 <= card["budgets"]["size_kb"]
-    assert tflite["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
-    assert tflite["ram_kb"] * 1000 == tflite_peak_bytes(path)
-    data = load_dataset("digits", seed=card["seed"])
-    assert tflite["test_accuracy"] == tflite_accuracy(path, data.test, data, 8)
-    assert abs(tflite["test_accuracy"] - card["test_accuracy"]) < 0.05
-    assert "model.tflite: test accuracy" in result.stdout
-    assert (export_folder / "model_data.cc").read_text().count("0x") == path.stat().st_size
-    again = compsearch("export", "--epochs", "2", "--trial", str(smallest), cwd=folder)
-    assert again.returncode == 0, again.stderr
-    assert not path.exists() and not (export_folder / "model_data.cc").exists()
-    assert "tflite" not in json.loads((export_folder / "model.json").read_text())
