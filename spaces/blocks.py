@@ -365,10 +365,8 @@ class GroupedBlock(Block):
     @staticmethod
     def trace(tracer, x, shape, in_side):
         side = out_resolution(in_side, shape.stride)
-        hidden, out = shape.hidden_width, shape.out_width
-        branch = tracer.activation(tracer.conv(x, hidden, in_side), hidden, in_side)
-        branch = tracer.activation(tracer.conv(branch, hidden, side), hidden, side)
-        branch = tracer.conv(branch, out, side)
+        out = shape.out_width
+        branch = tracer.conv(_expand_then_convolve(tracer, x, shape, in_side), out, side)
         branch = tracer.squeeze_excite(branch, out, shape.squeeze_width, side)
         shortcut = tracer.conv(x, out, side) if shape.projection else x
         return tracer.activation(tracer.sum(branch, shortcut, out, side), out, side)
@@ -489,12 +487,10 @@ class InvertedResidualBlock(Block):
     @staticmethod
     def trace(tracer, x, shape, in_side):
         side = out_resolution(in_side, shape.stride)
-        hidden, out = shape.hidden_width, shape.out_width
-        branch = tracer.activation(tracer.conv(x, hidden, in_side), hidden, in_side)
-        branch = tracer.activation(tracer.conv(branch, hidden, side), hidden, side)
-        branch = tracer.squeeze_excite(branch, hidden, shape.squeeze_width, side)
-        y = tracer.conv(branch, out, side)
-        return y if shape.projection else tracer.sum(y, x, out, side)
+        branch = _expand_then_convolve(tracer, x, shape, in_side)
+        branch = tracer.squeeze_excite(branch, shape.hidden_width, shape.squeeze_width, side)
+        y = tracer.conv(branch, shape.out_width, side)
+        return y if shape.projection else tracer.sum(y, x, shape.out_width, side)
 
     @staticmethod
     def widths(module):
@@ -502,6 +498,15 @@ class InvertedResidualBlock(Block):
 
         branch = module.branch if isinstance(module, Residual) else module
         return branch[0][0].out_channels, branch[-1][0].out_channels, _squeeze_width(module)
+
+
+def _expand_then_convolve(tracer: Tracer, x: int, shape: BlockShape, in_side: int) -> int:
+    """A 1x1 convolution to the hidden width, then the k x k one at the block's stride,
+    each with its activation: how grouped and inverted blocks begin."""
+    side = out_resolution(in_side, shape.stride)
+    hidden = shape.hidden_width
+    x = tracer.activation(tracer.conv(x, hidden, in_side), hidden, in_side)
+    return tracer.activation(tracer.conv(x, hidden, side), hidden, side)
 
 
 def _check_identity(shape: BlockShape) -> None:
