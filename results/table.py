@@ -154,7 +154,7 @@ def front_table(front: pd.DataFrame, title: str) -> Table:
     table = Table(
         title=title,
         caption="accuracy: the ONNX file in onnxruntime, validation split; "
-        "fp32: the torch model before compression",
+        "fp32: the torch model before compression; RAM: peak activation memory, KB",
     )
     for name, justify in (
         ("trial", "right"),
@@ -163,7 +163,7 @@ def front_table(front: pd.DataFrame, title: str) -> Table:
         ("params", "right"),
         ("size_kb", "right"),
         ("MACs", "right"),
-        ("RAM KB", "right"),
+        ("RAM", "right"),
         ("weights", "left"),
         ("pruned", "right"),
     ):
