@@ -20,6 +20,10 @@ Ingredients (names for `--ingredients` and `--keep`):
 - `zero-residual`: the last batch norm of every residual branch starts at zero
 - `whiten`: the stem's filters start as the whitened principal directions of image patches
 - `adamw`: AdamW (learning rate 2e-3, decoupled weight decay 0.05) instead of SGD
+- `translate2`, `no-translate`: images translated by at most 1/16 of their side (2 px at
+  32 px) or not at all, instead of 1/8 (4 px)
+- `alternating-flip`: each image flipped in every other epoch (a random half in the first
+  epoch, the others in the next) instead of a fresh coin per image and epoch, as airbench
 - `flip`: horizontal-flip test-time augmentation inside the file (no training of its own:
   the baseline's model, wrapped; its MACs doubled)
 
@@ -95,6 +99,9 @@ INGREDIENTS: dict[str, Change | None] = {
     "zero-residual": recipe_change(zero_init_residual=True),
     "whiten": recipe_change(whiten_stem=True),
     "adamw": recipe_change(optimizer="adamw"),
+    "translate2": recipe_change(translation=1 / 16),  # 2 px at 32 px instead of 4
+    "no-translate": recipe_change(translation=0.0),
+    "alternating-flip": recipe_change(alternating_flip=True),
     "flip": None,  # the baseline's model, flip-averaged in the file
 }
 

@@ -16,6 +16,7 @@ batch-norm statistics are then recalibrated on unaugmented images at that resolu
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -69,6 +70,11 @@ class Recipe:
     # Set the stem convolution's filters to the leading principal directions of the
     # training images' patches, whitened (as airbench does), before training.
     whiten_stem: bool = False
+    # Largest random translation, as a share of the image side (zero fill); 0: none.
+    translation: float = 0.125
+    # Flip each image in every other epoch, starting from a random half (as airbench
+    # does), instead of drawing each epoch's flips anew.
+    alternating_flip: bool = False
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -77,6 +83,8 @@ class Recipe:
             )
         if not 0.0 <= self.average_fraction < 1.0:
             raise ValueError(f"average_fraction must lie in [0, 1), got {self.average_fraction}")
+        if not 0.0 <= self.translation < 0.5:
+            raise ValueError(f"translation must lie in [0, 0.5), got {self.translation}")
 
 
 @dataclass(frozen=True)
@@ -177,9 +185,10 @@ class DeviceData:
         )
 
 
-def translation_pad(resolution: int) -> int:
-    """Pixels of random translation: an eighth of the image side (4 px at 32 px)."""
-    return max(1, resolution // 8)
+def translation_pad(resolution: int, share: float = 0.125) -> int:
+    """Pixels of random translation: `share` of the image side, rounded down but at least
+    one pixel (an eighth: 4 px at 32 px, 1 px at 8 px); none when `share` is 0."""
+    return max(1, int(resolution * share)) if share > 0 else 0
 
 
 @dataclass(frozen=True)
@@ -282,15 +291,22 @@ def fit(
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate_factor)
-    pad = translation_pad(data.resolution)
+    pad = translation_pad(data.resolution, phase.recipe.translation)
+    # Alternating flips: each image's flip in even epochs, drawn once per phase (the first
+    # epoch's draws, read by image rather than by place); odd epochs flip the others.
+    image_flips: torch.Tensor | None = None
     if distillation is not None:
         distillation.teacher.eval()
     model.train()
     mean_loss = float("nan")
     for epoch in range(phase.epochs):
-        draws = EpochDraws.draw(len(train), pad, data.resolution, phase.cutout, generator).to(
-            data.device
-        )
+        draws = EpochDraws.draw(len(train), pad, data.resolution, phase.cutout, generator)
+        if phase.recipe.alternating_flip:
+            if image_flips is None:
+                image_flips = draws.flip
+            flips = image_flips[draws.order] ^ bool(epoch % 2)
+            draws = dataclasses.replace(draws, flip=flips)
+        draws = draws.to(data.device)
         loss_sum = torch.zeros((), device=data.device)
         for start in range(0, len(train), phase.batch_size):
             batch = slice(start, start + phase.batch_size)

@@ -196,3 +196,59 @@ def test_the_screen_s_ingredients_change_what_they_name():
     assert INGREDIENTS["lr0.2"](SCHEDULE, Recipe())[0].learning_rate == 0.2
     assert INGREDIENTS["decay1e-3"](SCHEDULE, Recipe())[0].weight_decay == 1e-3
     assert INGREDIENTS["flip"] is None  # the export's choice: no training of its own
+
+
+def test_translation_share_sets_the_pixels_of_shift():
+    from compsearch.objectives.train import translation_pad
+
+    assert translation_pad(32) == 4 and translation_pad(28) == 3 and translation_pad(8) == 1
+    assert translation_pad(32, 1 / 16) == 2 and translation_pad(8, 1 / 16) == 1
+    assert translation_pad(32, 0.0) == 0
+    with pytest.raises(ValueError, match="translation"):
+        Recipe(translation=0.5)
+
+
+def epochs_augmented(digits, monkeypatch, epochs: int, **recipe: object) -> list[tuple]:
+    """(pad, order, flips by place) of each epoch `fit` trains, as `augment` saw them."""
+    import compsearch.objectives.train as train
+
+    seen: list[tuple] = []
+    augment = train.augment
+
+    def recording(images, draws, positions, pad, flip, cutout):
+        if positions.start == 0:  # an epoch's first batch
+            seen.append((pad, draws.order.clone(), draws.flip.clone()))
+        return augment(images, draws, positions, pad, flip, cutout)
+
+    monkeypatch.setattr(train, "augment", recording)
+    fit(
+        build(arch()),
+        DeviceData(digits, "cpu"),
+        Phase.of(SCHEDULE, 8, epochs=epochs, recipe=Recipe(**recipe)),
+        torch.Generator().manual_seed(0),
+    )
+    return seen
+
+
+def test_translation_reaches_the_augmentation(digits, monkeypatch):
+    assert {pad for pad, _, _ in epochs_augmented(digits, monkeypatch, 1)} == {1}
+    assert {pad for pad, _, _ in epochs_augmented(digits, monkeypatch, 1, translation=0.0)} == {0}
+
+
+def test_alternating_flip_flips_each_image_in_every_other_epoch(digits, monkeypatch):
+    epochs = epochs_augmented(digits, monkeypatch, 4, alternating_flip=True)
+    assert len(epochs) == 4
+    by_image = []
+    for _, order, flips in epochs:
+        flipped = torch.empty_like(flips)
+        flipped[order] = flips  # place -> image
+        by_image.append(flipped)
+    assert 0.3 < by_image[0].float().mean() < 0.7  # a random half to start
+    for even, odd in zip(by_image[::2], by_image[1::2], strict=True):
+        assert torch.equal(odd, ~even)
+    assert torch.equal(by_image[0], by_image[2])
+    # Fresh coins (today's trainer) agree with the alternation on about half the images.
+    fresh = epochs_augmented(digits, monkeypatch, 2)
+    flipped = torch.empty_like(fresh[1][2])
+    flipped[fresh[1][1]] = fresh[1][2]
+    assert 0.3 < (flipped == by_image[1]).float().mean() < 0.7
