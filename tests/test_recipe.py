@@ -201,7 +201,9 @@ def test_the_screen_s_ingredients_change_what_they_name():
 def test_translation_share_sets_the_pixels_of_shift():
     from compsearch.objectives.train import translation_pad
 
-    assert translation_pad(32) == 4 and translation_pad(28) == 3 and translation_pad(8) == 1
+    eighth = 1 / 8
+    assert translation_pad(32, eighth) == 4 and translation_pad(28, eighth) == 3
+    assert translation_pad(8, eighth) == 1
     assert translation_pad(32, 1 / 16) == 2 and translation_pad(8, 1 / 16) == 1
     assert translation_pad(32, 0.0) == 0
     with pytest.raises(ValueError, match="translation"):
@@ -231,8 +233,8 @@ def epochs_augmented(digits, monkeypatch, epochs: int, **recipe: object) -> list
 
 
 def test_translation_reaches_the_augmentation(digits, monkeypatch):
-    assert {pad for pad, _, _ in epochs_augmented(digits, monkeypatch, 1)} == {1}
-    assert {pad for pad, _, _ in epochs_augmented(digits, monkeypatch, 1, translation=0.0)} == {0}
+    assert {pad for pad, _, _ in epochs_augmented(digits, monkeypatch, 1)} == {0}  # default
+    assert {pad for pad, _, _ in epochs_augmented(digits, monkeypatch, 1, translation=0.125)} == {1}
 
 
 def test_alternating_flip_flips_each_image_in_every_other_epoch(digits, monkeypatch):
