@@ -16,7 +16,9 @@ ONNX file run in onnxruntime and every size from the file's bytes:
   with its size against the unpruned fp32 file;
 - a control: the unpruned model fine-tuned as long as the most pruned one was, whose
   gain is what the extra epochs give without pruning;
-- with `--criteria`, every criterion and scope at 50%, fine-tuned, in fp32.
+- with `--criteria`, every criterion and scope at 50%, fine-tuned, in fp32;
+- with `--alignment 8`, pruned widths rounded down to multiples of 8 (a trial leaves
+  them as pruned: README, "Compression").
 
     python bench/compression_fidelity.py                   # MNIST from ../shared/data
     python bench/compression_fidelity.py --subset 10000 --epochs 6 --criteria
@@ -65,6 +67,8 @@ from compsearch.objectives.trial import (
     train_model,
 )
 from compsearch.search.loop import default_schedule
+from compsearch.spaces import blocks
+from compsearch.spaces.blocks import CHANNEL_ALIGNMENT
 from compsearch.spaces.config import (
     PRUNE_CRITERIA,
     PRUNE_SCOPES,
@@ -218,9 +222,15 @@ def main() -> None:
         "--fractions", type=float, nargs="+", default=FRACTIONS, help="shares of params pruned"
     )
     parser.add_argument(
+        "--alignment", type=int, default=CHANNEL_ALIGNMENT,
+        help="pruned widths are rounded down to multiples of this (1: not at all), "
+        f"default {CHANNEL_ALIGNMENT} as in a trial",
+    )  # fmt: skip
+    parser.add_argument(
         "--results", type=Path, help="also write the tables to this .md file (and .json)"
     )
     args = parser.parse_args()
+    blocks.CHANNEL_ALIGNMENT = args.alignment  # read by aligned_width at every call
 
     started = time.perf_counter()
     data = load_dataset(
@@ -236,7 +246,8 @@ def main() -> None:
         f"{data.name}: {len(data.train):,} training images, {len(data.test):,} test images, "
         f"{resolution} px; {args.epochs} epochs ({schedule.finetune_epochs} at the test "
         f"resolution, the rest at {schedule.train_resolution} px), seed {args.seed}; torch "
-        f"{torch.__version__}, autocast {on_device.autocast or 'none (fp32)'}; machine: "
+        f"{torch.__version__}, autocast {on_device.autocast or 'none (fp32)'}; pruned widths "
+        f"rounded down to multiples of {args.alignment}; machine: "
         f"{machine()}"
     )
     print(heading)

@@ -18,7 +18,8 @@ from torch import nn
 
 from compsearch.objectives.catalog import INPUT_NAME, OUTPUT_NAME
 from compsearch.objectives.measure import count_params
-from compsearch.spaces.blocks import get_block
+from compsearch.spaces import blocks
+from compsearch.spaces.blocks import aligned_width, get_block
 from compsearch.spaces.builder import Network, read_widths
 from compsearch.spaces.config import (
     PRUNE_CRITERIA,
@@ -28,7 +29,7 @@ from compsearch.spaces.config import (
     block_shapes,
     with_widths,
 )
-from compsearch.spaces.estimate import channel_ratio
+from compsearch.spaces.estimate import aligned_arch, channel_ratio, count_layers
 
 ONNX_OPSET = 17
 
@@ -82,7 +83,9 @@ def prune(
     are down to the target (or as far as it can go); no layer loses more than
     GLOBAL_MAX_LAYER_RATIO of its channels,
     and widths the config ties but torch-pruning would prune apart stay whole (see
-    `Block.fixed_in_global_pruning`).
+    `Block.fixed_in_global_pruning`). Either way, where CHANNEL_ALIGNMENT is above 1 (a
+    benchmark's setting), every width is then rounded down to a multiple of it
+    (`align_channels`).
     """
     fraction = compress.prune_fraction
     if fraction <= 0:
@@ -126,11 +129,42 @@ def prune(
         )
         for _ in range(GLOBAL_PRUNING_STEPS):
             pruner.step()
-            if count_params(model) <= target:
+            # Stop as soon as the widths, once aligned below, are few enough.
+            stem_width, stage_widths = read_widths(model, arch)
+            aligned = aligned_arch(with_widths(arch, stem_width, stage_widths))
+            if count_layers(aligned, 1).params <= target:
                 break
+    align_channels(model, example, ranking, ignored_layers=[model.classifier])
     model.zero_grad(set_to_none=True)
     stem_width, stage_widths = read_widths(model, arch)
     return with_widths(arch, stem_width, stage_widths)
+
+
+def splits_channels(module: nn.Module) -> bool:
+    """A grouped convolution that is not depthwise: pruning must keep its groups equal."""
+    return isinstance(module, nn.Conv2d) and 1 < module.groups < module.in_channels
+
+
+def align_channels(
+    model: nn.Module, example: torch.Tensor, ranking, ignored_layers: list[nn.Module]
+) -> None:
+    """Prune every channel group of `model` further, by the least important channels, down
+    to `aligned_width` (a multiple of CHANNEL_ALIGNMENT where it is above it), in place;
+    groups that a grouped convolution splits stay as they are (`kept_channels` mirrors
+    this). Nothing to do at the default alignment of 1."""
+    if blocks.CHANNEL_ALIGNMENT <= 1:
+        return
+    import torch_pruning as tp
+
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
+    for group in graph.get_all_groups(ignored_layers=ignored_layers, root_module_types=[nn.Conv2d]):
+        if any(splits_channels(item.dep.target.module) for item in group):
+            continue
+        channels = len(group[0].idxs)
+        extra = channels - aligned_width(channels)
+        if extra > 0:
+            scores = ranking(group)
+            group.prune(idxs=torch.argsort(scores)[:extra].tolist())
 
 
 class FlipAveraged(nn.Module):

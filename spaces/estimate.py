@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from compsearch.spaces.blocks import (
     LayerCounts,
+    aligned_width,
     conv_bn_counts,
     get_block,
     kept_channels,
@@ -48,6 +49,20 @@ class Estimate:
     @property
     def ram_kb(self) -> float:
         return self.ram_bytes / 1000
+
+
+def aligned_arch(arch: ArchConfig) -> ArchConfig:
+    """The widths `align_channels` (objectives/compress.py) leaves: each rounded down with
+    `aligned_width`, except inner widths that a grouped convolution splits."""
+    stage_widths = [
+        (
+            aligned_width(stage.width),
+            tuple(w if stage.groups > 1 else aligned_width(w) for w in stage.hidden_widths),
+            tuple(aligned_width(w) for w in stage.squeeze_widths),
+        )
+        for stage in arch.stages
+    ]
+    return with_widths(arch, aligned_width(arch.stem_width), stage_widths)
 
 
 MAX_CHANNEL_RATIO = 0.95  # the most of each group's channels local pruning removes
@@ -226,10 +241,10 @@ def extreme_estimate(space: SearchSpace, smallest: bool) -> Estimate:
     pick = min if smallest else max
     index = 0 if smallest else 1
     # Bounds on what pruning a fraction f of the parameters leaves: a channel ratio of f
-    # leaves at most (1 - f) of them (quadratic terms keep (1 - f)^2), one of
-    # 1 - sqrt(1 - f) at least (linear terms keep more than 1 - f).
-    low, high = space.prune_fraction
-    ratio = high if smallest else 1 - (1 - low) ** 0.5
+    # leaves at most (1 - f) of them (quadratic terms keep (1 - f)^2), so the ratio local
+    # pruning needs is at most f. Rounding widths down to multiples of 8 removes more, so
+    # the ratio it needs can be as small as zero: the largest model is the unpruned one.
+    ratio = space.prune_fraction[1] if smallest else 0.0
     stem_width = space.stem_width[index]
     width = space.width[index]
     side = space.test_resolution

@@ -17,7 +17,7 @@ from compsearch.spaces.blocks import (
     squeeze_width_for,
 )
 from compsearch.spaces.builder import build
-from compsearch.spaces.config import ArchConfig, CompressConfig
+from compsearch.spaces.config import ArchConfig, CompressConfig, block_shapes
 from compsearch.spaces.estimate import channel_ratio, count_layers, pruned_arch
 from compsearch.spaces.layers import make_activation
 from compsearch.spaces.space import make_stage
@@ -138,6 +138,69 @@ def test_kept_channels_follows_torch_pruning_rules():
     assert kept_channels(1, 0.5) == 1  # a single channel is never pruned
     assert kept_channels(3, 0.7) == 3  # a group pruned to nothing is left alone
     assert kept_channels(10, 0.0) == 10
+
+
+@pytest.fixture
+def aligned(monkeypatch):
+    """Pruned widths rounded down to multiples of 8, as `--alignment 8` benchmarks them."""
+    monkeypatch.setattr("compsearch.spaces.blocks.CHANNEL_ALIGNMENT", 8)
+
+
+def test_kept_channels_then_aligns_where_asked(aligned):
+    assert kept_channels(64, 0.1) == 56  # int(57.6), down to a multiple of 8
+    assert kept_channels(64, 0.5) == 32
+    assert kept_channels(12, 0.3) == 8  # int(8.4)
+    assert kept_channels(12, 0.5) == 6  # at most 8: as torch-pruning leaves it
+    assert kept_channels(24, 0.1, groups=4) == 20  # int(6 * 0.9) per group, not aligned
+
+
+def test_pruning_leaves_widths_that_are_multiples_of_8(aligned):
+    """Local and global pruning of a network of odd widths: every width above 8 that no
+    grouped convolution splits is a multiple of 8 afterwards, the least important channels
+    went, and the pruned model still computes."""
+    stages = (
+        make_stage("basic", 1, 13, 21, 3, 1, 4, 4, False),
+        make_stage("inverted", 2, 21, 45, 3, 2, 4, 4, True),
+        make_stage("grouped", 1, 45, 36, 3, 2, 2, 4, False),
+    )
+    arch = ArchConfig(3, 5, 13, 3, "relu", 0.1, stages=stages)
+    for scope in ("local", "global"):
+        torch.manual_seed(0)
+        model = build(arch).eval()
+        compress = CompressConfig("fp32", 0.3, "l2", scope)
+        pruned = prune(model, arch, compress, torch.zeros(1, 3, 16, 16))
+        widths = [pruned.stem_width]
+        for stage, shape in block_shapes(pruned):
+            widths += [shape.out_width, shape.squeeze_width]
+            if stage.block != "grouped":
+                widths.append(shape.hidden_width)
+        assert all(w <= 8 or w % 8 == 0 for w in widths), (scope, widths)
+        assert torch.isfinite(model(torch.randn(2, 3, 16, 16))).all()
+        if scope == "local":
+            assert pruned == pruned_arch(arch, channel_ratio(arch, 0.3))
+
+
+def test_aligning_removes_the_least_important_channels(aligned):
+    """Of a 13-channel stem, the 5 channels with the smallest weights go."""
+    from compsearch.objectives.compress import align_channels, importance
+
+    arch = ArchConfig(
+        3, 5, 13, 3, "relu", 0.1, stages=(make_stage("plain", 1, 13, 8, 3, 1, 1, 4, False),)
+    )
+    torch.manual_seed(0)
+    model = build(arch).eval()
+    stem = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    norms = [1.0 + c for c in range(13)]
+    weak = [2, 5, 7, 11, 12]
+    with torch.no_grad():
+        for c in range(13):
+            scale = 0.01 if c in weak else norms[c]
+            stem.weight[c] = scale / stem.weight[c].norm() * stem.weight[c]
+    kept = [stem.weight[c].clone() for c in range(13) if c not in weak]
+    align_channels(model, torch.zeros(1, 3, 8, 8), importance("l2"), [model.classifier])
+    assert stem.out_channels == 8
+    for row, expected in zip(stem.weight, kept, strict=True):
+        torch.testing.assert_close(row, expected)
 
 
 def test_unknown_block_lists_the_valid_names():
