@@ -16,6 +16,14 @@ from compsearch.results.table import compact_amount, outcome_counts, pareto_fron
 from compsearch.spaces.budgets import Budgets, amount
 
 AXES = (("size_kb", "ONNX file size (KB)", "size_kb"), ("params", "parameters", "params"))
+LATENCY_AXIS = ("latency_ms", "median latency, one thread (ms)", "latency_ms")
+
+
+def axes_of(front: pd.DataFrame) -> tuple[tuple[str, str, str], ...]:
+    """The panels: accuracy against size and params, and against latency when it is an
+    objective. With three objectives the front is not a line on any one panel: its trials
+    are drawn, not joined."""
+    return AXES + ((LATENCY_AXIS,) if "latency_ms" in front.attrs.get("objectives", ()) else ())
 
 
 def pyplot():
@@ -53,10 +61,14 @@ def pareto_figure(frame: pd.DataFrame, budgets: Budgets, title: str):
     feasible = feasible[feasible["top_fidelity"].astype(bool)]
     infeasible = trained[~trained["feasible"].astype(bool)]
     front = pareto_front(frame)
+    panels = axes_of(front)
+    joined = len(panels) == len(AXES)
     rejected, stopped, _ = outcome_counts(frame)
-    figure, axes = plt.subplots(1, 2, figsize=(12, 5), constrained_layout=True)
+    figure, axes = plt.subplots(
+        1, len(panels), figsize=(6 * len(panels), 5), constrained_layout=True
+    )
     compact = FuncFormatter(lambda value, _: compact_amount(value))
-    for axis, (column, label, budget_name) in zip(axes, AXES, strict=True):
+    for axis, (column, label, budget_name) in zip(axes, panels, strict=True):
         axis.scatter(
             feasible[column],
             feasible["accuracy"] * 100,
@@ -87,14 +99,15 @@ def pareto_figure(frame: pd.DataFrame, budgets: Budgets, title: str):
         # The front is the accuracy/size one; on the params panel the same trials are
         # joined in order of params.
         ordered = front.sort_values(column)
-        axis.step(
-            ordered[column],
-            ordered["accuracy"] * 100,
-            where="post",
-            color="tab:green",
-            linewidth=1.5,
-            zorder=2,
-        )
+        if joined:
+            axis.step(
+                ordered[column],
+                ordered["accuracy"] * 100,
+                where="post",
+                color="tab:green",
+                linewidth=1.5,
+                zorder=2,
+            )
         axis.scatter(
             ordered[column],
             ordered["accuracy"] * 100,
@@ -106,19 +119,21 @@ def pareto_figure(frame: pd.DataFrame, budgets: Budgets, title: str):
             zorder=4,
         )
         budget = getattr(budgets, budget_name)
-        axis.axvline(budget, color="black", linestyle="--", linewidth=1, label="budget")
-        axis.annotate(
-            f"budget {amount(budget)}",
-            xy=(budget, 0.98),
-            xycoords=("data", "axes fraction"),
-            rotation=90,
-            ha="right",
-            va="top",
-            fontsize=9,
-        )
+        if budget is not None:
+            axis.axvline(budget, color="black", linestyle="--", linewidth=1, label="budget")
+            axis.annotate(
+                f"budget {amount(budget)}",
+                xy=(budget, 0.98),
+                xycoords=("data", "axes fraction"),
+                rotation=90,
+                ha="right",
+                va="top",
+                fontsize=9,
+            )
         axis.set_xscale("log")
         if len(trained):
-            axis.set_xlim(trained[column].min() / 1.5, max(budget, trained[column].max()) * 1.5)
+            high = max(budget or 0, trained[column].max())
+            axis.set_xlim(trained[column].min() / 1.5, high * 1.5)
             low = max(0.0, trained["accuracy"].min() * 100 - 2)
             axis.set_ylim(low, min(100.5, trained["accuracy"].max() * 100 + 1))
         axis.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
@@ -150,14 +165,16 @@ def pareto_plotly(frame: pd.DataFrame, budgets: Budgets, title: str):
     trained["hover"] = [
         f"trial {row['number']} (rung {row['rung']})<br>accuracy {row['accuracy']:.2%}<br>"
         f"size {row['size_kb']:.1f} KB<br>params {int(row['params']):,}<br>"
+        f"latency {row['latency_ms']:.3g} ms<br>"
         + "<br>".join(f"{p.removeprefix('param_')}: {json.dumps(row[p])}" for p in params)
         for _, row in trained.iterrows()
     ]
     front = pareto_front(frame)
-    figure = make_subplots(
-        rows=1, cols=2, subplot_titles=("accuracy against size", "accuracy against params")
-    )
-    for col, (column, label, budget_name) in enumerate(AXES, start=1):
+    panels = axes_of(front)
+    joined = len(panels) == len(AXES)
+    titles = ("accuracy against size", "accuracy against params", "accuracy against latency")
+    figure = make_subplots(rows=1, cols=len(panels), subplot_titles=titles[: len(panels)])
+    for col, (column, label, budget_name) in enumerate(panels, start=1):
         feasible = trained["feasible"].astype(bool)
         top = trained["top_fidelity"].astype(bool)
         for part, name, color, symbol in (
@@ -185,8 +202,9 @@ def pareto_plotly(frame: pd.DataFrame, budgets: Budgets, title: str):
             go.Scatter(
                 x=ordered[column],
                 y=ordered["accuracy"] * 100,
-                mode="lines",
+                mode="lines" if joined else "markers",
                 line=dict(shape="hv", color="seagreen"),
+                marker=dict(size=14, color="rgba(0,0,0,0)", line=dict(color="seagreen", width=2)),
                 name="Pareto front",
                 legendgroup="front",
                 showlegend=col == 1,
@@ -197,6 +215,10 @@ def pareto_plotly(frame: pd.DataFrame, budgets: Budgets, title: str):
         )
         budget = getattr(budgets, budget_name)
         low, high = (trained["accuracy"].min() * 100, 100) if len(trained) else (0, 100)
+        if budget is None:
+            figure.update_xaxes(title_text=label, type="log", row=1, col=col)
+            figure.update_yaxes(title_text="validation accuracy (%)", row=1, col=col)
+            continue
         figure.add_trace(
             go.Scatter(
                 x=[budget, budget],

@@ -27,6 +27,22 @@ if TYPE_CHECKING:
     from compsearch.spaces.estimate import Estimate
 
 SETTINGS_KEY = "compsearch"  # the study user attribute holding its StudySettings
+
+# What a study can optimize, by --objectives name: the trials.csv column and its direction.
+OBJECTIVES = {
+    "accuracy": ("accuracy", "maximize"),
+    "size": ("size_kb", "minimize"),
+    "latency": ("latency_ms", "minimize"),
+}
+DEFAULT_OBJECTIVES = ("accuracy", "size")
+CHOICES_OF_OBJECTIVES = (DEFAULT_OBJECTIVES, ("accuracy", "size", "latency"))
+
+
+def objective_columns(objectives: Iterable[str]) -> tuple[str, ...]:
+    """The trials.csv columns of `objectives` (names of OBJECTIVES), in order."""
+    return tuple(OBJECTIVES[name][0] for name in objectives)
+
+
 # The reason of a trial that another worker failed: its own worker can no longer write it.
 LOST = "worker lost (no heartbeat): killed, out of memory or its machine gone"
 INTERRUPTED = "interrupted before it finished (Ctrl-C)"
@@ -54,6 +70,7 @@ class StudySettings:
     data_source: tuple[str, str] = ("", "data")
     space: SearchSpace | None = None  # None only in studies older than the space's record
     version: str = ""
+    objectives: tuple[str, ...] = DEFAULT_OBJECTIVES  # names of OBJECTIVES, in Optuna's order
 
     def to_attrs(self) -> dict[str, Any]:
         return {
@@ -65,6 +82,7 @@ class StudySettings:
             "data_source": list(self.data_source),
             "space": self.space.to_dict() if self.space is not None else None,
             "version": self.version,
+            "objectives": list(self.objectives),
         }
 
     @classmethod
@@ -80,6 +98,7 @@ class StudySettings:
             data_source=(str(source[0]), str(source[1])),
             space=SearchSpace.from_dict(space) if space else None,
             version=attrs.get("version", ""),
+            objectives=tuple(attrs.get("objectives") or DEFAULT_OBJECTIVES),
         )
 
 

@@ -21,6 +21,7 @@ from compsearch import __version__
 from compsearch.results.records import PredictionErrors, StudySettings
 from compsearch.results.table import (
     compact_amount,
+    latency_label,
     outcome_counts,
     pareto_front,
     pruning_summary,
@@ -103,6 +104,7 @@ def front_html(front: pd.DataFrame) -> str:
             f"{row['size_kb']:.1f}",
             compact_amount(row["macs"]),
             ram_label(row.get("ram_kb", math.nan)),
+            latency_label(row.get("latency_ms", math.nan)),
             str(row.get("param_precision", ""))
             + (" QAT" if row.get("quantization_aware") in (True, "True") else ""),
             pruning_summary(row),
@@ -110,10 +112,10 @@ def front_html(front: pd.DataFrame) -> str:
         for _, row in front.iterrows()
     ]
     header = [
-        "trial", "accuracy", "fp32", "params", "size (KB)", "MACs", "RAM (KB)", "weights",
-        "pruned",
+        "trial", "accuracy", "fp32", "params", "size (KB)", "MACs", "RAM (KB)",
+        "latency (ms)", "weights", "pruned",
     ]  # fmt: skip
-    return table_html(header, rows, numeric={0, 1, 2, 3, 4, 5, 6})
+    return table_html(header, rows, numeric={0, 1, 2, 3, 4, 5, 6, 7})
 
 
 def export_html(card: dict[str, Any] | None) -> str:
@@ -233,9 +235,12 @@ def write_report(frame: pd.DataFrame, settings: StudySettings, folder: Path, nam
             ("parameters", budgets.params),
             ("file size (KB)", budgets.size_kb),
             ("MACs", budgets.macs),
+            ("peak activation memory (KB)", budgets.ram_kb),
+            ("latency (ms)", budgets.latency_ms),
         )
         if value is not None
     ]
+    objectives = ", ".join(settings.objectives)
     created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
@@ -253,6 +258,7 @@ running each trial's ONNX file in onnxruntime; only the export touches the test 
 {table_html(["outcome", "trials"], [[k, str(v)] for k, v in counts.items()], numeric={1})}
 {cost_html(frame)}
 <h2>Feasible Pareto front (most accurate first)</h2>
+<p class="note">Objectives: {html.escape(objectives)}.</p>
 {front_html(pareto_front(frame))}
 <h2>Export</h2>
 {export_html(card)}

@@ -8,7 +8,14 @@ import optuna
 import pandas as pd
 from rich.table import Table
 
-from compsearch.results.records import at_top_fidelity, read_trials
+from compsearch.results.records import (
+    DEFAULT_OBJECTIVES,
+    OBJECTIVES,
+    at_top_fidelity,
+    objective_columns,
+    read_settings,
+    read_trials,
+)
 from compsearch.spaces.budgets import Budgets
 
 COLUMNS = [
@@ -75,25 +82,44 @@ def trials_frame(study: optuna.Study, budgets: Budgets) -> pd.DataFrame:
         rows.append(row)
     frame = pd.DataFrame(rows)
     if frame.empty:
-        return pd.DataFrame(columns=COLUMNS)
-    params = sorted(c for c in frame.columns if c.startswith("param_"))
-    return frame[COLUMNS + params]
+        frame = pd.DataFrame(columns=COLUMNS)
+    else:
+        params = sorted(c for c in frame.columns if c.startswith("param_"))
+        frame = frame[COLUMNS + params]
+    frame.attrs["objectives"] = study_objective_columns(study)
+    return frame
 
 
-def pareto_front(frame: pd.DataFrame) -> pd.DataFrame:
+def study_objective_columns(study: optuna.Study) -> tuple[str, ...]:
+    """The columns of the study's objectives: accuracy and size_kb, and latency_ms when it
+    was created with --objectives accuracy,size,latency."""
+    settings = read_settings(study.user_attrs)
+    names = settings.objectives if settings is not None else DEFAULT_OBJECTIVES
+    if len(names) != len(study.directions):  # a study made by hand, as tests make them
+        names = tuple(OBJECTIVES)[: len(study.directions)]
+    return objective_columns(names)
+
+
+def pareto_front(frame: pd.DataFrame, objectives: tuple[str, ...] | None = None) -> pd.DataFrame:
     """Feasible trials at the highest fidelity reached that no other such trial beats on
-    both accuracy and size_kb: like with like, when lower rungs trained less."""
+    every objective (`objectives`, columns: by default the frame's, from trials_frame:
+    accuracy and size_kb, and latency_ms when the study optimizes it): like with like,
+    when lower rungs trained less. Most accurate first."""
+    columns = list(
+        objectives or frame.attrs.get("objectives") or objective_columns(DEFAULT_OBJECTIVES)
+    )
     feasible = frame[frame["feasible"].astype(bool) & frame["top_fidelity"].astype(bool)]
+    # Every objective as a cost to minimize.
+    costs = feasible[columns].astype(float) * [-1.0 if c == "accuracy" else 1.0 for c in columns]
     keep = []
-    for index, row in feasible.iterrows():
-        dominated = (
-            (feasible["accuracy"] >= row["accuracy"])
-            & (feasible["size_kb"] <= row["size_kb"])
-            & ((feasible["accuracy"] > row["accuracy"]) | (feasible["size_kb"] < row["size_kb"]))
-        ).any()
-        if not dominated:
+    for index, row in costs.iterrows():
+        no_worse = (costs <= row).all(axis=1)
+        better = (costs < row).any(axis=1)
+        if not (no_worse & better).any():
             keep.append(index)
-    return feasible.loc[keep].sort_values(["accuracy", "size_kb"], ascending=[False, True])
+    front = feasible.loc[keep].sort_values(["accuracy", "size_kb"], ascending=[False, True])
+    front.attrs["objectives"] = tuple(columns)
+    return front
 
 
 def outcome_counts(frame: pd.DataFrame) -> tuple[int, int, int]:
@@ -151,28 +177,40 @@ def compact_amount(value: float) -> str:
 
 
 def front_table(front: pd.DataFrame, title: str) -> Table:
+    """The front as `show` prints it; with latency an objective (the front's attrs say so,
+    as pareto_front leaves them), a column of milliseconds in place of the accuracy
+    before compression, so that the table still fits 80 columns."""
+    latency = "latency_ms" in front.attrs.get("objectives", ())
     table = Table(
         title=title,
         caption="accuracy: the ONNX file in onnxruntime, validation split; "
-        "fp32: the torch model before compression; RAM: peak activation memory, KB",
+        + (
+            "ms: median single-image latency, one thread"
+            if latency
+            else "fp32: the torch model before compression"
+        )
+        + "; RAM: peak activation memory, KB",
     )
-    for name, justify in (
+    columns = [
         ("trial", "right"),
         ("accuracy", "right"),
-        ("fp32", "right"),
+        ("ms" if latency else "fp32", "right"),
         ("params", "right"),
         ("size_kb", "right"),
         ("MACs", "right"),
         ("RAM", "right"),
         ("weights", "left"),
         ("pruned", "right"),
-    ):
+    ]
+    for name, justify in columns:
         table.add_column(name, justify=justify)
     for _, row in front.iterrows():
         table.add_row(
             trial_label(row),
             f"{row['accuracy']:.2%}",
-            f"{row['accuracy_before_compression']:.2%}",
+            latency_label(row.get("latency_ms", math.nan))
+            if latency
+            else f"{row['accuracy_before_compression']:.2%}",
             f"{int(row['params']):,}",
             f"{row['size_kb']:.1f}",
             compact_amount(row["macs"]),
@@ -182,6 +220,11 @@ def front_table(front: pd.DataFrame, title: str) -> Table:
             pruning_summary(row),
         )
     return table
+
+
+def latency_label(latency_ms: float) -> str:
+    """Milliseconds to three significant digits, or "-" when not measured."""
+    return "-" if latency_ms != latency_ms else f"{latency_ms:.3g}"
 
 
 def ram_label(ram_kb: float) -> str:

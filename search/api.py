@@ -60,6 +60,7 @@ def run(
     study: str | None = None,
     out: Path | str = DEFAULT_OUT,
     storage: str | None = None,
+    objectives: str | tuple[str, ...] = "accuracy,size",
     quiet: bool = False,
 ) -> RunSummary:
     """Search for the most accurate model within the budgets, as `compsearch run` does
@@ -74,7 +75,7 @@ def run(
         budget_params, budget_kb, budget_macs, budget_ram, budget_latency, dataset, data_dir,
         trials, time, sampler, subset, space, epochs, seed, device, teacher, distill_weight,
         distill_temperature, workers, heartbeat, anchors, rungs, fidelity, study, out,
-        storage,
+        storage, objectives,
     )  # fmt: skip
     return run_job(options, Console(quiet=quiet))
 

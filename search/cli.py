@@ -31,7 +31,13 @@ from compsearch.search.common import (
     SPACE_FILE,
     UsageError,
 )
-from compsearch.search.options import ExportOptions, Location, RunOptions, WorkerRole
+from compsearch.search.options import (
+    ExportOptions,
+    Location,
+    RunOptions,
+    WorkerRole,
+    parse_objectives,
+)
 from compsearch.search.summaries import ExportSummary, RunSummary, StudyView
 from compsearch.search.supervise import (
     REPORT_FD_FLAG,
@@ -151,6 +157,12 @@ def build_parser() -> Parser:
         "--budget-latency",
         help="max median single-image latency of the file in ms: onnxruntime, one thread, "
         "on the machine that runs the search",
+    )
+    run.add_argument(
+        "--objectives",
+        default="accuracy,size",
+        help="what the search optimizes: accuracy,size (default: the most accurate model per "
+        "file size) or accuracy,size,latency (also the fastest, as --budget-latency times it)",
     )
     run.add_argument(
         "--dataset",
@@ -376,6 +388,7 @@ def run_options(args: argparse.Namespace) -> RunOptions:
         study=args.study,
         out=args.out,
         storage=args.storage,
+        objectives=parse_objectives(args.objectives),
     )
 
 

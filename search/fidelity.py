@@ -176,39 +176,47 @@ def epochs_for_seconds(
     return low
 
 
-def pareto_order(points: Sequence[tuple[int, float, float]]) -> list[int]:
-    """Trial numbers of (number, accuracy, size_kb) points by non-dominated sorting: the
-    first front, then the front of what is left, and so on; within a front the more
-    accurate first, then the smaller, then the earlier."""
+def pareto_order(points: Sequence[tuple[float, ...]]) -> list[int]:
+    """Trial numbers of (number, accuracy, size_kb[, latency_ms]) points by non-dominated
+    sorting: the first front, then the front of what is left, and so on; within a front
+    the more accurate first, then the smaller, then the faster, then the earlier."""
+
+    def costs(point: tuple[float, ...]) -> tuple[float, ...]:  # all to be minimized
+        return (-point[1], *point[2:])
+
+    def dominates(q: tuple[float, ...], p: tuple[float, ...]) -> bool:
+        return all(a <= b for a, b in zip(costs(q), costs(p), strict=True)) and costs(q) != costs(p)
+
     left = list(points)
     order: list[int] = []
     while left:
-        front = [
-            p for p in left
-            if not any(
-                q[1] >= p[1] and q[2] <= p[2] and (q[1] > p[1] or q[2] < p[2]) for q in left
-            )
-        ]  # fmt: skip
-        front.sort(key=lambda p: (-p[1], p[2], p[0]))
-        order += [p[0] for p in front]
+        front = [p for p in left if not any(dominates(q, p) for q in left)]
+        front.sort(key=lambda p: (*costs(p), p[0]))
+        order += [int(p[0]) for p in front]
         chosen = {p[0] for p in front}
         left = [p for p in left if p[0] not in chosen]
     return order
 
 
 def to_promote(
-    records: Iterable[TrialRecord], budgets: Budgets, rungs: int, eta: int = ETA
+    records: Iterable[TrialRecord],
+    budgets: Budgets,
+    rungs: int,
+    eta: int = ETA,
+    latency: bool = False,
 ) -> list[tuple[int, int]]:
     """(trial number, rung it goes to) for every trial that has earned a promotion and has
     not had one yet: among the feasible trials trained at a rung below the top, the first
-    len // eta of them in Pareto order. A trial promoted already (its copy queued, running,
-    finished or failed) is not promoted again."""
+    len // eta of them in Pareto order (of accuracy and size, and latency when `latency`).
+    A trial promoted already (its copy queued, running, finished or failed) is not
+    promoted again."""
     records = list(records)
     promoted = {record.promoted_from for record in records if record.promoted_from is not None}
     chosen = []
     for rung in range(rungs - 1):
         finished = [
             (record.number, record.accuracy, record.size_kb)
+            + ((record.latency_ms,) if latency else ())
             for record in records
             if record.rung == rung and record.rungs == rungs and record.feasible(budgets)
         ]

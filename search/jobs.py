@@ -100,6 +100,7 @@ def execute_run(
         data_source=options.data_source(),
         space=space,
         version=__version__,
+        objectives=options.objectives,
     )
     # A resumed study gets a fresh sampler seed so it does not repeat its first proposals,
     # and workers started together get different ones.

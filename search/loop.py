@@ -434,7 +434,8 @@ def run_one(job: SearchJob, trial: optuna.Trial, rejections_in_a_row: int) -> Ou
     # Frozen dataclasses, no torch yet.
     config = sample(trial, job.space, rung_schedule(job.schedule, fidelity))
     expected = estimate(config)
-    if budgets.latency_ms is not None:
+    latency_objective = len(job.study.directions) > 2
+    if budgets.latency_ms is not None or latency_objective:
         if job.latency.model is None:
             job.reporter.step(trial.number, "timing a few files for the latency model")
         model = job.latency.get()
@@ -472,7 +473,13 @@ def run_one(job: SearchJob, trial: optuna.Trial, rejections_in_a_row: int) -> Ou
         job.display.start_trial(trial.number, config.epochs)
     folder = settings.folder / "trials" / f"{trial.number:05d}"
     stopper = (
-        EarlyStopper(job.study, expected.size_kb, budgets, fidelity)
+        EarlyStopper(
+            job.study,
+            expected.size_kb,
+            budgets,
+            fidelity,
+            latency_ms=expected.latency_ms if latency_objective else None,
+        )  # fmt: skip
         if settings.early_stopping
         else None
     )
@@ -508,7 +515,9 @@ def run_one(job: SearchJob, trial: optuna.Trial, rejections_in_a_row: int) -> Ou
         result.params, result.size_kb, result.macs, result.ram_kb, result.latency_ms
     )
     write_result(trial, result, settings.folder, over)
-    job.study.tell(trial, [result.accuracy, result.size_kb])
+    job.study.tell(
+        trial, objective_values(job.study, result.accuracy, result.size_kb, result.latency_ms)
+    )
     text = trained_outcome(result, over)
     if fidelity.rungs > 1:
         text = f"{fidelity.describe()}; {text}"
@@ -520,7 +529,8 @@ def promote(study: optuna.Study, budgets: Budgets, rungs: int) -> None:
     next study.ask() of any worker takes it before sampling a new config."""
     records = read_trials(study.get_trials(deepcopy=False))
     by_number = {record.number: record for record in records}
-    for number, rung in to_promote(records, budgets, rungs):
+    latency = len(study.directions) > 2
+    for number, rung in to_promote(records, budgets, rungs, latency=latency):
         study.enqueue_trial(
             by_number[number].searched, user_attrs=promoted_attrs(by_number[number], rung)
         )
@@ -568,6 +578,21 @@ def abandon(study: optuna.Study, trial: optuna.Trial) -> None:
     Retry()(study, study.tell(trial, state=TrialState.FAIL))
 
 
+def objective_values(
+    study: optuna.Study, accuracy: float, size_kb: float, latency_ms: float
+) -> list[float]:
+    """What Optuna is told: accuracy and size, and latency when the study has it as a third
+    objective (--objectives accuracy,size,latency)."""
+    return [accuracy, size_kb, latency_ms][: len(study.directions)]
+
+
+def untrained_values(study: optuna.Study, expected: Estimate) -> list[float]:
+    """Placeholders for a config never trained: accuracy 0, which no table or plot shows,
+    its estimated size, and its least latency by estimate (infinite when none was made)."""
+    latency = expected.latency_ms if math.isfinite(expected.latency_ms) else math.inf
+    return objective_values(study, 0.0, expected.size_kb, latency)
+
+
 def reject(
     job: SearchJob, trial: optuna.Trial, expected: Estimate, over: list[str], in_a_row: int
 ) -> Outcome:
@@ -583,7 +608,7 @@ def reject(
         expected.latency_ms,
     )  # fmt: skip
     write_rejected(trial, over)
-    job.study.tell(trial, [0.0, expected.size_kb])
+    job.study.tell(trial, untrained_values(job.study, expected))
     fitted = None
     if every > 0 and in_a_row % every == 0 and not is_fitted_copy(trial):
         fitted = fit_to_budget(trial.params, job.space, job.schedule, budgets)
@@ -607,7 +632,7 @@ def reject_too_slow(
         expected.latency_ms,
     )  # fmt: skip
     write_too_slow(trial, reason)
-    job.study.tell(trial, [0.0, expected.size_kb])
+    job.study.tell(trial, untrained_values(job.study, expected))
     return Outcome("too slow", "too slow for the time left: " + reason)
 
 
@@ -653,11 +678,13 @@ def fit_to_budget(
 class EarlyStopper:
     """Stops a trial whose early accuracy cannot make it Pareto-optimal at its size.
 
-    Optuna's pruners compare one objective; here the front has two. Only trials of the
-    same rung are compared (a trial at rung 1 against the others at rung 1). A trial is stopped
-    when finished feasible trials no larger than it reached an accuracy that it could not
-    reach even if it gained the most any finished trial gained after the check, plus a
-    margin. Until enough trials have finished, nothing is stopped.
+    Optuna's pruners compare one objective; here the front has two or three. Only trials of
+    the same rung are compared (a trial at rung 1 against the others at rung 1). A trial is
+    stopped when finished feasible trials no larger than it (and, with latency an
+    objective, no slower than the least latency it may have by estimate, `latency_ms`)
+    reached an accuracy that it could not reach even if it gained the most any finished
+    trial gained after the check, plus a margin. Until enough trials have finished,
+    nothing is stopped.
     """
 
     def __init__(
@@ -666,10 +693,19 @@ class EarlyStopper:
         size_kb: float,
         budgets: Budgets,
         fidelity: Fidelity | None = None,
+        latency_ms: float | None = None,
     ) -> None:
         self.size_kb = size_kb
-        self.finished = [  # (early accuracy, final accuracy, size_kb, feasible)
-            (record.early_accuracy, record.accuracy, record.size_kb, record.feasible(budgets))
+        # None: latency is no objective; NaN: no estimate, so no trial is known faster.
+        self.latency_ms = latency_ms
+        self.finished = [  # (early accuracy, final accuracy, size_kb, feasible, latency_ms)
+            (
+                record.early_accuracy,
+                record.accuracy,
+                record.size_kb,
+                record.feasible(budgets),
+                record.latency_ms,
+            )  # fmt: skip
             for record in read_trials(study.get_trials(deepcopy=False))
             if record.trained
             and not math.isnan(record.early_accuracy)  # NaN: no check made
@@ -685,11 +721,13 @@ class EarlyStopper:
     def __call__(self, early_accuracy: float) -> str | None:
         if len(self.finished) < EARLY_STOPPING_MIN_TRIALS:
             return None
-        largest_gain = max(final - early for early, final, _, _ in self.finished)
+        largest_gain = max(final - early for early, final, *_ in self.finished)
         smaller = [
             final
-            for _, final, size_kb, feasible in self.finished
-            if feasible and size_kb <= self.size_kb
+            for _, final, size_kb, feasible, latency_ms in self.finished
+            if feasible
+            and size_kb <= self.size_kb
+            and (self.latency_ms is None or latency_ms <= self.latency_ms)
         ]
         if not smaller:
             return None
@@ -699,7 +737,8 @@ class EarlyStopper:
             return None
         return (
             f"validation accuracy {early_accuracy:.2%} after the check could reach at most "
-            f"{reachable:.2%}, below {best:.2%} of a finished trial no larger than it"
+            f"{reachable:.2%}, below {best:.2%} of a finished trial no larger "
+            + ("than it" if self.latency_ms is None else "and no slower than it")
         )
 
 

@@ -20,6 +20,7 @@ from compsearch.objectives.catalog import (
     SHAPES,
 )
 from compsearch.objectives.modelfile import check_model_file
+from compsearch.results.records import CHOICES_OF_OBJECTIVES, DEFAULT_OBJECTIVES
 from compsearch.search.common import (
     DEFAULT_EPOCHS,
     DEFAULT_FIDELITY,
@@ -89,6 +90,17 @@ def check_device_name(name: str) -> str:
 def check_teacher(spec: str | None) -> None:
     if spec not in (None, "none", "auto"):
         check_model_file(spec, "--teacher")
+
+
+def parse_objectives(text: str) -> tuple[str, ...]:
+    """--objectives: accuracy,size (the default) or accuracy,size,latency, in any order."""
+    names = tuple(name.strip().lower() for name in text.split(","))
+    for choice in CHOICES_OF_OBJECTIVES:
+        if sorted(names) == sorted(choice):
+            return choice
+    raise UsageError(
+        f"--objectives must be accuracy,size or accuracy,size,latency, but got {text!r}"
+    )
 
 
 def check_number(value: object, flag: str, low: float = 0, whole: bool = False) -> None:
@@ -183,8 +195,17 @@ class RunOptions:
     study: str | None = None
     out: Path = DEFAULT_OUT
     storage: str | None = None
+    # What the search optimizes: DEFAULT_OBJECTIVES, or with "latency" as a third.
+    objectives: tuple[str, ...] = DEFAULT_OBJECTIVES
 
     def __post_init__(self) -> None:
+        object.__setattr__(
+            self,
+            "objectives",
+            parse_objectives(
+                self.objectives if isinstance(self.objectives, str) else ",".join(self.objectives)
+            ),
+        )
         for name in ("data_dir", "out", "space"):
             object.__setattr__(self, name, as_path(getattr(self, name)))
         for flag, value in (
@@ -284,6 +305,8 @@ class RunOptions:
                 continue
             if isinstance(value, bool):  # a switch: only its non-default form has a flag
                 argv.append(flag if value else f"--no-{option.name.replace('_', '-')}")
+            elif isinstance(value, tuple):
+                argv += [flag, ",".join(value)]
             else:
                 argv += [flag, repr(float(value)) if isinstance(value, float) else str(value)]
         return argv

@@ -18,7 +18,12 @@ from compsearch.results.export import choose_trial
 from compsearch.results.records import StudySettings, TrialRecord, read_trials, study_settings
 from compsearch.search.common import SPACE_FILE, UsageError
 from compsearch.search.options import ExportOptions, RunOptions
-from compsearch.search.study import check_same_budgets, locate_study, stored_settings
+from compsearch.search.study import (
+    check_same_budgets,
+    check_same_objectives,
+    locate_study,
+    stored_settings,
+)
 from compsearch.spaces.budgets import Budgets, amount
 from compsearch.spaces.estimate import extreme_estimate
 from compsearch.spaces.space import SearchSpace
@@ -50,6 +55,7 @@ def prepare_run(options: RunOptions, space: SearchSpace | None, console: Console
     if stored is not None:
         # The same check open_study makes, made before the data is read.
         check_same_budgets(name, stored, options.budgets)
+        check_same_objectives(name, stored, options.objectives)
     if space is not None:
         check_reachable(space, options.budgets, console.print)
     data = load_dataset(

@@ -16,6 +16,8 @@ from optuna.storages.journal import BaseJournalBackend
 from optuna.trial import FrozenTrial, TrialState
 
 from compsearch.results.records import (
+    DEFAULT_OBJECTIVES,
+    OBJECTIVES,
     NotCompsearchStudy,
     StudySettings,
     read_settings,
@@ -35,8 +37,8 @@ from compsearch.search.options import Location, check_study_name
 from compsearch.search.optuna_private import BaseHeartbeat, trial_id
 from compsearch.spaces.budgets import Budgets
 
-DIRECTIONS = ("maximize", "minimize")  # accuracy, size_kb
-OBJECTIVE_NAMES = ("accuracy", "size_kb")
+# Optuna's directions of the default objectives (accuracy, size_kb).
+DIRECTIONS = tuple(OBJECTIVES[name][1] for name in DEFAULT_OBJECTIVES)
 MAX_RETRIES = 2  # times a config whose worker was lost or interrupted is run again
 
 
@@ -257,13 +259,22 @@ def open_study(
 
 
 def check_same_settings(name: str, stored: StudySettings, settings: StudySettings) -> None:
-    """What must not change within a study: its dataset and budgets."""
+    """What must not change within a study: its dataset, budgets and objectives."""
     if stored.dataset != settings.dataset:
         raise UsageError(
             f"study {name!r} was created with dataset {json.dumps(stored.dataset)}, not "
             f"{json.dumps(settings.dataset)}; use the original dataset or a new --study"
         )
     check_same_budgets(name, stored, settings.budgets)
+    check_same_objectives(name, stored, settings.objectives)
+
+
+def check_same_objectives(name: str, stored: StudySettings, objectives: tuple[str, ...]) -> None:
+    if stored.objectives != objectives:
+        raise UsageError(
+            f"study {name!r} was created with --objectives {','.join(stored.objectives)}, not "
+            f"{','.join(objectives)}; use the original objectives or a new --study"
+        )
 
 
 def check_same_budgets(name: str, stored: StudySettings, budgets: Budgets) -> None:
@@ -280,12 +291,13 @@ def create_study(
     settings: StudySettings,
     sampler: optuna.samplers.BaseSampler,
 ) -> optuna.Study:
+    columns, directions = zip(*(OBJECTIVES[name] for name in settings.objectives), strict=True)
     study = optuna.create_study(
-        storage=storage, study_name=name, directions=list(DIRECTIONS), sampler=sampler
+        storage=storage, study_name=name, directions=list(directions), sampler=sampler
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        study.set_metric_names(list(OBJECTIVE_NAMES))
+        study.set_metric_names(list(columns))
     write_settings(study, settings)
     return study
 

@@ -119,12 +119,37 @@ def test_worker_arguments_parse_back_to_the_same_options(tmp_path):
         distill_weight=0.25, distill_temperature=2.5, workers=3, heartbeat=4, anchors=False,
         rungs=2, fidelity="seconds", study="s",
         out=tmp_path / "runs", storage=str(tmp_path / "journal.log"),
+        objectives="latency,accuracy,size",
     )  # fmt: skip
     parsed = run_options(build_parser().parse_args(["run", *options.to_argv()]))
     assert parsed == options
     default = RunOptions(2e6, 300)
     assert run_options(build_parser().parse_args(["run", *default.to_argv()])) == default
     assert dataclasses.replace(default, seed=1).to_argv()[-2:] == ["--seed", "1"]
+
+
+def test_a_run_with_latency_as_third_objective_reports_it(tmp_path, capsys):
+    """--objectives accuracy,size,latency: a study of three directions whose settings say
+    so, the figure with a latency panel, and `show` with a latency column."""
+    summary = compsearch.run(**SMALL, objectives="accuracy,size,latency", out=tmp_path, quiet=True)
+    study = optuna.load_study(study_name="digits", storage=f"sqlite:///{summary.folder}/study.db")
+    assert len(study.directions) == 3 and study.metric_names == [
+        "accuracy",
+        "size_kb",
+        "latency_ms",
+    ]
+    assert study_settings(study).objectives == ("accuracy", "size", "latency")
+    trained = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert trained and all(len(t.values) == 3 for t in trained)
+    assert summary.view.front
+    html = (summary.folder / "pareto.html").read_text()
+    assert "accuracy against latency" in html
+    assert "Objectives: accuracy, size, latency." in (summary.folder / "report.html").read_text()
+    from compsearch.search.cli import main
+
+    assert main(["show", "--out", str(tmp_path)]) == 0
+    printed = " ".join(capsys.readouterr().out.split())  # rich wraps the caption
+    assert "ms: median single-image latency, one thread" in printed
 
 
 def test_a_python_run_with_two_workers_shares_one_study(tmp_path):
