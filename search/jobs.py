@@ -30,7 +30,14 @@ from compsearch.objectives.compress import FlipAveraged
 from compsearch.objectives.data import load_dataset
 from compsearch.objectives.measure import onnx_accuracy
 from compsearch.objectives.teacher import prepare_teacher
-from compsearch.objectives.train import DeviceData, Distillation, EpochCallback, accuracy, predict
+from compsearch.objectives.train import (
+    EXPORT_RECIPE,
+    DeviceData,
+    Distillation,
+    EpochCallback,
+    accuracy,
+    predict,
+)
 from compsearch.objectives.trial import (
     Candidate,
     TrialResult,
@@ -324,8 +331,9 @@ def execute_export(prepared: PreparedExport, console: Console, reporter: Reporte
             work = Path(work)
             started = time.perf_counter()
             model, deployed = train_model(
-                config, on_device, seed, on_epoch, distillation=distillation, on_step=step
-            )
+                config, on_device, seed, on_epoch, distillation=distillation, on_step=step,
+                recipe=EXPORT_RECIPE,
+            )  # fmt: skip
             trained_in = time.perf_counter() - started
             step("measuring the trained model")
             resolution = deployed.train.test_resolution

@@ -20,7 +20,7 @@ from test_cli import compsearch
 from compsearch.objectives import trial as trial_module
 from compsearch.objectives.data import TEST_FRACTION, TEST_SEED, stratified_split
 from compsearch.objectives.memory import file_ram_kb
-from compsearch.objectives.train import fit
+from compsearch.objectives.train import EXPORT_RECIPE, fit
 from compsearch.results.records import SETTINGS_KEY
 from compsearch.search import api as compsearch_api
 from compsearch.search import cli, common
@@ -237,16 +237,12 @@ def test_an_export_without_epochs_trains_three_times_the_trials_epochs(
     tmp_path, monkeypatch, capsys
 ):
     """`--epochs` left out: the config is trained for EXPORT_EPOCH_FACTOR times the
-    trial's epochs, counted at the training loop itself. One small trial of 2 epochs."""
+    trial's epochs, counted at the training loop itself, and with the export's recipe
+    (images translated, where the trial's are not). One small trial of 2 epochs."""
     (tmp_path / "small.toml").write_text(
         'stages = 2\nwidth = [8, 16]\nprecisions = ["fp32"]\nprune_fraction = [0.0, 0.0]\n'
     )
     out = str(tmp_path / "runs")
-    assert cli.main(
-        ["run", "--budget-params", "2e6", "--budget-kb", "300", "--trials", "1", "--epochs", "2",
-         "--subset", "200", "--space", str(tmp_path / "small.toml"), "--out", out,
-         "--device", "cpu"]
-    ) == 0  # fmt: skip
     phases = []
 
     def counted_fit(model, on_device, phase, *args, **kwargs):
@@ -254,8 +250,17 @@ def test_an_export_without_epochs_trains_three_times_the_trials_epochs(
         return fit(model, on_device, phase, *args, **kwargs)
 
     monkeypatch.setattr(trial_module, "fit", counted_fit)
+    assert cli.main(
+        ["run", "--budget-params", "2e6", "--budget-kb", "300", "--trials", "1", "--epochs", "2",
+         "--subset", "200", "--space", str(tmp_path / "small.toml"), "--out", out,
+         "--device", "cpu"]
+    ) == 0  # fmt: skip
+    assert phases and {phase.recipe.translation for phase in phases} == {0.0}
+    phases.clear()
     capsys.readouterr()
     assert cli.main(["export", "--out", out, "--device", "cpu"]) == 0
+    assert {phase.recipe for phase in phases} == {EXPORT_RECIPE}
+    assert EXPORT_RECIPE.translation > 0
     folder = tmp_path / "runs" / "digits"
     card = json.loads((folder / "export" / "model.json").read_text())
     study = optuna.load_study(study_name="digits", storage=f"sqlite:///{folder / 'study.db'}")
