@@ -68,7 +68,6 @@ from compsearch.objectives.trial import (
 )
 from compsearch.search.loop import default_schedule
 from compsearch.spaces import blocks
-from compsearch.spaces.blocks import CHANNEL_ALIGNMENT
 from compsearch.spaces.config import (
     PRUNE_CRITERIA,
     PRUNE_SCOPES,
@@ -222,9 +221,9 @@ def main() -> None:
         "--fractions", type=float, nargs="+", default=FRACTIONS, help="shares of params pruned"
     )
     parser.add_argument(
-        "--alignment", type=int, default=CHANNEL_ALIGNMENT,
+        "--alignment", type=int, default=blocks.CHANNEL_ALIGNMENT,
         help="pruned widths are rounded down to multiples of this (1: not at all), "
-        f"default {CHANNEL_ALIGNMENT} as in a trial",
+        f"default {blocks.CHANNEL_ALIGNMENT} as in a trial",
     )  # fmt: skip
     parser.add_argument(
         "--results", type=Path, help="also write the tables to this .md file (and .json)"

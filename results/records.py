@@ -43,6 +43,12 @@ def objective_columns(objectives: Iterable[str]) -> tuple[str, ...]:
     return tuple(OBJECTIVES[name][0] for name in objectives)
 
 
+def study_objective_columns(study: optuna.Study) -> tuple[str, ...]:
+    """The columns of what `study` optimizes, read off its directions: accuracy and
+    size_kb, and latency_ms as a third (--objectives accuracy,size,latency)."""
+    return objective_columns(tuple(OBJECTIVES)[: len(study.directions)])
+
+
 # The reason of a trial that another worker failed: its own worker can no longer write it.
 LOST = "worker lost (no heartbeat): killed, out of memory or its machine gone"
 INTERRUPTED = "interrupted before it finished (Ctrl-C)"

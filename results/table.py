@@ -10,11 +10,10 @@ from rich.table import Table
 
 from compsearch.results.records import (
     DEFAULT_OBJECTIVES,
-    OBJECTIVES,
     at_top_fidelity,
     objective_columns,
-    read_settings,
     read_trials,
+    study_objective_columns,
 )
 from compsearch.spaces.budgets import Budgets
 
@@ -88,16 +87,6 @@ def trials_frame(study: optuna.Study, budgets: Budgets) -> pd.DataFrame:
         frame = frame[COLUMNS + params]
     frame.attrs["objectives"] = study_objective_columns(study)
     return frame
-
-
-def study_objective_columns(study: optuna.Study) -> tuple[str, ...]:
-    """The columns of the study's objectives: accuracy and size_kb, and latency_ms when it
-    was created with --objectives accuracy,size,latency."""
-    settings = read_settings(study.user_attrs)
-    names = settings.objectives if settings is not None else DEFAULT_OBJECTIVES
-    if len(names) != len(study.directions):  # a study made by hand, as tests make them
-        names = tuple(OBJECTIVES)[: len(study.directions)]
-    return objective_columns(names)
 
 
 def pareto_front(frame: pd.DataFrame, objectives: tuple[str, ...] | None = None) -> pd.DataFrame:

@@ -31,13 +31,7 @@ from compsearch.search.common import (
     SPACE_FILE,
     UsageError,
 )
-from compsearch.search.options import (
-    ExportOptions,
-    Location,
-    RunOptions,
-    WorkerRole,
-    parse_objectives,
-)
+from compsearch.search.options import ExportOptions, Location, RunOptions, WorkerRole
 from compsearch.search.summaries import ExportSummary, RunSummary, StudyView
 from compsearch.search.supervise import (
     REPORT_FD_FLAG,
@@ -388,7 +382,7 @@ def run_options(args: argparse.Namespace) -> RunOptions:
         study=args.study,
         out=args.out,
         storage=args.storage,
-        objectives=parse_objectives(args.objectives),
+        objectives=args.objectives,
     )
 
 

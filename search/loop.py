@@ -31,6 +31,7 @@ from compsearch.results.records import (
     is_fitted_copy,
     promoted_attrs,
     read_trials,
+    study_objective_columns,
     write_estimate,
     write_failed,
     write_fidelity,
@@ -434,7 +435,7 @@ def run_one(job: SearchJob, trial: optuna.Trial, rejections_in_a_row: int) -> Ou
     # Frozen dataclasses, no torch yet.
     config = sample(trial, job.space, rung_schedule(job.schedule, fidelity))
     expected = estimate(config)
-    latency_objective = len(job.study.directions) > 2
+    latency_objective = "latency_ms" in study_objective_columns(job.study)
     if budgets.latency_ms is not None or latency_objective:
         if job.latency.model is None:
             job.reporter.step(trial.number, "timing a few files for the latency model")
@@ -529,7 +530,7 @@ def promote(study: optuna.Study, budgets: Budgets, rungs: int) -> None:
     next study.ask() of any worker takes it before sampling a new config."""
     records = read_trials(study.get_trials(deepcopy=False))
     by_number = {record.number: record for record in records}
-    latency = len(study.directions) > 2
+    latency = "latency_ms" in study_objective_columns(study)
     for number, rung in to_promote(records, budgets, rungs, latency=latency):
         study.enqueue_trial(
             by_number[number].searched, user_attrs=promoted_attrs(by_number[number], rung)

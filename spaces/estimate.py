@@ -242,8 +242,9 @@ def extreme_estimate(space: SearchSpace, smallest: bool) -> Estimate:
     index = 0 if smallest else 1
     # Bounds on what pruning a fraction f of the parameters leaves: a channel ratio of f
     # leaves at most (1 - f) of them (quadratic terms keep (1 - f)^2), so the ratio local
-    # pruning needs is at most f. Rounding widths down to multiples of 8 removes more, so
-    # the ratio it needs can be as small as zero: the largest model is the unpruned one.
+    # pruning needs is at most f. Rounding widths down (CHANNEL_ALIGNMENT, where a
+    # benchmark sets it) removes more, so the ratio it needs can be as small as zero: the
+    # largest model is the unpruned one.
     ratio = space.prune_fraction[1] if smallest else 0.0
     stem_width = space.stem_width[index]
     width = space.width[index]
