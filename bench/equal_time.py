@@ -118,7 +118,7 @@ def anchor_row(name: str, args: argparse.Namespace, out: Path) -> dict:
     from compsearch.objectives.data import load_dataset
     from compsearch.objectives.measure import onnx_accuracy
     from compsearch.objectives.timing import time_training
-    from compsearch.objectives.train import DeviceData, accuracy, predict
+    from compsearch.objectives.train import DeviceData, accuracy, export_recipe, predict
     from compsearch.objectives.trial import best_candidate, compression_candidates, train_model
     from compsearch.search.anchors import ANCHORS as KNOWN
     from compsearch.search.anchors import anchor_params
@@ -153,7 +153,7 @@ def anchor_row(name: str, args: argparse.Namespace, out: Path) -> dict:
     )
     print(f"{name}: {epochs} epochs of {len(data.train)} images on {device}", flush=True)
     trained_from = time.perf_counter()
-    model, deployed = train_model(config, on_device, seed=0)
+    model, deployed = train_model(config, on_device, seed=0, recipe=export_recipe(epochs))
     trained_in = time.perf_counter() - trained_from
     torch_accuracy = accuracy(
         predict(model, on_device.val, on_device, data.resolution), on_device.val.labels

@@ -75,8 +75,8 @@ class Recipe:
     # no translation gained 4.03 points (3 seeds, each +3.45 or more) over an eighth of
     # the side (bench/results/recipe_augment_full.md); at such short schedules small
     # networks underfit, and translated images only make the task harder. Over 30 epochs
-    # an eighth gained 1.53 (bench/results/recipe_translate_30epochs.md): the export's
-    # longer schedule translates (EXPORT_RECIPE).
+    # an eighth gained 1.53 (bench/results/recipe_translate_30epochs.md): an export of
+    # that many epochs translates (export_recipe).
     translation: float = 0.0
     # Flip each image in every other epoch, starting from a random half (as airbench
     # does), instead of drawing each epoch's flips anew.
@@ -93,9 +93,19 @@ class Recipe:
             raise ValueError(f"translation must lie in [0, 0.5), got {self.translation}")
 
 
-# The export's training: its schedule is EXPORT_EPOCH_FACTOR times a trial's, long enough
-# that translating by up to an eighth of the side pays (see Recipe.translation).
+# The recipe of a long training (an export's): translating by up to an eighth of the side.
 EXPORT_RECIPE = Recipe(translation=1 / 8)
+# From this many epochs on translation pays. ResNet-8, CIFAR-10, 10,000 images, one seed
+# each: -3.35 points at 15 epochs, -0.76 at 20, +1.53 at 30
+# (bench/results/recipe_translate_{15,20,30}epochs.md); at 10 epochs of 40,000 images
+# -4.03. 30 is the shortest schedule measured to gain.
+TRANSLATION_FROM_EPOCHS = 30
+
+
+def export_recipe(epochs: int) -> Recipe:
+    """The recipe of a training of `epochs` epochs in all: translated from
+    TRANSLATION_FROM_EPOCHS epochs on, as trials otherwise."""
+    return EXPORT_RECIPE if epochs >= TRANSLATION_FROM_EPOCHS else Recipe()
 
 
 @dataclass(frozen=True)

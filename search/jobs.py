@@ -31,11 +31,11 @@ from compsearch.objectives.data import load_dataset
 from compsearch.objectives.measure import onnx_accuracy
 from compsearch.objectives.teacher import prepare_teacher
 from compsearch.objectives.train import (
-    EXPORT_RECIPE,
     DeviceData,
     Distillation,
     EpochCallback,
     accuracy,
+    export_recipe,
     predict,
 )
 from compsearch.objectives.trial import (
@@ -332,7 +332,7 @@ def execute_export(prepared: PreparedExport, console: Console, reporter: Reporte
             started = time.perf_counter()
             model, deployed = train_model(
                 config, on_device, seed, on_epoch, distillation=distillation, on_step=step,
-                recipe=EXPORT_RECIPE,
+                recipe=export_recipe(config.train.epochs),
             )  # fmt: skip
             trained_in = time.perf_counter() - started
             step("measuring the trained model")

@@ -20,7 +20,7 @@ from test_cli import compsearch
 from compsearch.objectives import trial as trial_module
 from compsearch.objectives.data import TEST_FRACTION, TEST_SEED, stratified_split
 from compsearch.objectives.memory import file_ram_kb
-from compsearch.objectives.train import EXPORT_RECIPE, fit
+from compsearch.objectives.train import EXPORT_RECIPE, TRANSLATION_FROM_EPOCHS, fit
 from compsearch.results.records import SETTINGS_KEY
 from compsearch.search import api as compsearch_api
 from compsearch.search import cli, common
@@ -237,8 +237,9 @@ def test_an_export_without_epochs_trains_three_times_the_trials_epochs(
     tmp_path, monkeypatch, capsys
 ):
     """`--epochs` left out: the config is trained for EXPORT_EPOCH_FACTOR times the
-    trial's epochs, counted at the training loop itself, and with the export's recipe
-    (images translated, where the trial's are not). One small trial of 2 epochs."""
+    trial's epochs, counted at the training loop itself, untranslated as the trial (6
+    epochs); `--epochs TRANSLATION_FROM_EPOCHS` trains with the export's recipe (images
+    translated, where the trial's are not). One small trial of 2 epochs."""
     (tmp_path / "small.toml").write_text(
         'stages = 2\nwidth = [8, 16]\nprecisions = ["fp32"]\nprune_fraction = [0.0, 0.0]\n'
     )
@@ -259,8 +260,7 @@ def test_an_export_without_epochs_trains_three_times_the_trials_epochs(
     phases.clear()
     capsys.readouterr()
     assert cli.main(["export", "--out", out, "--device", "cpu"]) == 0
-    assert {phase.recipe for phase in phases} == {EXPORT_RECIPE}
-    assert EXPORT_RECIPE.translation > 0
+    assert {phase.recipe.translation for phase in phases} == {0.0}
     folder = tmp_path / "runs" / "digits"
     card = json.loads((folder / "export" / "model.json").read_text())
     study = optuna.load_study(study_name="digits", storage=f"sqlite:///{folder / 'study.db'}")
@@ -270,6 +270,12 @@ def test_an_export_without_epochs_trains_three_times_the_trials_epochs(
     assert sum(phase.epochs for phase in phases) == expected  # low resolution + fine-tune
     assert card["epochs"] == card["config"]["train"]["epochs"] == expected
     assert f"{expected} epochs on" in capsys.readouterr().out
+    phases.clear()
+    long = ["--epochs", str(TRANSLATION_FROM_EPOCHS)]
+    assert cli.main(["export", "--out", out, "--device", "cpu", *long]) == 0
+    assert {phase.recipe for phase in phases} == {EXPORT_RECIPE}
+    assert EXPORT_RECIPE.translation > 0
+    assert sum(phase.epochs for phase in phases) == TRANSLATION_FROM_EPOCHS
 
 
 def test_an_export_given_a_time_sizes_its_epochs_from_the_trials_own_speed(study_folder):
