@@ -2,8 +2,9 @@
 the budgets: `model.onnx` (the deployable file), `model.pt` (objectives/modelfile.py's
 layout: the config that rebuilds the model beside its state dict, loadable with
 `torch.load(..., weights_only=True)`) and `model.json` (the card: figures measured on the
-file, the budgets, and the preprocessing a user must apply to feed the file). Also which
-trial `--trial` means.
+file, the budgets, and the preprocessing a user must apply to feed the file); under `--format
+tflite` also `model.tflite` and its C array `model_data.cc`/`.h`. Also which trial
+`--trial` means.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
 
 CARD_PACKAGES = ("compsearch", "torch", "onnx", "onnxruntime", "optuna", "numpy")
 EXPORT_FILES = ("model.onnx", "model.pt", "model.json")
+TFLITE_FILES = ("model.tflite", "model_data.cc", "model_data.h")  # export --format tflite
 
 
 class ExportError(ValueError):
@@ -75,11 +77,12 @@ def write_export(folder: Path, work: Path, result: TrialResult, card: dict[str, 
     )  # fmt: skip
     (work / "model.json").write_text(json.dumps(card, indent=2) + "\n")
     target = folder / "export"
-    for stale in EXPORT_FILES:
+    for stale in EXPORT_FILES + TFLITE_FILES:
         (target / stale).unlink(missing_ok=True)
     target.mkdir(parents=True, exist_ok=True)
-    for name in EXPORT_FILES:
-        shutil.move(work / name, target / name)
+    for name in EXPORT_FILES + TFLITE_FILES:
+        if name in EXPORT_FILES or (work / name).exists():
+            shutil.move(work / name, target / name)
     return target
 
 

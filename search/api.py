@@ -110,13 +110,15 @@ def export(
     storage: str | None = None,
     quiet: bool = False,
     flip: bool = False,
+    format: str = "onnx",
 ) -> ExportSummary:
     """Retrain a trial for longer, verify its file against the budgets and write
     OUT/STUDY/export/ (model.onnx, model.pt, model.json), as `compsearch export` does.
     `time`: seconds of training instead of `epochs`, sized from the trial's own speed.
-    `flip`: the file averages the outputs on each image and its mirror (twice the MACs)."""
+    `flip`: the file averages the outputs on each image and its mirror (twice the MACs).
+    `format="tflite"`: also an int8 model.tflite measured in LiteRT, and its C array."""
     options = ExportOptions(
-        trial, epochs, time, teacher, data_dir, device, study, out, storage, flip
+        trial, epochs, time, teacher, data_dir, device, study, out, storage, flip, format
     )
     return export_job(options, Console(quiet=quiet))
 

@@ -291,6 +291,12 @@ def build_parser() -> Parser:
         help="horizontal-flip test-time augmentation in the file: it averages the outputs "
         "on each image and its mirror, at twice the MACs (counted against --budget-macs)",
     )
+    export.add_argument(
+        "--format",
+        default="onnx",
+        help="onnx (model.onnx) or tflite: also an int8 model.tflite, measured in LiteRT, "
+        "and its C array for TensorFlow Lite Micro (needs compsearch[tflite])",
+    )
     export.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:K")
     export.add_argument(REPORT_FD_FLAG, type=int, help=argparse.SUPPRESS)
     add_location(export)
@@ -507,6 +513,7 @@ def command_export(args: argparse.Namespace, console: Console) -> int:
         out=args.out,
         storage=args.storage,
         flip=args.flip,
+        format=args.format,
     )
     print_export(console, api.export_job(options, console, Reporter(args.report_fd)))
     return 0
@@ -529,8 +536,16 @@ def print_export(console: Console, exported: ExportSummary) -> None:
             + ("" if candidate["within_budgets"] else ", over budget")
             + (f" ({candidate['note']})" if candidate["note"] else "")
         )
-    for file in ("model.onnx", "model.pt", "model.json"):
+    tflite = card.get("tflite")
+    if tflite:
+        console.print(
+            f"model.tflite: test accuracy {tflite['test_accuracy']:.2%}, validation "
+            f"{tflite['validation_accuracy']:.2%} (LiteRT), {tflite['size_kb']:.1f} KB, "
+            f"peak memory {tflite['ram_kb']:.1f} KB, int8 from the {tflite['source']} model"
+        )
+    for file in card["files"]:
         console.print(f"  {exported.folder / file}")
+    console.print(f"  {exported.folder / 'model.json'}")
     console.print(f"  {exported.report}")
 
 

@@ -27,8 +27,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedCo
 from compsearch import __version__
 from compsearch.objectives.catalog import CACHE_FOLDER
 from compsearch.objectives.compress import FlipAveraged
-from compsearch.objectives.data import load_dataset
-from compsearch.objectives.measure import onnx_accuracy
+from compsearch.objectives.data import Dataset, load_dataset
+from compsearch.objectives.measure import calibration_images, file_size_kb, onnx_accuracy
 from compsearch.objectives.teacher import prepare_teacher
 from compsearch.objectives.train import (
     DeviceData,
@@ -39,14 +39,16 @@ from compsearch.objectives.train import (
     predict,
 )
 from compsearch.objectives.trial import (
+    CALIBRATION_IMAGES,
     Candidate,
+    StepCallback,
     TrialResult,
     best_candidate,
     compression_candidates,
     lost_too_much,
     train_model,
 )
-from compsearch.results.export import ExportError, model_card, write_export
+from compsearch.results.export import ExportError, model_card, sha256, write_export
 from compsearch.results.files import write_study_files
 from compsearch.results.records import StudySettings, TrialRecord
 from compsearch.search.anchors import queue_anchors
@@ -359,6 +361,11 @@ def execute_export(prepared: PreparedExport, console: Console, reporter: Reporte
                 teacher_spec, test_accuracy, candidate_rows(candidates, chosen, budgets),
                 flip=options.flip,
             )  # fmt: skip
+            if options.format == "tflite":
+                write_tflite_files(
+                    card, model, candidates, chosen, data, budgets, resolution, seed,
+                    options.flip, work, step,
+                )  # fmt: skip
             target = write_export(folder, work, result, card)
     # The report shows the export's verified figures from now on.
     report = write_study_files(prepared.study, folder)[-1]
@@ -474,6 +481,89 @@ def chosen_result(
         seconds=seconds,
         early_accuracy=math.nan,
     )
+
+
+def write_tflite_files(
+    card: dict[str, Any],
+    model: torch.nn.Module,
+    candidates: list[Candidate],
+    chosen: Candidate,
+    data: Dataset,
+    budgets: Budgets,
+    resolution: int,
+    seed: int,
+    flip: bool,
+    work: Path,
+    step: StepCallback,
+) -> None:
+    """`export --format tflite`: an int8 model.tflite of the trained model (calibrated
+    after training) and, where it was written, of the quantization-aware copy; the more
+    accurate in LiteRT on the validation split is kept, checked against the budgets with
+    its own bytes, peak memory and latency, and written beside model.onnx with its C
+    array; `card` gets its figures under "tflite"."""
+    from compsearch.objectives import tflite  # litert-torch, only here
+
+    calibration = calibration_images(data, resolution, CALIBRATION_IMAGES, seed)
+    sources = {"post-training": FlipAveraged(model) if flip else model}
+    for candidate in candidates:
+        if candidate.quantization_aware and candidate.written:
+            sources["quantization-aware"] = candidate.model
+    files = {}
+    for name, source in sources.items():
+        step(f"writing the int8 .tflite file ({name})")
+        written = tflite.write_tflite(source, calibration, work / f"model-{name}.tflite")
+        files[name] = (tflite.tflite_accuracy(written.path, data.val, data, resolution), written)
+    name = max(files, key=lambda key: files[key][0])
+    accuracy, written = files[name]
+    path = written.path.replace(work / "model.tflite")
+    step("measuring model.tflite")
+    size_kb, ram_kb = file_size_kb(path), tflite.tflite_ram_kb(path)
+    latency_ms = tflite.tflite_latency_ms(path)
+    over = budgets.excess(chosen.params, size_kb, chosen.macs, ram_kb, latency_ms)
+    if over:
+        raise ExportError(
+            f"the int8 .tflite file breaks the budgets ({', '.join(over)}); nothing was "
+            "written. Export with --format onnx, or another trial (compsearch show)"
+        )
+    tflite.c_array(path, work / "model_data.cc", work / "model_data.h")
+    card["tflite"] = {
+        "source": name,  # the model it was converted from
+        "validation_accuracy": accuracy,
+        "test_accuracy": tflite.tflite_accuracy(path, data.test, data, data.resolution),
+        # validation accuracy of each file converted, by the model it came from
+        "candidates": {key: value[0] for key, value in files.items()},
+        "size_kb": size_kb,
+        "ram_kb": ram_kb,  # peak activation memory of one inference (objectives/tflite.py)
+        "latency_ms": latency_ms,  # median single-image latency in LiteRT, one thread
+        "sha256": sha256(path),
+        "input": {
+            "dtype": "int8",
+            "layout": "NCHW",
+            "shape": [1, data.channels, data.resolution, data.resolution],
+            "scale": written.input.scale,
+            "zero_point": written.input.zero_point,
+            "steps": "the preprocessing below, then round(x / scale) + zero_point, "
+            "clipped to -128..127",
+        },
+        "output": {
+            "dtype": "int8",
+            "scale": written.output.scale,
+            "zero_point": written.output.zero_point,
+            "steps": "logits = scale * (output - zero_point); the argmax of the int8 "
+            "output is the class",
+        },
+    }
+    card["files"].update(
+        {
+            "model.tflite": "int8 for LiteRT and TensorFlow Lite Micro, weights per "
+            "output channel, activations calibrated on training images (ai-edge-quantizer); "
+            "its figures are under tflite",
+            "model_data.cc": f"model.tflite as a C array ({tflite.ARRAY_NAME}, "
+            f"{tflite.ARRAY_NAME}_len), aligned to 16 bytes",
+            "model_data.h": "its declaration",
+        }
+    )
+    card["packages"].update(tflite.package_versions())
 
 
 def unwrapped(model: torch.nn.Module) -> torch.nn.Module:

@@ -312,6 +312,9 @@ class RunOptions:
         return argv
 
 
+FORMATS = ("onnx", "tflite")  # export --format
+
+
 @dataclass(frozen=True)
 class ExportOptions:
     """`compsearch export`'s arguments, typed."""
@@ -327,8 +330,20 @@ class ExportOptions:
     storage: str | None = None
     # The file averages the model's outputs on each image and its mirror (twice the MACs).
     flip: bool = False
+    # "tflite": also an int8 .tflite file and its C array (objectives/tflite.py).
+    format: str = "onnx"
 
     def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise UsageError(
+                f"--format must be one of {', '.join(FORMATS)}, but got {self.format!r}"
+            )
+        if self.format == "tflite":
+            from compsearch.objectives.tflite import missing_tflite  # torch
+
+            missing = missing_tflite()
+            if missing:
+                raise UsageError(missing)
         trial = str(self.trial).strip()
         if trial != "best" and not re.fullmatch(r"[0-9]+", trial):
             raise UsageError(f"--trial must be best or a trial number, but got {self.trial!r}")

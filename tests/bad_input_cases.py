@@ -274,6 +274,8 @@ CASES = [
          "--distill-temperature must be a number > 0"),
     Case("export on an unknown device", ("export", "--device", "gpu0"),
          "--device must be auto, cpu, cuda"),
+    Case("export in an unknown format", ("export", "--format", "tfl"),
+         "--format must be one of onnx, tflite"),
     Case("export of a negative trial", ("export", "--trial", "-1"),
          "--trial must be best or a trial number"),
 ]  # fmt: skip

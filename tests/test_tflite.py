@@ -1,0 +1,215 @@
+"""`export --format tflite`: an int8 `.tflite` file measured in LiteRT, its peak memory
+and its C array. Needs the extra compsearch[tflite]; without it only the refusal is
+tested."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from compsearch.objectives.tflite import missing_tflite
+from compsearch.search import cli
+
+MISSING = missing_tflite()
+needs_tflite = pytest.mark.skipif(
+    MISSING is not None, reason=f"the tflite extra is not installed ({MISSING})"
+)
+
+
+def test_format_tflite_without_its_extra_exits_2_with_how_to_install(tmp_path, monkeypatch, capsys):
+    """Before any data is read or study opened: one line naming the missing package and
+    the install command; nothing written."""
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *args: None if name == "litert_torch" else real(name, *args),
+    )
+    out = tmp_path / "runs"
+    assert cli.main(["export", "--format", "tflite", "--out", str(out)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1
+    assert "litert-torch" in error and "pip install 'compsearch[tflite]'" in error
+    assert not out.exists()
+
+
+def chain() -> nn.Module:
+    """1x8x8 -> 4 channels -> 8 channels -> mean -> 10 logits."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10),
+    ).eval()  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def chain_file(tmp_path_factory):
+    from compsearch.objectives.tflite import write_tflite
+
+    images = np.random.default_rng(0).standard_normal((96, 1, 8, 8)).astype(np.float32)
+    path = tmp_path_factory.mktemp("tflite") / "chain.tflite"
+    return write_tflite(chain(), images[:64], path), images[64:]
+
+
+@needs_tflite
+def test_a_plain_chain_peaks_at_the_second_convolution_in_int8(chain_file):
+    """Hand-computed: the second convolution holds its input (4 x 8 x 8 bytes) and its
+    output (8 x 8 x 8) at once, 768 bytes, more than any other operator; the file's
+    input and output are int8."""
+    from compsearch.objectives.tflite import load, tflite_graph, tflite_ram_kb
+
+    written, _ = chain_file
+    interpreter = load(written.path)
+    assert interpreter.get_input_details()[0]["dtype"] == np.int8
+    assert interpreter.get_output_details()[0]["dtype"] == np.int8
+    graph = tflite_graph(written.path)
+    assert 4 * 8 * 8 in graph.sizes and 8 * 8 * 8 in graph.sizes
+    assert tflite_ram_kb(written.path) == pytest.approx((4 * 8 * 8 + 8 * 8 * 8) / 1000)
+
+
+@needs_tflite
+def test_the_int8_file_computes_what_the_model_does(chain_file):
+    """LiteRT's int8 outputs, dequantized, within a few quantization steps of torch's."""
+    from compsearch.objectives.tflite import tflite_logits
+
+    written, images = chain_file
+    expected = chain()(torch.from_numpy(images)).detach().numpy()
+    logits = tflite_logits(written.path, images)
+    spread = expected.max() - expected.min()
+    assert np.abs(logits - expected).max() < 0.15 * spread
+    assert np.abs(logits - expected).mean() < 0.03 * spread
+
+
+@needs_tflite
+def test_a_model_whose_weights_are_channels_last_converts_the_same(chain_file, tmp_path):
+    """As the trainer leaves them: the same outputs as from contiguous weights."""
+    from compsearch.objectives.tflite import tflite_logits, write_tflite
+
+    _, images = chain_file
+    import optuna
+
+    from compsearch.search.anchors import ANCHORS, anchor_params
+    from compsearch.search.loop import default_schedule
+    from compsearch.spaces.builder import build
+    from compsearch.spaces.space import sample, space_for
+
+    space = space_for(1, 10, 8)
+    params = anchor_params(ANCHORS["resnet8"], space)
+    torch.manual_seed(0)
+    model = build(sample(optuna.trial.FixedTrial(params), space, default_schedule(2, 8)).arch)
+    for module in model.modules():  # statistics as training leaves them
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+    model = model.eval()
+    rng = np.random.default_rng(1)
+    calibration = rng.standard_normal((64, 1, 8, 8)).astype(np.float32)
+    files = [
+        write_tflite(model, calibration, tmp_path / "contiguous.tflite"),
+        write_tflite(
+            model.to(memory_format=torch.channels_last), calibration, tmp_path / "last.tflite"
+        ),
+    ]
+    np.testing.assert_array_equal(
+        tflite_logits(files[0].path, images), tflite_logits(files[1].path, images)
+    )
+
+
+@needs_tflite
+def test_the_c_array_holds_the_files_bytes(chain_file, tmp_path):
+    from compsearch.objectives.tflite import ARRAY_NAME, c_array
+
+    written, _ = chain_file
+    c_array(written.path, tmp_path / "model_data.cc", tmp_path / "model_data.h")
+    source = (tmp_path / "model_data.cc").read_text()
+    data = bytes(int(value, 16) for value in re.findall(r"0x([0-9a-f]{2})", source))
+    assert data == written.path.read_bytes()
+    assert f"{ARRAY_NAME}_len = {len(data)};" in source
+    assert "alignas(16)" in source
+    assert f"extern const unsigned char {ARRAY_NAME}[];" in (tmp_path / "model_data.h").read_text()
+
+
+@needs_tflite
+def test_export_format_tflite_writes_a_measured_int8_file(tmp_path, capsys):
+    """A digits study, exported as .tflite: the card's LiteRT accuracy is the file's when
+    measured again, close to the ONNX file's; its bytes and sha256 are the file's; its
+    peak memory is the graph's; the C array and the card's budgets agree with it. A later
+    ONNX export removes the .tflite files its card no longer describes."""
+    from compsearch.objectives.data import load_dataset
+    from compsearch.objectives.tflite import tflite_accuracy, tflite_ram_kb
+    from compsearch.results.export import sha256
+
+    out = tmp_path / "runs"
+    small = tmp_path / "small.toml"
+    small.write_text('stages = 2\nwidth = [8, 16]\nprecisions = ["int8"]\n')
+    assert cli.main(
+        ["run", "--budget-params", "2e6", "--budget-kb", "300", "--trials", "1", "--epochs", "4",
+         "--space", str(small), "--out", str(out), "--device", "cpu"]
+    ) == 0  # fmt: skip
+    assert cli.main(["export", "--format", "tflite", "--out", str(out), "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    folder = out / "digits" / "export"
+    card = json.loads((folder / "model.json").read_text())
+    tflite = card["tflite"]
+    path = folder / "model.tflite"
+    unwrapped = printed.replace("\n", "")  # the console wraps at its width
+    assert "model.tflite:" in unwrapped and str(path) in unwrapped
+    assert tflite["sha256"] == sha256(path)
+    assert tflite["size_kb"] == path.stat().st_size / 1000 <= card["budgets"]["size_kb"]
+    assert tflite["ram_kb"] == pytest.approx(tflite_ram_kb(path))
+    data = load_dataset("digits", seed=card["seed"])
+    assert tflite["test_accuracy"] == tflite_accuracy(path, data.test, data, data.resolution)
+    assert tflite["validation_accuracy"] == max(tflite["candidates"].values())
+    assert tflite["validation_accuracy"] == tflite_accuracy(path, data.val, data, data.resolution)
+    assert tflite["test_accuracy"] > card["test_accuracy"] - 0.03
+    assert tflite["input"]["dtype"] == "int8" and tflite["input"]["scale"] > 0
+    assert set(card["files"]) >= {"model.onnx", "model.tflite", "model_data.cc", "model_data.h"}
+    source = (folder / "model_data.cc").read_text()
+    assert f"g_model_len = {path.stat().st_size};" in source
+    assert "litert-torch" in card["packages"]
+
+    assert cli.main(["export", "--out", str(out), "--device", "cpu", "--epochs", "2"]) == 0
+    assert not path.exists() and not (folder / "model_data.cc").exists()
+    assert "tflite" not in json.loads((folder / "model.json").read_text())
+
+
+CONVERT = """
+import sys
+from pathlib import Path
+import numpy as np, torch
+sys.path.insert(0, sys.argv[1])
+from test_tflite import chain
+from compsearch.objectives.tflite import tflite_logits, write_tflite
+images = np.random.default_rng(0).standard_normal((96, 1, 8, 8)).astype(np.float32)
+written = write_tflite(chain(), images[:64], Path(sys.argv[2]))
+np.save(sys.argv[3], tflite_logits(written.path, images[64:]))
+"""
+
+
+@needs_tflite
+def test_the_file_does_not_depend_on_the_processs_hash_seed(tmp_path):
+    """The same model converted in two processes whose string hashing differs
+    (PYTHONHASHSEED) computes the same outputs."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = str(Path(__file__).parent)
+    outputs = []
+    for seed in ("1", "2"):
+        logits = tmp_path / f"logits-{seed}.npy"
+        environment = os.environ | {"PYTHONHASHSEED": seed}
+        subprocess.run(
+            [sys.executable, "-c", CONVERT, tests, str(tmp_path / f"{seed}.tflite"), str(logits)],
+            check=True, env=environment, capture_output=True,
+        )  # fmt: skip
+        outputs.append(np.load(logits))
+    np.testing.assert_array_equal(outputs[0], outputs[1])
