@@ -94,12 +94,24 @@ def write_tflite(model: nn.Module, calibration: np.ndarray, path: Path) -> Tflit
             {SIGNATURE: [{name: image[None]} for image in images]}, num_threads=1
         )
         tool.quantize(ranges, enable_progress_report=False).export_model(path, overwrite=True)
+    strip_names(path)
     interpreter = load(path)
     return TfliteFile(
         path,
         quantization(interpreter.get_input_details()[0]),
         quantization(interpreter.get_output_details()[0]),
     )
+
+
+def strip_names(path: Path) -> None:
+    """Drop the file's tensor names and signature, which no runtime needs to run it: the
+    converter names each tensor by its module path, 34,000 of ResNet-8's 112,000 bytes.
+    The input and output stay the first of each (`get_input_details`)."""
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.read_model(str(path))
+    flatbuffer_utils.strip_strings(model)
+    flatbuffer_utils.write_model(model, str(path))
 
 
 def load(path: Path, threads: int | None = None):
