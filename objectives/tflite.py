@@ -134,7 +134,11 @@ def quantization(detail: dict) -> Quantization:
 def tflite_logits(path: Path, images: np.ndarray) -> np.ndarray:
     """The file's dequantized outputs for normalized `images` (NCHW), one at a time, as a
     microcontroller runs it."""
-    interpreter = load(path)
+    return run_images(load(path), images)
+
+
+def run_images(interpreter, images: np.ndarray) -> np.ndarray:
+    """`tflite_logits` on an interpreter already loaded."""
     given, returned = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
     into, out_of = quantization(given), quantization(returned)
     logits = []
@@ -146,11 +150,13 @@ def tflite_logits(path: Path, images: np.ndarray) -> np.ndarray:
 
 
 def tflite_accuracy(path: Path, split: Split, data: Dataset, resolution: int) -> float:
-    """Top-1 of the file on `split`, run in LiteRT's interpreter."""
+    """Top-1 of the file on `split`, run in LiteRT's interpreter (loaded once), 512
+    images normalized at a time."""
+    interpreter = load(path)
     correct = 0
     for start in range(0, len(split), 512):
         x = normalize(split.images[start : start + 512], data.mean, data.std, resolution)
-        predicted = tflite_logits(path, x.numpy()).argmax(1)
+        predicted = run_images(interpreter, x.numpy()).argmax(1)
         correct += int((predicted == split.labels[start : start + 512].numpy()).sum())
     return correct / len(split)
 
