@@ -1,11 +1,12 @@
-"""Fit the ONNX byte estimate's overhead constants to real exported files.
+"""Fit the file byte estimate's overhead constants to real exported files.
 
-Exports many sampled (untrained) configs at every precision, fits the bytes beyond the
-weights by least squares on relative error and prints the constants for
-spaces/estimate.py together with the estimate's error as it stands. File sizes do not
-depend on training, so untrained weights (with realistic batch-norm statistics) suffice.
+Exports many sampled (untrained) configs at every precision (ONNX) or as int8 .tflite
+files (`--format tflite`, needs compsearch[tflite]), fits the bytes beyond the weights by
+least squares on relative error and prints the constants for spaces/estimate.py together
+with the estimate's error as it stands. File sizes do not depend on training, so
+untrained weights (with realistic batch-norm statistics) suffice.
 
-    python bench/calibrate_onnx_bytes.py [--configs 30]
+    python bench/calibrate_onnx_bytes.py [--configs 30] [--format onnx|tflite]
 """
 
 from __future__ import annotations
@@ -23,12 +24,29 @@ import torch
 from compsearch.objectives.compress import export, prune
 from compsearch.spaces.blocks import ACTIVATIONS
 from compsearch.spaces.builder import build
-from compsearch.spaces.config import PRECISIONS, TrainConfig
-from compsearch.spaces.estimate import count_layers, node_features, onnx_bytes, weight_bytes
+from compsearch.spaces.config import FILE_FORMATS, PRECISIONS, TrainConfig
+from compsearch.spaces.estimate import (
+    count_layers,
+    file_bytes,
+    node_features,
+    weight_bytes,
+)
 from compsearch.spaces.space import SearchSpace, sample
 
 
-def exported_sizes(configs: int, folder: Path) -> list[dict]:
+def precisions_of(file_format: str) -> tuple[str, ...]:
+    return ("int8",) if file_format == "tflite" else PRECISIONS
+
+
+def write_file(model, precision, resolution, channels, folder, calibration, file_format) -> Path:
+    if file_format == "tflite":
+        from compsearch.objectives.tflite import write_tflite
+
+        return write_tflite(model, calibration, folder / "m.tflite").path
+    return export(model, precision, resolution, channels, folder / "m.onnx", calibration)
+
+
+def exported_sizes(configs: int, folder: Path, file_format: str) -> list[dict]:
     schedule = TrainConfig(0, 0, 0, 0, 64, 0.1, 0.0, 0.0)
     rows = []
     for resolution, channels in ((8, 1), (28, 1), (32, 3)):
@@ -60,9 +78,9 @@ def exported_sizes(configs: int, folder: Path) -> list[dict]:
                 .normal(size=(64, channels, resolution, resolution))
                 .astype(np.float32)
             )
-            for precision in PRECISIONS:
-                path = export(
-                    model, precision, resolution, channels, folder / "m.onnx", calibration
+            for precision in precisions_of(file_format):
+                path = write_file(
+                    model, precision, resolution, channels, folder, calibration, file_format
                 )
                 rows.append(
                     dict(
@@ -70,7 +88,7 @@ def exported_sizes(configs: int, folder: Path) -> list[dict]:
                         activation=arch.activation,
                         counts=counts,
                         real=path.stat().st_size,
-                        estimate=onnx_bytes(counts, precision, arch.activation),
+                        estimate=file_bytes(counts, precision, arch.activation, file_format),
                     )
                 )
     return rows
@@ -79,12 +97,14 @@ def exported_sizes(configs: int, folder: Path) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", type=int, default=30, help="configs per input shape")
+    parser.add_argument("--format", choices=FILE_FORMATS, default="onnx", dest="file_format")
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore")
     with tempfile.TemporaryDirectory() as folder:
-        rows = exported_sizes(args.configs, Path(folder))
-    for precision in PRECISIONS:
+        rows = exported_sizes(args.configs, Path(folder), args.file_format)
+    tflite = args.file_format == "tflite"
+    for precision in precisions_of(args.file_format):
         subset = [row for row in rows if row["precision"] == precision]
         real = np.array([row["real"] for row in subset], dtype=float)
         current = np.array([row["estimate"] for row in subset], dtype=float)
@@ -103,7 +123,16 @@ def main() -> None:
             features[f"per {activation}"] = [
                 row["counts"].activations * (row["activation"] == activation) for row in subset
             ]
-        weights = np.array([weight_bytes(row["counts"], precision) for row in subset], dtype=float)
+        if tflite:  # the int8 weights; each bias's bytes are fitted
+            features["per bias"] = [biases(row["counts"]) for row in subset]
+            weights = np.array(
+                [row["counts"].params - row["counts"].batchnorm_channels - biases(row["counts"])
+                 for row in subset], dtype=float,
+            )  # fmt: skip
+        else:
+            weights = np.array(
+                [weight_bytes(row["counts"], precision) for row in subset], dtype=float
+            )
         matrix = np.array(list(features.values()), dtype=float).T
         # Relative errors matter: weigh each file by 1 / its size, so small files count.
         coefficients, *_ = np.linalg.lstsq(
@@ -113,6 +142,10 @@ def main() -> None:
         fit_error = np.abs(fitted / real - 1).max() * 100
         constants = ", ".join(f"{k} {v:.0f}" for k, v in zip(features, coefficients, strict=True))
         print(f"  fitted: {constants}; max error {fit_error:.3f}%")
+
+
+def biases(counts) -> int:
+    return counts.batchnorm_channels + counts.biases
 
 
 if __name__ == "__main__":

@@ -18,6 +18,11 @@ are "CIFAR-10 (JPEG copy)", not official CIFAR-10 figures.
     python bench/cifar10_300kb.py                         # 60 minutes, this machine
     python bench/cifar10_300kb.py --budget-macs 20e6      # every trial short on 2 cores
     python bench/cifar10_300kb.py --minutes 60 --workers 4 --device cuda
+    # a microcontroller: 64 KB of activations, every trial an int8 .tflite file
+    python bench/cifar10_300kb.py --budget-ram 64 --format tflite --results FILE.md
+
+`--results` writes the table, the search's feasible Pareto front and the machine to a
+markdown file.
 """
 
 from __future__ import annotations
@@ -77,26 +82,53 @@ def results_table(
     export_epochs: int,
     total: float,
     budget_macs: str | None,
+    budget_ram: str | None = None,
 ) -> str:
-    """The README's row: the export's verified figures, the wall times and the machine."""
+    """The README's row: the export's verified figures, the wall times and the machine;
+    a .tflite export's file where there is one."""
     trained = frame[frame["trained"].astype(bool)]
     counts = (
         f"{len(frame)} trials: {len(trained)} trained, "
         f"{int(frame['feasible'].astype(bool).sum())} feasible"
     )
     budgets = "2M params, 300 KB" + (f", {float(budget_macs) / 1e6:g}M MACs" if budget_macs else "")
+    budgets += f", {float(budget_ram):g} KB RAM" if budget_ram else ""
+    tflite = card.get("tflite")
+    if tflite:
+        accuracy = f"{tflite['test_accuracy']:.2%} (.tflite, LiteRT)"
+        size = f"{tflite['size_kb']:.1f} KB .tflite, {tflite['ram_kb']:.1f} KB RAM"
+    else:
+        accuracy = f"{card['test_accuracy']:.2%}"
+        size = f"{card['size_kb']:.1f} KB ({card['precision']}), {card['ram_kb']:.1f} KB RAM"
     return "\n".join(
         [
-            "| dataset | budgets | test accuracy | size | params | MACs | search | export "
+            "| dataset | budgets | test accuracy | file | params | MACs | search | export "
             "| total | machine |",
             "|---|---|---|---|---|---|---|---|---|---|",
-            f"| CIFAR-10 (JPEG copy) | {budgets} | {card['test_accuracy']:.2%} "
-            f"| {card['size_kb']:.1f} KB ({card['precision']}) | {card['params']:,} "
+            f"| CIFAR-10 (JPEG copy) | {budgets} | {accuracy} "
+            f"| {size} | {card['params']:,} "
             f"| {card['macs'] / 1e6:.1f}M | {search_wall / 60:.1f} min ({counts}) "
             f"| {export_wall / 60:.1f} min ({export_epochs} epochs) | {total / 60:.1f} min "
             f"| {machine()} |",
         ]
     )
+
+
+def front_table(front) -> str:
+    """The search's feasible Pareto front, most accurate first, as `show` lists it."""
+    rows = [
+        "| trial | anchor | validation accuracy | KB | RAM KB | params | MACs | ms | epochs "
+        "| seconds |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for record in front:
+        rows.append(
+            f"| {record.number} | {record.anchor or '-'} | {record.accuracy:.2%} "
+            f"| {record.size_kb:.1f} | {record.ram_kb:.1f} | {int(record.params):,} "
+            f"| {record.macs / 1e6:.1f}M | {record.latency_ms:.3f} "
+            f"| {record.config.train.epochs if record.config else '-'} | {record.seconds:.0f} |"
+        )
+    return "\n".join(rows)
 
 
 def main() -> None:
@@ -112,6 +144,9 @@ def main() -> None:
         "--budget-macs",
         help="a MACs budget as well (e.g. 20e6), keeping every trial short on a CPU",
     )
+    parser.add_argument("--budget-ram", help="a peak activation memory budget in KB (e.g. 64)")
+    parser.add_argument("--format", default="onnx", help="onnx or tflite: each trial's file")
+    parser.add_argument("--results", type=Path, help="a markdown file for the tables")
     parser.add_argument("--workers", default="1")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", type=Path, default=Path("runs-cifar10"))
@@ -130,6 +165,8 @@ def main() -> None:
             "--epochs", args.epochs, "--subset", args.subset, "--workers", args.workers,
             "--device", args.device, *where,
             *(["--budget-macs", args.budget_macs] if args.budget_macs else []),
+            *(["--budget-ram", args.budget_ram] if args.budget_ram else []),
+            "--format", args.format,
         ],
         out.parent,
     )  # fmt: skip
@@ -142,7 +179,8 @@ def main() -> None:
     # epoch. Those seconds also hold its measuring and compression, a larger share of a
     # short trial than of the export, so the estimate errs on the slow side and leaves the
     # export's own measuring its time.
-    best = api.show(STUDY, out=out).best
+    view = api.show(STUDY, out=out)
+    best = view.best
     if best is None:
         raise SystemExit("no feasible trial: give the search more --minutes")
     per_image_epoch = best.seconds / (int(args.epochs) * int(args.subset))
@@ -159,14 +197,23 @@ def main() -> None:
     export_wall = compsearch(["export", "--epochs", str(export_epochs), *where], out.parent)
     card = json.loads((out / STUDY / "export" / "model.json").read_text())
     total = time.perf_counter() - started
-    print()
-    print(
-        results_table(card, frame, search_wall, export_wall, export_epochs, total, args.budget_macs)
-    )
-    print(
-        f"validation accuracy {card['validation_accuracy']:.2%}; trial {card['trial']}; "
+    table = results_table(
+        card, frame, search_wall, export_wall, export_epochs, total, args.budget_macs,
+        args.budget_ram,
+    )  # fmt: skip
+    note = (
+        f"validation accuracy {card['validation_accuracy']:.2%} (ONNX); trial {card['trial']}; "
         f"files in {out / STUDY}"
     )
+    print()
+    print(table)
+    print(note)
+    if args.results:
+        args.results.parent.mkdir(parents=True, exist_ok=True)
+        args.results.write_text(
+            f"# `python {' '.join(sys.argv)}`\n\n{table}\n\n{note}\n\n"
+            f"Feasible Pareto front of the search ({machine()}):\n\n{front_table(view.front)}\n"
+        )
 
 
 if __name__ == "__main__":

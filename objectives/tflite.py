@@ -13,10 +13,13 @@ tuned, but its activation ranges are calibrated again on the same images.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.metadata
 import importlib.util
+import os
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -84,7 +87,10 @@ def write_tflite(model: nn.Module, calibration: np.ndarray, path: Path) -> Tflit
     # computed nonsense (a digits model: 8% against 99% in int8; its float file was right).
     model = copy.deepcopy(model).float().cpu().eval().to(memory_format=torch.contiguous_format)
     sample = torch.from_numpy(np.ascontiguousarray(calibration[:1], dtype=np.float32))
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".tflite-") as work:
+    with (
+        tempfile.TemporaryDirectory(dir=path.parent, prefix=".tflite-") as work,
+        silenced(),
+    ):
         float_path = Path(work) / "float.tflite"
         litert_torch.convert(model, (sample,)).export(str(float_path))
         tool = quantizer.Quantizer(str(float_path), recipe.static_wi8_ai8())
@@ -103,6 +109,31 @@ def write_tflite(model: nn.Module, calibration: np.ndarray, path: Path) -> Tflit
     )
 
 
+@contextlib.contextmanager
+def silenced():
+    """Output to the terminal goes nowhere meanwhile: the converter and the quantizer
+    print their progress (rich, tqdm) and their C++ logs there, over compsearch's own
+    progress display. Their errors still come as exceptions."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    try:
+        with (
+            open(os.devnull, "w") as null,
+            contextlib.redirect_stdout(null),  # Python's writers, wherever sys.stdout goes
+            contextlib.redirect_stderr(null),
+        ):
+            os.dup2(null.fileno(), 1)  # C++'s, and Python's that hold the terminal's
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for descriptor, copied in zip((1, 2), saved, strict=True):
+            os.dup2(copied, descriptor)
+            os.close(copied)
+
+
 def strip_names(path: Path) -> None:
     """Drop the file's tensor names and signature, which no runtime needs to run it: the
     converter names each tensor by its module path: 19,280 of ResNet-8's 112,160 bytes
@@ -115,10 +146,20 @@ def strip_names(path: Path) -> None:
 
 
 def load(path: Path, threads: int | None = None):
-    from ai_edge_litert.interpreter import Interpreter
+    """LiteRT's interpreter of the file with its builtin kernels, without the XNNPACK
+    delegate it adds by default: XNNPACK refuses some int8 files these write (a grouped
+    convolution's: "failed to create XNNPACK runtime", bench/calibrate_onnx_bytes.py
+    --format tflite), and a microcontroller runs builtin kernels (TensorFlow Lite Micro
+    has no XNNPACK)."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-    interpreter = Interpreter(model_path=str(path), num_threads=threads)
-    interpreter.allocate_tensors()
+    with silenced():
+        interpreter = Interpreter(
+            model_path=str(path),
+            num_threads=threads,
+            experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
+        )
+        interpreter.allocate_tensors()
     return interpreter
 
 

@@ -1,5 +1,6 @@
 """One trial, top to bottom: build, train low-res, prune, fine-tune at test res, export,
-measure. The result's figures all come from the deployed ONNX file or the pruned model.
+measure. The result's figures all come from the deployed file (ONNX, or .tflite under
+`run --format tflite`) or the pruned model.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from compsearch.objectives.train import (
 from compsearch.spaces.budgets import Budgets
 from compsearch.spaces.builder import build
 from compsearch.spaces.config import TrainConfig, TrialConfig
-from compsearch.spaces.estimate import estimate
+from compsearch.spaces.estimate import check_tflite_precision, estimate
 
 EarlyCheck = Callable[[float], str | None]  # validation accuracy -> why to stop, or None
 # Told the step a trial is starting ("pruning"), so that a crash can say where it came.
@@ -98,9 +99,13 @@ class TrialResult:
     train_seconds: float = math.nan
     # Peak activation memory of one inference of the file / 1000 (objectives/memory.py).
     ram_kb: float = math.nan
-    # Median single-image milliseconds of the file in onnxruntime, one thread, on this
-    # machine (objectives/latency.py).
+    # Median single-image milliseconds of the file in onnxruntime (LiteRT for a .tflite
+    # file), one thread, on this machine (objectives/latency.py, objectives/tflite.py).
     latency_ms: float = math.nan
+    # Under `run --format tflite`: the int8 .tflite file the figures above measure, and
+    # the validation top-1 of the ONNX int8 file it was made beside; None and NaN else.
+    tflite_path: Path | None = None
+    onnx_accuracy: float = math.nan
 
 
 class StoppedEarly(Exception):
@@ -213,13 +218,19 @@ def run_trial(
     early_check: EarlyCheck | None = None,
     distillation: Distillation | None = None,
     on_step: StepCallback = no_step,
+    file_format: str = "onnx",
 ) -> TrialResult:
     """Train, compress and measure one config.
 
     `on_device` holds the data on the training device (made once per run; the CPU when
     None). After `check_epoch` epochs the validation accuracy is measured and recorded;
-    when `early_check` gives a reason to stop, StoppedEarly is raised with it.
+    when `early_check` gives a reason to stop, StoppedEarly is raised with it. With
+    `file_format` "tflite" (an int8 config), the model the ONNX file holds (the
+    quantization-aware copy where that was kept) is written as an int8 .tflite file too,
+    and the result's accuracy, size, memory and latency are that file's, in LiteRT.
     """
+    if file_format == "tflite":
+        check_tflite_precision(config.compress.precision)
     started = time.perf_counter()
     train = config.train
     on_device = on_device or DeviceData(data, "cpu")
@@ -249,23 +260,70 @@ def run_trial(
         on_step,
     )  # fmt: skip
     model = deployed.model.cpu().eval()
+    if file_format == "tflite":
+        measured = write_tflite_trial(model, data, folder / "model.tflite", train, seed, on_step)
+    else:
+        measured = measure_onnx(deployed.path, data, train.test_resolution)
     return TrialResult(
         config=config,
-        accuracy=deployed.accuracy,
+        accuracy=measured.accuracy if file_format == "tflite" else deployed.accuracy,
         accuracy_before_compression=accuracy_torch,
         accuracy_post_training=deployed.accuracy_post_training,
         quantization_aware=deployed.quantization_aware,
         params=count_params(model),
         macs=count_macs(model, data.channels, train.test_resolution),
-        size_kb=file_size_kb(deployed.path),
+        size_kb=measured.size_kb,
         onnx_path=deployed.path,
         model=model,
         seconds=time.perf_counter() - started,
         early_accuracy=early_accuracy,
         train_seconds=train_seconds,
-        ram_kb=file_ram_kb(deployed.path),
-        latency_ms=file_latency_ms(deployed.path, data.channels, train.test_resolution),
+        ram_kb=measured.ram_kb,
+        latency_ms=measured.latency_ms,
+        tflite_path=measured.path if file_format == "tflite" else None,
+        onnx_accuracy=deployed.accuracy if file_format == "tflite" else math.nan,
     )
+
+
+@dataclass(frozen=True)
+class FileFigures:
+    path: Path
+    accuracy: float  # validation top-1 in the file's runtime; NaN when not measured here
+    size_kb: float
+    ram_kb: float
+    latency_ms: float
+
+
+def measure_onnx(path: Path, data: Dataset, resolution: int) -> FileFigures:
+    """The ONNX file's bytes, peak memory and latency (its accuracy is measured as it is
+    written)."""
+    return FileFigures(
+        path, math.nan, file_size_kb(path), file_ram_kb(path),
+        file_latency_ms(path, data.channels, resolution),
+    )  # fmt: skip
+
+
+def write_tflite_trial(
+    model: torch.nn.Module,
+    data: Dataset,
+    path: Path,
+    train: TrainConfig,
+    seed: int,
+    on_step: StepCallback,
+) -> FileFigures:
+    """`model` as an int8 .tflite file at `path` (calibrated on the ONNX file's images),
+    measured in LiteRT: validation top-1, bytes, peak memory, latency."""
+    from compsearch.objectives import tflite  # litert-torch, only under --format tflite
+
+    resolution = train.test_resolution
+    calibration = calibration_images(data, resolution, CALIBRATION_IMAGES, seed)
+    on_step("writing the int8 .tflite file")
+    tflite.write_tflite(model, calibration, path)
+    on_step("measuring the .tflite file in LiteRT")
+    return FileFigures(
+        path, tflite.tflite_accuracy(path, data.val, data, resolution), file_size_kb(path),
+        tflite.tflite_ram_kb(path), tflite.tflite_latency_ms(path),
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -77,6 +77,7 @@ class StudySettings:
     space: SearchSpace | None = None  # None only in studies older than the space's record
     version: str = ""
     objectives: tuple[str, ...] = DEFAULT_OBJECTIVES  # names of OBJECTIVES, in Optuna's order
+    file_format: str = "onnx"  # what each trial's file is (run --format)
 
     def to_attrs(self) -> dict[str, Any]:
         return {
@@ -89,6 +90,7 @@ class StudySettings:
             "space": self.space.to_dict() if self.space is not None else None,
             "version": self.version,
             "objectives": list(self.objectives),
+            "format": self.file_format,
         }
 
     @classmethod
@@ -105,6 +107,7 @@ class StudySettings:
             space=SearchSpace.from_dict(space) if space else None,
             version=attrs.get("version", ""),
             objectives=tuple(attrs.get("objectives") or DEFAULT_OBJECTIVES),
+            file_format=attrs.get("format") or "onnx",
         )
 
 
@@ -176,6 +179,10 @@ class TrialRecord:
     onnx_path: str  # the deployed file, relative to the study's folder
     config: TrialConfig | None  # as deployed (widths after pruning)
     searched: dict[str, Any] = field(default_factory=dict)  # the sampled parameters
+    # Under `run --format tflite`: the .tflite file its figures measure (relative to the
+    # study's folder) and the validation top-1 of the ONNX int8 file beside it.
+    tflite_path: str = ""
+    onnx_accuracy: float = NAN
 
     def feasible(self, budgets: Budgets) -> bool:
         return self.trained and not budgets.excess(
@@ -247,6 +254,8 @@ def read_trial(trial: optuna.trial.FrozenTrial, run_again_as: int | None = None)
         onnx_path=attrs.get("onnx_path", ""),
         config=TrialConfig.from_dict(config) if config else None,
         searched=dict(trial.params),
+        tflite_path=attrs.get("tflite_path", ""),
+        onnx_accuracy=measured("onnx_accuracy"),
     )
 
 
@@ -398,6 +407,9 @@ def write_result(trial: optuna.Trial, result: TrialResult, folder: Path, over: l
     trial.set_user_attr("quantization_aware", result.quantization_aware)
     trial.set_user_attr("early_accuracy", result.early_accuracy)
     trial.set_user_attr("onnx_path", str(result.onnx_path.relative_to(folder)))
+    if result.tflite_path is not None:
+        trial.set_user_attr("tflite_path", str(result.tflite_path.relative_to(folder)))
+        trial.set_user_attr("onnx_accuracy", result.onnx_accuracy)
     # The deployed config (widths after pruning), from which the model rebuilds.
     trial.set_user_attr("config", result.config.to_dict())
     if over:

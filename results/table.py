@@ -52,6 +52,8 @@ COLUMNS = [
     "retry_of",
     "worker",
     "onnx_path",
+    "tflite_path",
+    "onnx_accuracy",
 ]
 
 

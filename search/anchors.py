@@ -120,9 +120,11 @@ def queue_anchors(
     schedule: TrainConfig,
     budgets: Budgets,
     say: Callable[[str], None],
+    file_format: str = "onnx",
 ) -> list[str]:
-    """Queue every anchor the space can express and the budgets allow (shrunk to fit
-    where needed) as the study's next trials; the names queued. An anchor already in the
+    """Queue every anchor the space can express and the budgets allow for files in
+    `file_format` (shrunk to fit where needed) as the study's next trials; the names
+    queued. An anchor already in the
     study is not queued again."""
     present = {record.anchor for record in read_trials(study.get_trials(deepcopy=False))}
     queued, notes = [], []
@@ -133,9 +135,9 @@ def queue_anchors(
         if params is None:
             notes.append(f"{name} (the space cannot express it)")
             continue
-        expected = estimate(sample(optuna.trial.FixedTrial(params), space, schedule))
+        expected = estimate(sample(optuna.trial.FixedTrial(params), space, schedule), file_format)
         if budgets.excess(expected.params, expected.size_kb, expected.macs, expected.ram_kb):
-            params = fit_to_budget(params, space, schedule, budgets)
+            params = fit_to_budget(params, space, schedule, budgets, file_format)
             if params is None:
                 notes.append(f"{name} (nothing of it fits the budgets)")
                 continue

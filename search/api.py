@@ -61,6 +61,7 @@ def run(
     out: Path | str = DEFAULT_OUT,
     storage: str | None = None,
     objectives: str | tuple[str, ...] = "accuracy,size",
+    format: str = "onnx",
     quiet: bool = False,
 ) -> RunSummary:
     """Search for the most accurate model within the budgets, as `compsearch run` does
@@ -75,7 +76,7 @@ def run(
         budget_params, budget_kb, budget_macs, budget_ram, budget_latency, dataset, data_dir,
         trials, time, sampler, subset, space, epochs, seed, device, teacher, distill_weight,
         distill_temperature, workers, heartbeat, anchors, rungs, fidelity, study, out,
-        storage, objectives,
+        storage, objectives, format,
     )  # fmt: skip
     return run_job(options, Console(quiet=quiet))
 
@@ -110,13 +111,14 @@ def export(
     storage: str | None = None,
     quiet: bool = False,
     flip: bool = False,
-    format: str = "onnx",
+    format: str | None = None,
 ) -> ExportSummary:
     """Retrain a trial for longer, verify its file against the budgets and write
     OUT/STUDY/export/ (model.onnx, model.pt, model.json), as `compsearch export` does.
     `time`: seconds of training instead of `epochs`, sized from the trial's own speed.
     `flip`: the file averages the outputs on each image and its mirror (twice the MACs).
-    `format="tflite"`: also an int8 model.tflite measured in LiteRT, and its C array."""
+    `format="tflite"`: also an int8 model.tflite measured in LiteRT, and its C array;
+    None: the study's own `run` format."""
     options = ExportOptions(
         trial, epochs, time, teacher, data_dir, device, study, out, storage, flip, format
     )

@@ -159,6 +159,12 @@ def build_parser() -> Parser:
         "file size) or accuracy,size,latency (also the fastest, as --budget-latency times it)",
     )
     run.add_argument(
+        "--format",
+        default="onnx",
+        help="the file each trial is measured as: onnx (default) or tflite (int8 .tflite "
+        "files run in LiteRT, every trial int8; needs compsearch[tflite])",
+    )
+    run.add_argument(
         "--dataset",
         default="digits",
         help="digits (default), mnist, fashion-mnist, cifar10, cifar100, svhn, stl10 or "
@@ -293,9 +299,9 @@ def build_parser() -> Parser:
     )
     export.add_argument(
         "--format",
-        default="onnx",
         help="onnx (model.onnx) or tflite: also an int8 model.tflite, measured in LiteRT, "
-        "and its C array for TensorFlow Lite Micro (needs compsearch[tflite])",
+        "and its C array for TensorFlow Lite Micro (needs compsearch[tflite]); default: the "
+        "study's run --format",
     )
     export.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:K")
     export.add_argument(REPORT_FD_FLAG, type=int, help=argparse.SUPPRESS)
@@ -389,6 +395,7 @@ def run_options(args: argparse.Namespace) -> RunOptions:
         out=args.out,
         storage=args.storage,
         objectives=args.objectives,
+        format=args.format,
     )
 
 

@@ -115,6 +115,7 @@ def reference_seconds(
     budgets: Budgets,
     predict: Callable[[TrialConfig], float],
     seed: int,
+    file_format: str = "onnx",
 ) -> float:
     """The median predicted seconds of REFERENCE_CONFIGS random configs of `space` within
     the budgets (by estimate), each trained on `schedule`: the top rung's seconds when the
@@ -126,7 +127,7 @@ def reference_seconds(
         for _ in range(REFERENCE_DRAWS):
             config = sample(study.ask(), space, schedule)
             drawn.append(config)
-            expected = estimate(config)
+            expected = estimate(config, file_format)
             if not budgets.excess(
                 expected.params, expected.size_kb, expected.macs, expected.ram_kb
             ):

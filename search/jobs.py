@@ -110,6 +110,7 @@ def execute_run(
         space=space,
         version=__version__,
         objectives=options.objectives,
+        file_format=options.format,
     )
     # A resumed study gets a fresh sampler seed so it does not repeat its first proposals,
     # and workers started together get different ones.
@@ -125,7 +126,7 @@ def execute_run(
     waiting = waiting_trials(study)  # interrupted or lost trials, before any anchor is queued
     before = len(study.trials)
     if options.anchors and before == 0 and role.index == 0:
-        queue_anchors(study, space, schedule, options.budgets, console.print)
+        queue_anchors(study, space, schedule, options.budgets, console.print, options.format)
     finish_at = role.finish_at
     if finish_at is None:
         finish_at = finished_and_running(study)[0] + options.trials
@@ -142,6 +143,7 @@ def execute_run(
     run_settings = SearchSettings(
         options.budgets, options.trials, time_limit, options.seed, device, folder,
         finish_at=finish_at, rungs=options.rungs, fidelity=options.fidelity,
+        file_format=options.format,
     )  # fmt: skip
     started = time.perf_counter()
     try:
@@ -361,7 +363,7 @@ def execute_export(prepared: PreparedExport, console: Console, reporter: Reporte
                 teacher_spec, test_accuracy, candidate_rows(candidates, chosen, budgets),
                 flip=options.flip,
             )  # fmt: skip
-            if options.format == "tflite":
+            if prepared.file_format == "tflite":
                 write_tflite_files(
                     card, model, candidates, chosen, data, budgets, resolution, seed,
                     options.flip, work, step,

@@ -129,6 +129,7 @@ class SearchSettings:
     rungs: int = DEFAULT_RUNGS
     # What a rung counts: "epochs" (x images) or "seconds" (predicted, equal per config).
     fidelity: str = DEFAULT_FIDELITY
+    file_format: str = "onnx"  # each trial's file: ONNX, or an int8 .tflite (run --format)
 
 
 @dataclass
@@ -417,7 +418,7 @@ def run_ladder(
     model = costs.refit(read_trials(study.get_trials(deepcopy=False)))
     top = reference_seconds(
         space, schedule, settings.budgets, lambda config: model.predict(work_of(config, data)),
-        settings.seed,
+        settings.seed, settings.file_format,
     )  # fmt: skip
     if settings.time_limit is not None:
         top = min(top, settings.time_limit.longest)
@@ -434,7 +435,7 @@ def run_one(job: SearchJob, trial: optuna.Trial, rejections_in_a_row: int) -> Ou
     write_fidelity(trial, fidelity.rung, fidelity.rungs, fidelity.images, fidelity.seconds)
     # Frozen dataclasses, no torch yet.
     config = sample(trial, job.space, rung_schedule(job.schedule, fidelity))
-    expected = estimate(config)
+    expected = estimate(config, settings.file_format)
     latency_objective = "latency_ms" in study_objective_columns(job.study)
     if budgets.latency_ms is not None or latency_objective:
         if job.latency.model is None:
@@ -491,6 +492,7 @@ def run_one(job: SearchJob, trial: optuna.Trial, rejections_in_a_row: int) -> Ou
             on_epoch=lambda *done: stop_point(job.display, *done), early_check=stopper,
             distillation=job.distillation,
             on_step=lambda step: job.reporter.step(trial.number, step),
+            file_format=settings.file_format,
         )  # fmt: skip
     except StoppedEarly as stop:
         write_stopped_early(trial, stop.early_accuracy, str(stop))
@@ -612,7 +614,9 @@ def reject(
     job.study.tell(trial, untrained_values(job.study, expected))
     fitted = None
     if every > 0 and in_a_row % every == 0 and not is_fitted_copy(trial):
-        fitted = fit_to_budget(trial.params, job.space, job.schedule, budgets)
+        fitted = fit_to_budget(
+            trial.params, job.space, job.schedule, budgets, job.settings.file_format
+        )
         if fitted is not None:
             job.study.enqueue_trial(fitted, user_attrs=fitted_attrs(trial.number))
     return Outcome(
@@ -638,7 +642,11 @@ def reject_too_slow(
 
 
 def fit_to_budget(
-    params: dict, space: SearchSpace, schedule: TrainConfig, budgets: Budgets
+    params: dict,
+    space: SearchSpace,
+    schedule: TrainConfig,
+    budgets: Budgets,
+    file_format: str = "onnx",
 ) -> dict | None:
     """The proposal's parameters with every width scaled down by the largest common factor
     that meets the budgets (by estimate), after making stages shallower when even the
@@ -653,7 +661,7 @@ def fit_to_budget(
         return fitted, sample(optuna.trial.FixedTrial(fitted), space, schedule)
 
     def fits(config: TrialConfig) -> bool:
-        expected = estimate(config)
+        expected = estimate(config, file_format)
         return not budgets.excess(expected.params, expected.size_kb, expected.macs, expected.ram_kb)
 
     base = dict(params)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from compsearch.objectives.catalog import (
@@ -35,6 +35,7 @@ from compsearch.search.common import (
     storage_url,
 )
 from compsearch.spaces.budgets import Budgets
+from compsearch.spaces.config import FILE_FORMATS as FORMATS
 from compsearch.spaces.space import SearchSpace, load_space, space_for
 
 # A study's name is its folder's name under --out: one path component, never "..".
@@ -197,8 +198,12 @@ class RunOptions:
     storage: str | None = None
     # What the search optimizes: DEFAULT_OBJECTIVES, or with "latency" as a third.
     objectives: tuple[str, ...] = DEFAULT_OBJECTIVES
+    # The file each trial is measured as: "onnx", or "tflite" (int8 .tflite files in
+    # LiteRT; every trial int8).
+    format: str = "onnx"
 
     def __post_init__(self) -> None:
+        check_format(self.format)
         object.__setattr__(
             self,
             "objectives",
@@ -280,9 +285,11 @@ class RunOptions:
         return self.space_for(shape.channels, shape.num_classes, shape.resolution)
 
     def space_for(self, channels: int, num_classes: int, resolution: int) -> SearchSpace:
-        """The default space for data of this shape, narrowed or widened by --space."""
+        """The default space for data of this shape, narrowed or widened by --space; int8
+        only under --format tflite."""
         space = space_for(channels, num_classes, resolution)
-        return load_space(self.space, space) if self.space else space
+        space = load_space(self.space, space) if self.space else space
+        return for_format(space, self.format, self.space)
 
     def data_source(self) -> tuple[str, str]:
         """(dataset, data folder) as absolute paths, so `export` finds the same data from
@@ -312,7 +319,30 @@ class RunOptions:
         return argv
 
 
-FORMATS = ("onnx", "tflite")  # export --format
+def check_format(file_format: str) -> None:
+    """--format: one of FORMATS, and tflite only where its extra is installed."""
+    if file_format not in FORMATS:
+        raise UsageError(f"--format must be one of {', '.join(FORMATS)}, but got {file_format!r}")
+    if file_format == "tflite":
+        from compsearch.objectives.tflite import missing_tflite  # torch
+
+        missing = missing_tflite()
+        if missing:
+            raise UsageError(missing)
+
+
+def for_format(space: SearchSpace, file_format: str, space_file: Path | None) -> SearchSpace:
+    """`space` as searched for `file_format`: .tflite files are int8, so under tflite its
+    precisions narrow to int8 (an error when it has none)."""
+    if file_format != "tflite" or space.precisions == ("int8",):
+        return space
+    if "int8" not in space.precisions:
+        raise UsageError(
+            "--format tflite writes int8 files, but the search space's precisions are "
+            f"{', '.join(space.precisions)}" + (f" ({space_file})" if space_file else "")
+            + "; add int8 to them or use --format onnx"
+        )
+    return replace(space, precisions=("int8",))
 
 
 @dataclass(frozen=True)
@@ -330,20 +360,13 @@ class ExportOptions:
     storage: str | None = None
     # The file averages the model's outputs on each image and its mirror (twice the MACs).
     flip: bool = False
-    # "tflite": also an int8 .tflite file and its C array (objectives/tflite.py).
-    format: str = "onnx"
+    # "tflite": also an int8 .tflite file and its C array (objectives/tflite.py); None:
+    # the study's --format ("onnx" for a study from before it).
+    format: str | None = None
 
     def __post_init__(self) -> None:
-        if self.format not in FORMATS:
-            raise UsageError(
-                f"--format must be one of {', '.join(FORMATS)}, but got {self.format!r}"
-            )
-        if self.format == "tflite":
-            from compsearch.objectives.tflite import missing_tflite  # torch
-
-            missing = missing_tflite()
-            if missing:
-                raise UsageError(missing)
+        if self.format is not None:
+            check_format(self.format)
         trial = str(self.trial).strip()
         if trial != "best" and not re.fullmatch(r"[0-9]+", trial):
             raise UsageError(f"--trial must be best or a trial number, but got {self.trial!r}")

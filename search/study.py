@@ -259,7 +259,7 @@ def open_study(
 
 
 def check_same_settings(name: str, stored: StudySettings, settings: StudySettings) -> None:
-    """What must not change within a study: its dataset, budgets and objectives."""
+    """What must not change within a study: its dataset, budgets, objectives and format."""
     if stored.dataset != settings.dataset:
         raise UsageError(
             f"study {name!r} was created with dataset {json.dumps(stored.dataset)}, not "
@@ -267,6 +267,16 @@ def check_same_settings(name: str, stored: StudySettings, settings: StudySetting
         )
     check_same_budgets(name, stored, settings.budgets)
     check_same_objectives(name, stored, settings.objectives)
+    check_same_format(name, stored, settings.file_format)
+
+
+def check_same_format(name: str, stored: StudySettings, file_format: str) -> None:
+    if stored.file_format != file_format:
+        raise UsageError(
+            f"study {name!r} was created with --format {stored.file_format}, not {file_format}: "
+            "its trials' sizes and accuracies are those files'; use the original --format or "
+            "a new --study"
+        )
 
 
 def check_same_objectives(name: str, stored: StudySettings, objectives: tuple[str, ...]) -> None:

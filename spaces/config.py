@@ -13,6 +13,9 @@ from typing import Any
 from compsearch.spaces.blocks import BlockShape
 
 PRECISIONS = ("fp32", "fp16", "int8")
+# What a trial's deployable file can be (run --format): ONNX at any precision, or an int8
+# .tflite file.
+FILE_FORMATS = ("onnx", "tflite")
 # How pruning ranks channels: the L2 norm of their weights, their batch-norm scale, or
 # the first-order Taylor estimate of the loss change when they are removed.
 PRUNE_CRITERIA = ("l2", "bn_scale", "taylor")

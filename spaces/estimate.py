@@ -20,6 +20,7 @@ from compsearch.spaces.blocks import (
     out_resolution,
 )
 from compsearch.spaces.config import (
+    FILE_FORMATS,
     PRECISIONS,
     ArchConfig,
     TrialConfig,
@@ -34,7 +35,7 @@ from compsearch.spaces.space import SearchSpace, make_stage
 class Estimate:
     params: int
     macs: int  # per image at the test resolution, counted as ptflops' aten backend does
-    onnx_bytes: int  # expected size of the deployable file at the config's precision
+    file_bytes: int  # expected size of the deployable file at the config's precision and format
     # Peak activation memory of one inference of the deployable file (spaces/memory.py);
     # for the space's extremes, bounds that every config lies within.
     ram_bytes: int = 0
@@ -44,7 +45,7 @@ class Estimate:
 
     @property
     def size_kb(self) -> float:
-        return self.onnx_bytes / 1000
+        return self.file_bytes / 1000
 
     @property
     def ram_kb(self) -> float:
@@ -201,17 +202,54 @@ def onnx_bytes(counts: LayerCounts, precision: str, activation: str) -> int:
     return FIXED_BYTES[precision] + variable_bytes(counts, precision, activation)
 
 
-def estimate(config: TrialConfig) -> Estimate:
-    """Exact params, MACs and peak activation memory, and the file's bytes, for local
-    pruning. Global pruning removes the same share of parameters but chooses where, so
-    for it these are what local pruning at that share would leave: close, not exact."""
+# Bytes of an int8 .tflite file (objectives/tflite.py: names stripped) beyond its int8
+# weights: per output channel an int32 bias and the per-channel scales and zero points
+# of it and of the weights; per operator its tensors, buffers and options; the file's
+# own tables. Fitted to written files by bench/calibrate_onnx_bytes.py --format tflite.
+TFLITE_FIXED_BYTES = 1288
+TFLITE_BYTES_PER_BIAS = 29
+TFLITE_BYTES_PER_NODE = {"convolution": 238, "addition": 308, "squeeze_excitation": 557}
+TFLITE_BYTES_PER_ACTIVATION = {"relu": 84, "leaky_relu": 318, "silu": 281, "hardswish": 166}
+
+
+def tflite_variable_bytes(counts: LayerCounts, activation: str) -> int:
+    """The int8 .tflite file's bytes that grow with the layers."""
+    biases = counts.batchnorm_channels + counts.biases
+    weights = counts.params - counts.batchnorm_channels - biases  # int8, one byte each
+    structure = sum(
+        TFLITE_BYTES_PER_NODE[name] * n for name, n in node_features(counts).items()
+    )
+    structure += TFLITE_BYTES_PER_ACTIVATION[activation] * counts.activations
+    return weights + TFLITE_BYTES_PER_BIAS * biases + structure
+
+
+def check_tflite_precision(precision: str) -> None:
+    if precision != "int8":
+        raise ValueError(f".tflite files are int8, not {precision}")
+
+
+def file_bytes(counts: LayerCounts, precision: str, activation: str, file_format: str) -> int:
+    """The deployable file's expected bytes: ONNX at `precision`, or an int8 .tflite."""
+    if file_format == "onnx":
+        return onnx_bytes(counts, precision, activation)
+    if file_format == "tflite":
+        check_tflite_precision(precision)
+        return TFLITE_FIXED_BYTES + tflite_variable_bytes(counts, activation)
+    raise ValueError(f"unknown file format {file_format!r}; valid: {', '.join(FILE_FORMATS)}")
+
+
+def estimate(config: TrialConfig, file_format: str = "onnx") -> Estimate:
+    """Exact params, MACs and peak activation memory, and the bytes of the file in
+    `file_format`, for local pruning. Global pruning removes the same share of parameters
+    but chooses where, so for it these are what local pruning at that share would leave:
+    close, not exact."""
     arch = pruned_arch(config.arch, channel_ratio(config.arch, config.compress.prune_fraction))
     resolution = config.train.test_resolution
     counts = count_layers(arch, resolution)
     return Estimate(
         params=counts.params,
         macs=counts.macs,
-        onnx_bytes=onnx_bytes(counts, config.compress.precision, arch.activation),
+        file_bytes=file_bytes(counts, config.compress.precision, arch.activation, file_format),
         ram_bytes=estimate_peak_bytes(arch, resolution, config.compress.precision),
     )
 
@@ -230,7 +268,7 @@ def stage_options(space: SearchSpace, in_width: int, width: int, depth: int):
             )
 
 
-def extreme_estimate(space: SearchSpace, smallest: bool) -> Estimate:
+def extreme_estimate(space: SearchSpace, smallest: bool, file_format: str = "onnx") -> Estimate:
     """The smallest (or largest) params, bytes and MACs any config of `space` reaches,
     each figure on its own.
 
@@ -269,19 +307,22 @@ def extreme_estimate(space: SearchSpace, smallest: bool) -> Estimate:
         in_width = width
     last = kept_channels(width, ratio)
     parts.append([classifier_counts(last, space.num_classes)])
+    def variable(counts: LayerCounts, precision: str, activation: str) -> int:
+        if file_format == "tflite":
+            return tflite_variable_bytes(counts, activation)
+        return variable_bytes(counts, precision, activation)
+
+    fixed = TFLITE_FIXED_BYTES if file_format == "tflite" else None
     sizes = [
-        FIXED_BYTES[precision]
-        + sum(
-            pick(variable_bytes(counts, precision, activation) for counts in options)
-            for options in parts
-        )
+        (FIXED_BYTES[precision] if fixed is None else fixed)
+        + sum(pick(variable(counts, precision, activation) for counts in options) for options in parts)
         for precision in space.precisions
         for activation in space.activations
     ]
     return Estimate(
         params=sum(pick(counts.params for counts in options) for options in parts),
         macs=sum(pick(counts.macs for counts in options) for options in parts),
-        onnx_bytes=pick(sizes),
+        file_bytes=pick(sizes),
         ram_bytes=ram_bound(space, smallest),
     )
 

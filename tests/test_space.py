@@ -112,7 +112,7 @@ def test_every_sampled_config_lies_between_the_space_extremes(space):
     for config in sampled_configs(space, 300, seed=3):
         expected = estimate(config)
         assert smallest.params <= expected.params <= largest.params
-        assert smallest.onnx_bytes <= expected.onnx_bytes <= largest.onnx_bytes
+        assert smallest.file_bytes <= expected.file_bytes <= largest.file_bytes
         assert smallest.macs <= expected.macs <= largest.macs
         assert smallest.ram_bytes <= expected.ram_bytes <= largest.ram_bytes
 

@@ -123,6 +123,37 @@ def test_a_model_whose_weights_are_channels_last_converts_the_same(chain_file, t
 
 
 @needs_tflite
+@needs_tflite
+def test_a_grouped_convolution_runs_in_litert(tmp_path):
+    """A config of the space with a grouped block: its int8 file loads and computes what
+    the model does (LiteRT's XNNPACK delegate refused it: "failed to create XNNPACK
+    runtime", so the interpreter runs builtin kernels)."""
+    from compsearch.objectives.tflite import tflite_logits, write_tflite
+    from compsearch.spaces.builder import build
+    from compsearch.spaces.config import ArchConfig, StageConfig
+
+    arch = ArchConfig(
+        in_channels=1, num_classes=10, stem_width=24, stem_kernel_size=3, activation="relu",
+        leaky_relu_slope=0.1,
+        stages=(
+            StageConfig(block="plain", depth=2, width=4, kernel_size=5, stride=2,
+                        hidden_widths=(4, 4), projection=True, groups=1, squeeze_widths=(1, 1)),
+            StageConfig(block="grouped", depth=1, width=23, kernel_size=3, stride=1,
+                        hidden_widths=(20,), projection=True, groups=4, squeeze_widths=(5,)),
+        ),
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = build(arch).eval()
+    images = np.random.default_rng(0).standard_normal((96, 1, 28, 28)).astype(np.float32)
+    written = write_tflite(model, images[:64], tmp_path / "grouped.tflite")
+    logits = tflite_logits(written.path, images[64:])
+    with torch.no_grad():
+        expected = model(torch.from_numpy(images[64:])).numpy()
+    spread = expected.max() - expected.min()
+    assert np.abs(logits - expected).max() < 0.15 * spread
+    assert np.abs(logits - expected).mean() < 0.03 * spread
+
+
 def test_the_c_array_holds_the_files_bytes(chain_file, tmp_path):
     from compsearch.objectives.tflite import ARRAY_NAME, c_array
 
@@ -213,3 +244,92 @@ def test_the_file_does_not_depend_on_the_processs_hash_seed(tmp_path):
         )  # fmt: skip
         outputs.append(np.load(logits))
     np.testing.assert_array_equal(outputs[0], outputs[1])
+
+
+def test_silenced_sends_what_is_written_to_the_terminal_nowhere_and_restores_it(capfd):
+    """What the converter prints (Python or C, to either stream) is dropped; what comes
+    after reaches the terminal again."""
+    import os
+
+    from compsearch.objectives.tflite import silenced
+
+    with silenced():
+        os.write(1, b"converter progress\n")
+        os.write(2, b"converter log\n")
+        print("more progress")
+    print("after")
+    os.write(2, b"error after\n")
+    captured = capfd.readouterr()
+    assert captured.out == "after\n" and captured.err == "error after\n"
+
+
+@needs_tflite
+def test_the_tflite_byte_estimate_is_close_to_the_written_files(tmp_path):
+    """Sampled configs of the CIFAR-10 space, pruned as sampled (locally, where the
+    estimate is exact in params), written as int8 .tflite files: the estimate within 3%
+    of their bytes (bench/calibrate_onnx_bytes.py --format tflite fits its constants)."""
+    import dataclasses
+
+    import optuna
+
+    from compsearch.objectives.compress import prune
+    from compsearch.objectives.tflite import write_tflite
+    from compsearch.spaces.builder import build
+    from compsearch.spaces.config import TrainConfig
+    from compsearch.spaces.estimate import estimate
+    from compsearch.spaces.space import sample, space_for
+
+    space = dataclasses.replace(space_for(3, 10, 32), precisions=("int8",))
+    schedule = TrainConfig(0, 0, 0, 0, 64, 0.1, 0.0, 0.0)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
+    images = np.random.default_rng(0).standard_normal((16, 3, 32, 32)).astype(np.float32)
+    for index in range(3):
+        config = sample(study.ask(), space, schedule)
+        compress = dataclasses.replace(config.compress, prune_criterion="l2", prune_scope="local")
+        config = dataclasses.replace(config, compress=compress)
+        torch.manual_seed(index)
+        model = build(config.arch).eval()
+        prune(model, config.arch, compress, torch.zeros(1, 3, 32, 32))
+        path = write_tflite(model, images, tmp_path / f"{index}.tflite").path
+        expected = estimate(config, "tflite").file_bytes
+        assert expected == pytest.approx(path.stat().st_size, rel=0.03), config
+
+
+@needs_tflite
+def test_run_format_tflite_measures_every_trial_as_its_tflite_file(tmp_path, capsys):
+    """`run --format tflite`: every trial int8, its accuracy, bytes and peak memory those
+    of its .tflite file in LiteRT, the ONNX file's accuracy beside them; the study keeps
+    its format (run again with another: exit 2 naming both), and `export` without
+    --format writes the .tflite file too."""
+    import pandas as pd
+
+    from compsearch.objectives.data import load_dataset
+    from compsearch.objectives.tflite import tflite_accuracy, tflite_ram_kb
+
+    out = tmp_path / "runs"
+    small = tmp_path / "small.toml"
+    small.write_text("stages = 2\nwidth = [8, 16]\n")  # every precision: narrowed to int8
+    run = ["run", "--budget-params", "2e6", "--budget-kb", "300", "--epochs", "3",
+           "--space", str(small), "--out", str(out), "--device", "cpu", "--no-anchors"]  # fmt: skip
+    assert cli.main([*run, "--trials", "2", "--format", "tflite"]) == 0
+    folder = out / "digits"
+    rows = pd.read_csv(folder / "trials.csv")
+    trained = rows[rows["trained"] == True]  # noqa: E712
+    assert len(trained) >= 2
+    assert set(rows["param_precision"].dropna()) == {"int8"}
+    assert 'precisions = ["int8"]' in (folder / "space.toml").read_text()
+    data = load_dataset("digits", seed=0)
+    for row in trained.itertuples():
+        path = folder / row.tflite_path
+        assert path.suffix == ".tflite" and (folder / row.onnx_path).exists()
+        assert row.size_kb == path.stat().st_size / 1000
+        assert row.accuracy == tflite_accuracy(path, data.val, data, data.resolution)
+        assert row.ram_kb == pytest.approx(tflite_ram_kb(path))
+        assert 0 < row.onnx_accuracy <= 1 and row.latency_ms > 0
+        assert abs(row.estimated_size_kb / row.size_kb - 1) < 0.05
+    capsys.readouterr()
+    assert cli.main([*run, "--trials", "1"]) == 2
+    assert "was created with --format tflite, not onnx" in capsys.readouterr().err
+    assert cli.main(["export", "--out", str(out), "--device", "cpu", "--epochs", "2"]) == 0
+    card = json.loads((folder / "export" / "model.json").read_text())
+    assert card["tflite"]["size_kb"] == (folder / "export" / "model.tflite").stat().st_size / 1000
