@@ -224,6 +224,41 @@ np.save(sys.argv[3], tflite_logits(written.path, images[64:]))
 """
 
 
+DEAD_UNIT = """
+import sys
+from pathlib import Path
+import numpy as np, torch
+sys.path.insert(0, sys.argv[1])
+from test_tflite import chain
+from compsearch.objectives.tflite import tflite_logits, write_tflite
+model = chain()
+with torch.no_grad():
+    model[0].bias.fill_(-1e3)  # no image wakes the first layer: the second reads zeros
+images = np.random.default_rng(0).standard_normal((96, 1, 8, 8)).astype(np.float32)
+written = write_tflite(model, images[:64], Path(sys.argv[2]))
+expected = model(torch.from_numpy(images[64:])).detach().numpy()
+print(np.abs(tflite_logits(written.path, images[64:]) - expected).max())
+"""
+
+
+@needs_tflite
+def test_a_tensor_that_calibration_saw_only_as_zeros_does_not_crash_the_process(tmp_path):
+    """A zero range quantized the next layer's biases by a scale of 0, and LiteRT aborted
+    the process loading the file: so in a child process, which must exit cleanly with
+    the file computing what the model does (its constant output)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = str(Path(__file__).parent)
+    done = subprocess.run(
+        [sys.executable, "-c", DEAD_UNIT, tests, str(tmp_path / "dead.tflite")],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert float(done.stdout.split()[-1]) < 0.05
+
+
 @needs_tflite
 def test_the_file_does_not_depend_on_the_processs_hash_seed(tmp_path):
     """The same model converted in two processes whose string hashing differs
