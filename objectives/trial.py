@@ -106,6 +106,7 @@ class TrialResult:
     # the validation top-1 of the ONNX int8 file it was made beside; None and NaN else.
     tflite_path: Path | None = None
     onnx_accuracy: float = math.nan
+    tflite_seconds: float = math.nan  # of `seconds`, those writing and measuring it
 
 
 class StoppedEarly(Exception):
@@ -282,6 +283,7 @@ def run_trial(
         latency_ms=measured.latency_ms,
         tflite_path=measured.path if file_format == "tflite" else None,
         onnx_accuracy=deployed.accuracy if file_format == "tflite" else math.nan,
+        tflite_seconds=measured.seconds,
     )
 
 
@@ -292,6 +294,7 @@ class FileFigures:
     size_kb: float
     ram_kb: float
     latency_ms: float
+    seconds: float = math.nan  # writing (a .tflite file only) and measuring it
 
 
 def measure_onnx(path: Path, data: Dataset, resolution: int) -> FileFigures:
@@ -315,15 +318,17 @@ def write_tflite_trial(
     measured in LiteRT: validation top-1, bytes, peak memory, latency."""
     from compsearch.objectives import tflite  # litert-torch, only under --format tflite
 
+    started = time.perf_counter()
     resolution = train.test_resolution
     calibration = calibration_images(data, resolution, CALIBRATION_IMAGES, seed)
     on_step("writing the int8 .tflite file")
     tflite.write_tflite(model, calibration, path)
     on_step("measuring the .tflite file in LiteRT")
+    accuracy = tflite.tflite_accuracy(path, data.val, data, resolution)
+    ram_kb, latency_ms = tflite.tflite_ram_kb(path), tflite.tflite_latency_ms(path)
     return FileFigures(
-        path, tflite.tflite_accuracy(path, data.val, data, resolution), file_size_kb(path),
-        tflite.tflite_ram_kb(path), tflite.tflite_latency_ms(path),
-    )  # fmt: skip
+        path, accuracy, file_size_kb(path), ram_kb, latency_ms, time.perf_counter() - started
+    )
 
 
 @dataclass(frozen=True)

@@ -183,6 +183,7 @@ class TrialRecord:
     # study's folder) and the validation top-1 of the ONNX int8 file beside it.
     tflite_path: str = ""
     onnx_accuracy: float = NAN
+    tflite_seconds: float = NAN  # of `seconds`, those writing and measuring the .tflite file
 
     def feasible(self, budgets: Budgets) -> bool:
         return self.trained and not budgets.excess(
@@ -256,6 +257,7 @@ def read_trial(trial: optuna.trial.FrozenTrial, run_again_as: int | None = None)
         searched=dict(trial.params),
         tflite_path=attrs.get("tflite_path", ""),
         onnx_accuracy=measured("onnx_accuracy"),
+        tflite_seconds=measured("tflite_seconds"),
     )
 
 
@@ -410,6 +412,7 @@ def write_result(trial: optuna.Trial, result: TrialResult, folder: Path, over: l
     if result.tflite_path is not None:
         trial.set_user_attr("tflite_path", str(result.tflite_path.relative_to(folder)))
         trial.set_user_attr("onnx_accuracy", result.onnx_accuracy)
+        trial.set_user_attr("tflite_seconds", round(result.tflite_seconds, 3))
     # The deployed config (widths after pruning), from which the model rebuilds.
     trial.set_user_attr("config", result.config.to_dict())
     if over:

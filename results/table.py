@@ -54,6 +54,7 @@ COLUMNS = [
     "onnx_path",
     "tflite_path",
     "onnx_accuracy",
+    "tflite_seconds",
 ]
 
 

@@ -361,6 +361,7 @@ def test_run_format_tflite_measures_every_trial_as_its_tflite_file(tmp_path, cap
         assert row.accuracy == tflite_accuracy(path, data.val, data, data.resolution)
         assert row.ram_kb == pytest.approx(tflite_ram_kb(path))
         assert 0 < row.onnx_accuracy <= 1 and row.latency_ms > 0
+        assert 0 < row.tflite_seconds < row.seconds
         assert abs(row.estimated_size_kb / row.size_kb - 1) < 0.05
     capsys.readouterr()
     assert cli.main([*run, "--trials", "1"]) == 2
