@@ -90,6 +90,10 @@ def write_tflite(model: nn.Module, calibration: np.ndarray, path: Path) -> Tflit
     with (
         tempfile.TemporaryDirectory(dir=path.parent, prefix=".tflite-") as work,
         silenced(),
+        # Without gradients, a strided 1x1 convolution exports as itself; with them, as
+        # the subsampling it trains by (spaces/layers.py StridedPointwise): two
+        # STRIDED_SLICE operators and their tensors more in the file.
+        torch.no_grad(),
     ):
         float_path = Path(work) / "float.tflite"
         litert_torch.convert(model, (sample,)).export(str(float_path))

@@ -271,8 +271,10 @@ class PlainBlock(Block):
     @staticmethod
     def trace(tracer, x, shape, in_side):
         side = out_resolution(in_side, shape.stride)
-        y = tracer.activation(tracer.conv(x, shape.out_width, side), shape.out_width, side)
-        return tracer.squeeze_excite(y, shape.out_width, shape.squeeze_width, side)
+        out = shape.out_width
+        y = tracer.conv(x, out, side, shape.kernel_size, shape.stride, shape.in_width, in_side)
+        y = tracer.activation(y, out, side)
+        return tracer.squeeze_excite(y, out, shape.squeeze_width, side)
 
     @staticmethod
     def widths(module):
@@ -319,7 +321,10 @@ class BasicBlock(Block):
     def trace(tracer, x, shape, in_side):
         side = out_resolution(in_side, shape.stride)
         hidden, out = shape.hidden_width, shape.out_width
-        branch = tracer.activation(tracer.conv(x, hidden, side), hidden, side)
+        branch = tracer.conv(
+            x, hidden, side, shape.kernel_size, shape.stride, shape.in_width, in_side
+        )
+        branch = tracer.activation(branch, hidden, side)
         branch = tracer.conv(branch, out, side)
         branch = tracer.squeeze_excite(branch, out, shape.squeeze_width, side)
         shortcut = tracer.conv(x, out, side) if shape.projection else x
@@ -444,7 +449,8 @@ class DepthwiseSeparableBlock(Block):
     def trace(tracer, x, shape, in_side):
         side = out_resolution(in_side, shape.stride)
         width, out = shape.in_width, shape.out_width
-        y = tracer.activation(tracer.conv(x, width, side), width, side)
+        y = tracer.conv(x, width, side, shape.kernel_size, shape.stride, width, in_side)
+        y = tracer.activation(y, width, side)
         y = tracer.squeeze_excite(y, width, shape.squeeze_width, side)
         return tracer.activation(tracer.conv(y, out, side), out, side)
 
@@ -526,7 +532,8 @@ def _expand_then_convolve(tracer: Tracer, x: int, shape: BlockShape, in_side: in
     side = out_resolution(in_side, shape.stride)
     hidden = shape.hidden_width
     x = tracer.activation(tracer.conv(x, hidden, in_side), hidden, in_side)
-    return tracer.activation(tracer.conv(x, hidden, side), hidden, side)
+    x = tracer.conv(x, hidden, side, shape.kernel_size, shape.stride, hidden, in_side)
+    return tracer.activation(x, hidden, side)
 
 
 def _check_identity(shape: BlockShape) -> None:

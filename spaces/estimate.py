@@ -216,9 +216,7 @@ def tflite_variable_bytes(counts: LayerCounts, activation: str) -> int:
     """The int8 .tflite file's bytes that grow with the layers."""
     biases = counts.batchnorm_channels + counts.biases
     weights = counts.params - counts.batchnorm_channels - biases  # int8, one byte each
-    structure = sum(
-        TFLITE_BYTES_PER_NODE[name] * n for name, n in node_features(counts).items()
-    )
+    structure = sum(TFLITE_BYTES_PER_NODE[name] * n for name, n in node_features(counts).items())
     structure += TFLITE_BYTES_PER_ACTIVATION[activation] * counts.activations
     return weights + TFLITE_BYTES_PER_BIAS * biases + structure
 
@@ -250,7 +248,7 @@ def estimate(config: TrialConfig, file_format: str = "onnx") -> Estimate:
         params=counts.params,
         macs=counts.macs,
         file_bytes=file_bytes(counts, config.compress.precision, arch.activation, file_format),
-        ram_bytes=estimate_peak_bytes(arch, resolution, config.compress.precision),
+        ram_bytes=estimate_peak_bytes(arch, resolution, config.compress.precision, file_format),
     )
 
 
@@ -307,6 +305,7 @@ def extreme_estimate(space: SearchSpace, smallest: bool, file_format: str = "onn
         in_width = width
     last = kept_channels(width, ratio)
     parts.append([classifier_counts(last, space.num_classes)])
+
     def variable(counts: LayerCounts, precision: str, activation: str) -> int:
         if file_format == "tflite":
             return tflite_variable_bytes(counts, activation)
@@ -315,7 +314,9 @@ def extreme_estimate(space: SearchSpace, smallest: bool, file_format: str = "onn
     fixed = TFLITE_FIXED_BYTES if file_format == "tflite" else None
     sizes = [
         (FIXED_BYTES[precision] if fixed is None else fixed)
-        + sum(pick(variable(counts, precision, activation) for counts in options) for options in parts)
+        + sum(
+            pick(variable(counts, precision, activation) for counts in options) for options in parts
+        )
         for precision in space.precisions
         for activation in space.activations
     ]

@@ -18,6 +18,13 @@ operator before it, a reshape or a quantize-dequantize pair write none) and coun
   file (onnxruntime's quantizer leaves no activation in float), 2 in fp16 (the input is
   cast from fp32 and the output back), 4 in fp32.
 
+An int8 `.tflite` file (objectives/tflite.py) runs the same operators with two more: a
+transpose of the input from NCHW to the NHWC its kernels take; hardswish as one
+operator (HARD_SWISH) rather than two; and, before a strided
+convolution whose padding TensorFlow's SAME padding cannot express (a 3x3 at stride 2 on
+an even side: torch pads one pixel on each side, SAME none before and one after), an
+explicit PAD writing the padded input.
+
 `peak_bytes` is the count; `estimate_peak_bytes` builds the reduced graph from a config,
 as the ONNX export and onnxruntime's quantizer write it, without torch.
 """
@@ -94,9 +101,10 @@ class Tracer:
     """Builds the reduced graph of a network, block by block, at one precision: what
     `Block.trace` calls. Every tensor is `channels` x `side` x `side` values."""
 
-    def __init__(self, precision: str, activation: str) -> None:
+    def __init__(self, precision: str, activation: str, file_format: str = "onnx") -> None:
         if precision not in VALUE_BYTES:
             raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(VALUE_BYTES)}")
+        self.file_format = file_format
         self.graph = Graph()
         self.precision = precision
         self.activation_name = activation
@@ -105,8 +113,22 @@ class Tracer:
     def size(self, channels: int, side: int) -> int:
         return channels * side * side * self.value_bytes
 
-    def conv(self, x: int, channels: int, side: int) -> int:
-        """A convolution (its batch norm folded in) writing `channels` x `side` x `side`."""
+    def conv(
+        self,
+        x: int,
+        channels: int,
+        side: int,
+        kernel: int = 1,
+        stride: int = 1,
+        in_channels: int = 0,
+        in_side: int = 0,
+    ) -> int:
+        """A convolution (its batch norm folded in) writing `channels` x `side` x `side`;
+        where it strides, from `in_channels` x `in_side` x `in_side` by a `kernel`-wide
+        window, which a .tflite file may pad first (`explicit_padding`)."""
+        if self.file_format == "tflite" and explicit_padding(in_side, kernel, stride):
+            padded = in_side + 2 * (kernel // 2)
+            x = self.graph.add("Pad", (x,), self.size(in_channels, padded))
         return self.graph.add("Conv", (x,), self.size(channels, side))
 
     def activation(self, x: int, channels: int, side: int) -> int:
@@ -122,7 +144,8 @@ class Tracer:
         if name == "silu":  # exported as x * sigmoid(x)
             return self.graph.add("Mul", (x, self.graph.add("Sigmoid", (x,), size)), size)
         if name == "hardswish":
-            if self.precision == "int8":  # the quantizer spells it x * hardsigmoid(x)
+            # onnxruntime's quantizer spells it x * hardsigmoid(x); LiteRT has HARD_SWISH.
+            if self.precision == "int8" and self.file_format == "onnx":
                 gate = self.graph.add("HardSigmoid", (x,), size)
                 return self.graph.add("Mul", (x, gate), size)
             return self.graph.add("HardSwish", (x,), size)
@@ -142,16 +165,31 @@ class Tracer:
         return self.graph.add("Mul", (x, gate), self.size(channels, side))
 
 
-def trace(arch: ArchConfig, resolution: int, precision: str) -> Graph:
-    """The reduced graph of `arch`'s deployable file at `precision` for `resolution`
-    x `resolution` inputs, in the order the exported file lists its operators."""
-    tracer = Tracer(precision, arch.activation)
+def explicit_padding(in_side: int, kernel: int, stride: int) -> bool:
+    """Whether a convolution padded by kernel // 2 on every side (spaces/layers.py) pads
+    otherwise than TensorFlow's SAME padding, so that its .tflite file writes the padded
+    input with a PAD operator first. SAME pads `total` pixels, half (rounded down)
+    before; 0 for `in_side` not known."""
+    if not in_side:
+        return False
+    out = -(-in_side // stride)
+    total = max((out - 1) * stride + kernel - in_side, 0)
+    return (total // 2, total - total // 2) != (kernel // 2, kernel // 2)
+
+
+def trace(arch: ArchConfig, resolution: int, precision: str, file_format: str = "onnx") -> Graph:
+    """The reduced graph of `arch`'s deployable file (ONNX at `precision`, or an int8
+    .tflite) for `resolution` x `resolution` inputs, in the order the file lists its
+    operators."""
+    tracer = Tracer(precision, arch.activation, file_format)
     graph = tracer.graph
     if precision == "fp16":  # a float32 input, cast to fp16
         source = graph.tensor(arch.in_channels * resolution * resolution * 4)
         x = graph.add("Cast", (source,), tracer.size(arch.in_channels, resolution))
     else:
         source = x = graph.tensor(tracer.size(arch.in_channels, resolution))
+    if file_format == "tflite":  # NCHW to NHWC
+        x = graph.add("Transpose", (source,), tracer.size(arch.in_channels, resolution))
     graph.inputs.append(source)
     x = tracer.activation(tracer.conv(x, arch.stem_width, resolution), arch.stem_width, resolution)
     side = resolution
@@ -166,6 +204,9 @@ def trace(arch: ArchConfig, resolution: int, precision: str) -> Graph:
     return graph
 
 
-def estimate_peak_bytes(arch: ArchConfig, resolution: int, precision: str) -> int:
-    """Peak activation bytes of `arch`'s deployable file at `precision`, from its shapes."""
-    return peak_bytes(trace(arch, resolution, precision))
+def estimate_peak_bytes(
+    arch: ArchConfig, resolution: int, precision: str, file_format: str = "onnx"
+) -> int:
+    """Peak activation bytes of `arch`'s deployable file at `precision` (in
+    `file_format`), from its shapes."""
+    return peak_bytes(trace(arch, resolution, precision, file_format))

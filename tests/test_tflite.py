@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import tomllib
 
 import numpy as np
 import pytest
@@ -331,6 +332,40 @@ def test_the_tflite_byte_estimate_is_close_to_the_written_files(tmp_path):
 
 
 @needs_tflite
+def test_the_peak_memory_estimate_equals_the_tflite_files(tmp_path):
+    """Sampled configs of the CIFAR-10 space as searched under --format tflite (int8, no
+    leaky ReLU), pruned locally as sampled and written as .tflite files: the estimate
+    from the config equals the peak counted over each file's own graph, PAD and
+    TRANSPOSE operators included. Every block type is drawn at least once."""
+    import dataclasses
+
+    import optuna
+
+    from compsearch.objectives.compress import prune
+    from compsearch.objectives.tflite import tflite_ram_kb, write_tflite
+    from compsearch.search.options import for_format
+    from compsearch.spaces.builder import build
+    from compsearch.spaces.config import TrainConfig
+    from compsearch.spaces.estimate import estimate
+    from compsearch.spaces.space import sample, space_for
+
+    base = for_format(space_for(3, 10, 32), "tflite", None)
+    schedule = TrainConfig(0, 0, 0, 0, 64, 0.1, 0.0, 0.0)
+    images = np.random.default_rng(0).standard_normal((16, 3, 32, 32)).astype(np.float32)
+    for index, block in enumerate(base.blocks):
+        space = dataclasses.replace(base, blocks=(block,), stages=2)
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=index))
+        config = sample(study.ask(), space, schedule)
+        compress = dataclasses.replace(config.compress, prune_criterion="l2", prune_scope="local")
+        config = dataclasses.replace(config, compress=compress)
+        torch.manual_seed(index)
+        model = build(config.arch).eval()
+        prune(model, config.arch, compress, torch.zeros(1, 3, 32, 32))
+        path = write_tflite(model, images, tmp_path / f"{block}.tflite").path
+        assert estimate(config, "tflite").ram_bytes == round(1000 * tflite_ram_kb(path)), config
+
+
+@needs_tflite
 def test_run_format_tflite_measures_every_trial_as_its_tflite_file(tmp_path, capsys):
     """`run --format tflite`: every trial int8, its accuracy, bytes and peak memory those
     of its .tflite file in LiteRT, the ONNX file's accuracy beside them; the study keeps
@@ -352,7 +387,8 @@ def test_run_format_tflite_measures_every_trial_as_its_tflite_file(tmp_path, cap
     trained = rows[rows["trained"] == True]  # noqa: E712
     assert len(trained) >= 2
     assert set(rows["param_precision"].dropna()) == {"int8"}
-    assert 'precisions = ["int8"]' in (folder / "space.toml").read_text()
+    searched = tomllib.loads((folder / "space.toml").read_text())
+    assert searched["precisions"] == ["int8"] and "leaky_relu" not in searched["activations"]
     data = load_dataset("digits", seed=0)
     for row in trained.itertuples():
         path = folder / row.tflite_path
