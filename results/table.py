@@ -173,9 +173,13 @@ def front_table(front: pd.DataFrame, title: str) -> Table:
     as pareto_front leaves them), a column of milliseconds in place of the accuracy
     before compression, so that the table still fits 80 columns."""
     latency = "latency_ms" in front.attrs.get("objectives", ())
+    paths = front["tflite_path"] if "tflite_path" in front else pd.Series(dtype=str)
+    tflite = bool(paths.fillna("").astype(str).str.len().gt(0).any())  # run --format tflite
     table = Table(
         title=title,
-        caption="accuracy: the ONNX file in onnxruntime, validation split; "
+        caption="accuracy: the "
+        + ("`.tflite` file in LiteRT" if tflite else "ONNX file in onnxruntime")
+        + ", validation split; "
         + (
             "ms: median single-image latency, one thread"
             if latency

@@ -7,7 +7,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
-import tomllib
 
 import numpy as np
 import pytest
@@ -387,6 +386,10 @@ def test_run_format_tflite_measures_every_trial_as_its_tflite_file(tmp_path, cap
     trained = rows[rows["trained"] == True]  # noqa: E712
     assert len(trained) >= 2
     assert set(rows["param_precision"].dropna()) == {"int8"}
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
     searched = tomllib.loads((folder / "space.toml").read_text())
     assert searched["precisions"] == ["int8"] and "leaky_relu" not in searched["activations"]
     data = load_dataset("digits", seed=0)
@@ -400,6 +403,8 @@ def test_run_format_tflite_measures_every_trial_as_its_tflite_file(tmp_path, cap
         assert 0 < row.tflite_seconds < row.seconds
         assert abs(row.estimated_size_kb / row.size_kb - 1) < 0.05
     capsys.readouterr()
+    assert cli.main(["show", "--out", str(out)]) == 0
+    assert "accuracy: the `.tflite` file in LiteRT" in capsys.readouterr().out.replace("\n", " ")
     assert cli.main([*run, "--trials", "1"]) == 2
     assert "was created with --format tflite, not onnx" in capsys.readouterr().err
     assert cli.main(["export", "--out", str(out), "--device", "cpu", "--epochs", "2"]) == 0
