@@ -298,6 +298,29 @@ def test_silenced_sends_what_is_written_to_the_terminal_nowhere_and_restores_it(
     assert captured.out == "after\n" and captured.err == "error after\n"
 
 
+def pruned_sample_file(trial, space, seed: int, path):
+    """A config of `space` drawn by the Optuna `trial`, pruned locally as sampled (where
+    the estimates are exact), its model (weights seeded by `seed`) written as an int8
+    .tflite file at `path` from random 32x32 images; the config and the file's path."""
+    import dataclasses
+
+    from compsearch.objectives.compress import prune
+    from compsearch.objectives.tflite import write_tflite
+    from compsearch.spaces.builder import build
+    from compsearch.spaces.config import TrainConfig
+    from compsearch.spaces.space import sample
+
+    schedule = TrainConfig(0, 0, 0, 0, 64, 0.1, 0.0, 0.0)
+    images = np.random.default_rng(0).standard_normal((16, 3, 32, 32)).astype(np.float32)
+    config = sample(trial, space, schedule)
+    compress = dataclasses.replace(config.compress, prune_criterion="l2", prune_scope="local")
+    config = dataclasses.replace(config, compress=compress)
+    torch.manual_seed(seed)
+    model = build(config.arch).eval()
+    prune(model, config.arch, compress, torch.zeros(1, 3, 32, 32))
+    return config, write_tflite(model, images, path).path
+
+
 @needs_tflite
 def test_the_tflite_byte_estimate_is_close_to_the_written_files(tmp_path):
     """Sampled configs of the CIFAR-10 space, pruned as sampled (locally, where the
@@ -307,25 +330,13 @@ def test_the_tflite_byte_estimate_is_close_to_the_written_files(tmp_path):
 
     import optuna
 
-    from compsearch.objectives.compress import prune
-    from compsearch.objectives.tflite import write_tflite
-    from compsearch.spaces.builder import build
-    from compsearch.spaces.config import TrainConfig
     from compsearch.spaces.estimate import estimate
-    from compsearch.spaces.space import sample, space_for
+    from compsearch.spaces.space import space_for
 
     space = dataclasses.replace(space_for(3, 10, 32), precisions=("int8",))
-    schedule = TrainConfig(0, 0, 0, 0, 64, 0.1, 0.0, 0.0)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
-    images = np.random.default_rng(0).standard_normal((16, 3, 32, 32)).astype(np.float32)
     for index in range(3):
-        config = sample(study.ask(), space, schedule)
-        compress = dataclasses.replace(config.compress, prune_criterion="l2", prune_scope="local")
-        config = dataclasses.replace(config, compress=compress)
-        torch.manual_seed(index)
-        model = build(config.arch).eval()
-        prune(model, config.arch, compress, torch.zeros(1, 3, 32, 32))
-        path = write_tflite(model, images, tmp_path / f"{index}.tflite").path
+        config, path = pruned_sample_file(study.ask(), space, index, tmp_path / f"{index}.tflite")
         expected = estimate(config, "tflite").file_bytes
         assert expected == pytest.approx(path.stat().st_size, rel=0.03), config
 
@@ -340,27 +351,16 @@ def test_the_peak_memory_estimate_equals_the_tflite_files(tmp_path):
 
     import optuna
 
-    from compsearch.objectives.compress import prune
-    from compsearch.objectives.tflite import tflite_ram_kb, write_tflite
+    from compsearch.objectives.tflite import tflite_ram_kb
     from compsearch.search.options import for_format
-    from compsearch.spaces.builder import build
-    from compsearch.spaces.config import TrainConfig
     from compsearch.spaces.estimate import estimate
-    from compsearch.spaces.space import sample, space_for
+    from compsearch.spaces.space import space_for
 
     base = for_format(space_for(3, 10, 32), "tflite", None)
-    schedule = TrainConfig(0, 0, 0, 0, 64, 0.1, 0.0, 0.0)
-    images = np.random.default_rng(0).standard_normal((16, 3, 32, 32)).astype(np.float32)
     for index, block in enumerate(base.blocks):
         space = dataclasses.replace(base, blocks=(block,), stages=2)
         study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=index))
-        config = sample(study.ask(), space, schedule)
-        compress = dataclasses.replace(config.compress, prune_criterion="l2", prune_scope="local")
-        config = dataclasses.replace(config, compress=compress)
-        torch.manual_seed(index)
-        model = build(config.arch).eval()
-        prune(model, config.arch, compress, torch.zeros(1, 3, 32, 32))
-        path = write_tflite(model, images, tmp_path / f"{block}.tflite").path
+        config, path = pruned_sample_file(study.ask(), space, index, tmp_path / f"{block}.tflite")
         assert estimate(config, "tflite").ram_bytes == round(1000 * tflite_ram_kb(path)), config
 
 
