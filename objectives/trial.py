@@ -133,12 +133,15 @@ def train_model(
     distillation: Distillation | None = None,
     on_step: StepCallback = no_step,
     recipe: Recipe | None = None,
+    after_pruning: Callable[[TrialConfig], None] | None = None,
 ) -> tuple[torch.nn.Module, TrialConfig]:
     """Build and train one config, FixRes: the low-resolution phase, pruning, the
     fine-tune at the test resolution, batch-norm recalibration. Returns the trained model
     (on the training device, eval mode) and the config with the widths pruning left.
 
-    `after_low_resolution(model, epoch)` is called after each low-resolution epoch.
+    `after_low_resolution(model, epoch)` is called after each low-resolution epoch;
+    `after_pruning(config)` with the widths pruning left, before the fine-tune (it may
+    raise to stop there: global pruning's widths are known only then).
     """
     train = config.train
     recipe = recipe or Recipe()
@@ -167,6 +170,8 @@ def train_model(
     loss = taylor_loss(on_device, train.test_resolution)
     arch = prune(model, config.arch, config.compress, example.to(on_device.device), loss)
     config = dataclasses.replace(config, arch=arch)
+    if after_pruning is not None and config.compress.prune_fraction > 0:
+        after_pruning(config)
     on_step(f"fine-tuning at {train.test_resolution} px")
     phase = finetune_phase(train, recipe=recipe, epochs=config.finetune_epochs)
     fit(model, on_device, phase, generator, on_epoch, distillation)
@@ -220,6 +225,7 @@ def run_trial(
     distillation: Distillation | None = None,
     on_step: StepCallback = no_step,
     file_format: str = "onnx",
+    pruned_check: Callable[[TrialConfig], str | None] | None = None,
 ) -> TrialResult:
     """Train, compress and measure one config.
 
@@ -229,6 +235,8 @@ def run_trial(
     `file_format` "tflite" (an int8 config), the model the ONNX file holds (the
     quantization-aware copy where that was kept) is written as an int8 .tflite file too,
     and the result's accuracy, size, memory and latency are that file's, in LiteRT.
+    When `pruned_check` gives a reason for the widths pruning left (a budget they break),
+    StoppedEarly is raised with it before the fine-tune.
     """
     if file_format == "tflite":
         check_tflite_precision(config.compress.precision)
@@ -250,7 +258,15 @@ def run_trial(
         if reason:
             raise StoppedEarly(reason, early_accuracy, epoch)
 
-    model, config = train_model(config, on_device, seed, on_epoch, check, distillation, on_step)
+    def check_pruned(pruned: TrialConfig) -> None:
+        reason = pruned_check(pruned) if pruned_check is not None else None
+        if reason:
+            raise StoppedEarly(reason, early_accuracy, train.epochs - train.finetune_epochs)
+
+    model, config = train_model(
+        config, on_device, seed, on_epoch, check, distillation, on_step,
+        after_pruning=check_pruned,
+    )  # fmt: skip
     train_seconds = time.perf_counter() - started
     on_step("measuring the trained model")
     accuracy_torch = accuracy(

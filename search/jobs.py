@@ -66,6 +66,7 @@ from compsearch.search.loop import (
     default_schedule,
     fail_stale_trials,
     finished_and_running,
+    over_after_pruning,
     search,
     waiting_trials,
 )
@@ -334,9 +335,26 @@ def execute_export(prepared: PreparedExport, console: Console, reporter: Reporte
         with tempfile.TemporaryDirectory(dir=folder, prefix=".export-") as work:
             work = Path(work)
             started = time.perf_counter()
+
+            def check_pruned(pruned: TrialConfig) -> None:
+                # Global pruning may cut elsewhere than in the trial: stop before the
+                # fine-tune when no precision the space allows fits the budgets.
+                reasons = [
+                    over_after_pruning(at_precision(pruned, precision), budgets, file_format)
+                    for precision in precisions
+                ]
+                if all(reasons):
+                    raise ExportError(
+                        f"no file of trial {record.number}'s retrained model can meet "
+                        f"{budgets.describe()}: {reasons[0]}; nothing was written. Export "
+                        "another trial (compsearch show) or a smaller one"
+                    )
+
+            file_format = prepared.file_format
+            precisions = ("int8",) if file_format == "tflite" else settings.space.precisions
             model, deployed = train_model(
                 config, on_device, seed, on_epoch, distillation=distillation, on_step=step,
-                recipe=export_recipe(config.train.epochs),
+                recipe=export_recipe(config.train.epochs), after_pruning=check_pruned,
             )  # fmt: skip
             trained_in = time.perf_counter() - started
             step("measuring the trained model")
@@ -372,6 +390,12 @@ def execute_export(prepared: PreparedExport, console: Console, reporter: Reporte
     # The report shows the export's verified figures from now on.
     report = write_study_files(prepared.study, folder)[-1]
     return ExportSummary(target, card, budgets, report)
+
+
+def at_precision(config: TrialConfig, precision: str) -> TrialConfig:
+    return dataclasses.replace(
+        config, compress=dataclasses.replace(config.compress, precision=precision)
+    )
 
 
 def trained_epochs(config: TrialConfig) -> str:

@@ -62,7 +62,7 @@ from compsearch.search.study import Retry
 from compsearch.search.supervise import STOP_REQUESTED, Reporter
 from compsearch.spaces.budgets import Budgets
 from compsearch.spaces.config import TrainConfig, TrialConfig
-from compsearch.spaces.estimate import Estimate, estimate
+from compsearch.spaces.estimate import Estimate, estimate, estimate_pruned
 from compsearch.spaces.space import SearchSpace, sample
 
 # Stop asking when this many configs in a row break the budgets: the space is then
@@ -493,6 +493,7 @@ def run_one(job: SearchJob, trial: optuna.Trial, rejections_in_a_row: int) -> Ou
             distillation=job.distillation,
             on_step=lambda step: job.reporter.step(trial.number, step),
             file_format=settings.file_format,
+            pruned_check=lambda pruned: over_after_pruning(pruned, budgets, settings.file_format),
         )  # fmt: skip
     except StoppedEarly as stop:
         write_stopped_early(trial, stop.early_accuracy, str(stop))
@@ -525,6 +526,18 @@ def run_one(job: SearchJob, trial: optuna.Trial, rejections_in_a_row: int) -> Ou
     if fidelity.rungs > 1:
         text = f"{fidelity.describe()}; {text}"
     return Outcome("trained", text, config.epochs, 0, result, feasible=not over, rung=fidelity.rung)
+
+
+def over_after_pruning(pruned: TrialConfig, budgets: Budgets, file_format: str) -> str | None:
+    """Why the widths pruning left break the budgets, or None. Global pruning chooses
+    where to cut, so the estimate before training can be far off (a stage it may not
+    thin keeps its parameters); the exact figures of the pruned widths stop such a trial
+    before its fine-tune."""
+    expected = estimate_pruned(pruned, file_format)
+    over = budgets.excess(expected.params, expected.size_kb, expected.macs, expected.ram_kb)
+    if not over:
+        return None
+    return "over budget after pruning, before the fine-tune: " + ", ".join(over)
 
 
 def promote(study: optuna.Study, budgets: Budgets, rungs: int) -> None:

@@ -206,10 +206,10 @@ def onnx_bytes(counts: LayerCounts, precision: str, activation: str) -> int:
 # weights: per output channel an int32 bias and the per-channel scales and zero points
 # of it and of the weights; per operator its tensors, buffers and options; the file's
 # own tables. Fitted to written files by bench/calibrate_onnx_bytes.py --format tflite.
-TFLITE_FIXED_BYTES = 1408
+TFLITE_FIXED_BYTES = 1377
 TFLITE_BYTES_PER_BIAS = 28
-TFLITE_BYTES_PER_NODE = {"convolution": 290, "addition": 238, "squeeze_excitation": 422}
-TFLITE_BYTES_PER_ACTIVATION = {"relu": 38, "leaky_relu": 293, "silu": 272, "hardswish": 122}
+TFLITE_BYTES_PER_NODE = {"convolution": 310, "addition": 100, "squeeze_excitation": 377}
+TFLITE_BYTES_PER_ACTIVATION = {"relu": 31, "leaky_relu": 290, "silu": 255, "hardswish": 119}
 
 
 def tflite_variable_bytes(counts: LayerCounts, activation: str) -> int:
@@ -250,6 +250,13 @@ def estimate(config: TrialConfig, file_format: str = "onnx") -> Estimate:
         file_bytes=file_bytes(counts, config.compress.precision, arch.activation, file_format),
         ram_bytes=estimate_peak_bytes(arch, resolution, config.compress.precision, file_format),
     )
+
+
+def estimate_pruned(config: TrialConfig, file_format: str = "onnx") -> Estimate:
+    """The exact figures of a config whose arch holds the widths pruning left (as
+    `train_model` returns it): its prune fraction is spent and removes nothing more."""
+    spent = dataclasses.replace(config.compress, prune_fraction=0.0)
+    return estimate(dataclasses.replace(config, compress=spent), file_format)
 
 
 def stage_options(space: SearchSpace, in_width: int, width: int, depth: int):

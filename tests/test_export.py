@@ -24,6 +24,7 @@ from compsearch.objectives.train import EXPORT_RECIPE, TRANSLATION_FROM_EPOCHS, 
 from compsearch.results.records import SETTINGS_KEY
 from compsearch.search import api as compsearch_api
 from compsearch.search import cli, common
+from compsearch.search.loop import default_schedule
 from compsearch.spaces.builder import build
 from compsearch.spaces.config import TrialConfig
 
@@ -384,3 +385,51 @@ def test_a_flipped_export_averages_each_image_and_its_mirror_and_counts_both_run
         with torch.no_grad():
             expected = 0.5 * (model(x) + model(x.flip(3)))
         np.testing.assert_allclose(got, expected.numpy(), atol=1e-4, rtol=1e-4)
+
+
+def test_an_export_whose_global_pruning_breaks_the_budgets_stops_before_its_fine_tune(
+    tmp_path, monkeypatch, capsys
+):
+    """Global pruning cannot thin a stage of plain blocks, so the retrained model keeps
+    far more parameters than the estimate of local pruning at its share. Budgets tightened
+    to that estimate after the search: the export stops once pruned, having trained only
+    the low-resolution phase, says why and writes nothing."""
+    (tmp_path / "plain.toml").write_text(
+        "stages = 1\ndepth = [2, 2]\nwidth = [32, 32]\nstem_width = [16, 16]\n"
+        'kernel_sizes = [3]\nstrides = [1]\nblocks = ["plain"]\nsqueeze_excitation = [false]\n'
+        'activations = ["relu"]\nprecisions = ["fp32"]\nprune_fraction = [0.7, 0.7]\n'
+        'prune_criteria = ["l2"]\nprune_scopes = ["global"]\n'
+    )
+    out = str(tmp_path / "runs")
+    assert cli.main(
+        ["run", "--budget-params", "2e6", "--budget-kb", "300", "--trials", "1", "--epochs", "2",
+         "--subset", "200", "--space", str(tmp_path / "plain.toml"), "--out", out,
+         "--device", "cpu"]
+    ) == 0  # fmt: skip
+    folder = tmp_path / "runs" / "digits"
+    study = optuna.load_study(study_name="digits", storage=f"sqlite:///{folder / 'study.db'}")
+    (trial,) = study.trials
+    estimated, trained = trial.user_attrs["estimated_params"], trial.user_attrs["params"]
+    assert trained > estimated  # the trial itself left more than estimated
+    settings = dict(study.user_attrs[SETTINGS_KEY])
+    budgets = {**settings["budgets"], "params": estimated}
+    study.set_user_attr(SETTINGS_KEY, {**settings, "budgets": budgets})
+    phases = []
+
+    def counted_fit(model, on_device, phase, *args, **kwargs):
+        phases.append(phase)
+        return fit(model, on_device, phase, *args, **kwargs)
+
+    monkeypatch.setattr(trial_module, "fit", counted_fit)
+    capsys.readouterr()
+    export = ["export", "--trial", str(trial.number), "--out", out, "--device", "cpu"]
+    assert cli.main(export) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    (low_resolution,) = phases  # the fine-tune never ran
+    schedule = default_schedule(common.EXPORT_EPOCH_FACTOR * 2, 8)  # digits: 8 px
+    assert low_resolution.epochs == schedule.epochs - schedule.finetune_epochs
+    assert f"no file of trial {trial.number}'s retrained model can meet" in line
+    assert "over budget after pruning, before the fine-tune: params" in line
+    assert "nothing was written" in line
+    assert not (folder / "export").exists()
+    assert not list(folder.glob(".export-*"))

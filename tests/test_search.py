@@ -8,7 +8,7 @@ import io
 import onnx
 import optuna
 import pytest
-from conftest import SCHEDULE
+from conftest import SCHEDULE, sampled_configs
 from rich.console import Console
 
 from compsearch.objectives.data import load_dataset
@@ -23,11 +23,12 @@ from compsearch.search.loop import (
     EarlyStopper,
     SearchSettings,
     fit_to_budget,
+    over_after_pruning,
     search,
 )
 from compsearch.search.study import DIRECTIONS
 from compsearch.spaces.budgets import Budgets
-from compsearch.spaces.estimate import estimate
+from compsearch.spaces.estimate import estimate, estimate_pruned
 from compsearch.spaces.space import sample, space_for
 
 SPACE = space_for(1, 10, 8)
@@ -157,12 +158,19 @@ def test_the_search_trains_only_configs_within_the_budgets(
         budgets, 3, None, 0, "cpu", tmp_path, fit_after_rejections=fit_after, early_stopping=False
     )
     counts = search(study, SPACE, SCHEDULE, data, settings, console=None)
-    assert counts.trained == 3 and counts.rejected > 0
+    # Early stopping is off: a trial stops only where global pruning broke the budgets.
+    assert counts.trained + counts.stopped_early == 3 and counts.rejected > 0
     fitted = [t for t in study.trials if "fitted_from" in t.user_attrs]
     assert (len(fitted) > 0) == fitted_expected
     for trial in study.trials:
         trained = trial.user_attrs["trained"]
         estimated = (trial.user_attrs["estimated_params"], trial.user_attrs["estimated_size_kb"])
+        if trial.state == optuna.trial.TrialState.PRUNED:
+            assert trial.params["prune_scope"] == "global" and not trained
+            assert not budgets.excess(*estimated, None, None)
+            reason = trial.user_attrs["reason"]
+            assert reason.startswith("stopped early: over budget after pruning")
+            continue
         assert trained == (not budgets.excess(*estimated, None, None))
         # The estimate is exact for local pruning; global pruning chooses its own widths,
         # so only the measured figures it leaves decide whether it met the budgets.
@@ -212,6 +220,8 @@ def test_a_search_logged_to_a_file_prints_one_line_per_trial(tmp_path):
     for trial, line in zip(study.trials, lines, strict=True):
         if trial.user_attrs["trained"]:
             assert f"{trial.values[0]:.2%} at {trial.values[1]:.1f} KB" in line
+        elif trial.state == optuna.trial.TrialState.PRUNED:  # global pruning overshot
+            assert "stopped early: over budget after pruning, before the fine-tune: " in line
         else:
             assert "over budget by estimate: " in line
 
@@ -262,3 +272,58 @@ def test_a_surplus_trial_fails_with_its_reason_and_its_queued_config_waits_again
     again = study.ask()
     assert again.number == waiting.number
     assert again.suggest_int("stem_width", 8, 64) == 16
+
+
+def test_a_trial_whose_global_pruning_breaks_the_budgets_stops_before_its_fine_tune(
+    tmp_path, monkeypatch
+):
+    """Global pruning may not thin a stage of plain blocks (their widths are tied by the
+    config, not by torch-pruning), so it leaves far more parameters than the estimate of
+    local pruning at its share: the budgets, met by estimate, are broken once pruned, and
+    the trial stops there, its fine-tune never trained and no file written."""
+    space = dataclasses.replace(
+        SPACE, stages=1, depth=(2, 2), width=(32, 32), stem_width=(16, 16),
+        kernel_sizes=(3,), strides=(1,), blocks=("plain",), squeeze_excitation=(False,),
+        activations=("relu",), precisions=("fp32",), prune_fraction=(0.7, 0.7),
+        prune_criteria=("l2",), prune_scopes=("global",),
+    )  # fmt: skip
+    config = sample(optuna.create_study().ask(), space, SCHEDULE)
+    expected = estimate(config)
+    budgets = Budgets(params=expected.params, size_kb=1000.0)  # met by estimate, exactly
+    epochs_run: list[int] = []
+
+    def counted_run_trial(config, data, folder, **options):
+        def on_epoch(epoch: int, epochs: int, resolution: int) -> None:
+            epochs_run.append(epoch)
+
+        return run_trial(config, data, folder, **{**options, "on_epoch": on_epoch})
+
+    monkeypatch.setattr(run_module, "run_trial", counted_run_trial)
+    study = optuna.create_study(directions=list(DIRECTIONS))
+    data = load_dataset("digits", seed=0, subset=200)
+    settings = SearchSettings(budgets, 1, None, 0, "cpu", tmp_path, early_stopping=False)
+    counts = search(study, space, SCHEDULE, data, settings, console=None)
+    (trial,) = study.trials
+    assert trial.state == optuna.trial.TrialState.PRUNED
+    assert counts.stopped_early == 1 and counts.trained == 0
+    reason = trial.user_attrs["reason"]
+    assert reason.startswith(
+        "stopped early: over budget after pruning, before the fine-tune: params"
+    )
+    assert len(epochs_run) == SCHEDULE.epochs - SCHEDULE.finetune_epochs
+    assert not (tmp_path / "trials" / f"{trial.number:05d}" / "model.onnx").exists()
+    assert counts.epochs_saved == config.epochs - len(epochs_run)
+
+
+def test_over_after_pruning_judges_the_widths_pruning_left():
+    config = sampled_configs(SPACE, 1, seed=4)[0]
+    pruned = dataclasses.replace(
+        config, compress=dataclasses.replace(config.compress, prune_fraction=0.5)
+    )
+    exact = estimate_pruned(pruned)  # its arch as it stands: the widths pruning left
+    assert over_after_pruning(pruned, Budgets(params=exact.params, size_kb=1e3), "onnx") is None
+    reason = over_after_pruning(pruned, Budgets(params=exact.params - 1, size_kb=1e3), "onnx")
+    assert reason == (
+        "over budget after pruning, before the fine-tune: "
+        f"params {exact.params:,} > {exact.params - 1:,}"
+    )
