@@ -29,15 +29,17 @@ from compsearch.spaces.config import (
     block_shapes,
     with_widths,
 )
-from compsearch.spaces.estimate import aligned_arch, channel_ratio, count_layers
+from compsearch.spaces.estimate import (
+    GLOBAL_MAX_LAYER_RATIO,
+    aligned_arch,
+    channel_ratio,
+    count_layers,
+)
 
 ONNX_OPSET = 17
 
 
 GLOBAL_PRUNING_STEPS = 50  # global pruning removes channels in this many small steps
-# The most of one layer's channels global pruning removes: ranking across layers would
-# otherwise empty a layer whose weights happen to be small (a stem down to one channel).
-GLOBAL_MAX_LAYER_RATIO = 0.8
 
 
 def importance(criterion: str):

@@ -195,6 +195,12 @@ class Block:
         separate channel groups, which global ranking would prune to different widths."""
         return []
 
+    @staticmethod
+    def whole_in_global_pruning(depth: int) -> tuple[bool, bool]:
+        """(stage width, inner widths): whether global pruning leaves them whole in a
+        stage of `depth` blocks, as `fixed_in_global_pruning` says in layers."""
+        return False, False
+
     @classmethod
     def pruned(cls, shape: BlockShape, prune_ratio: float) -> BlockShape:
         """The shape torch-pruning leaves at `prune_ratio` (inner widths only; the stage's
@@ -285,6 +291,10 @@ class PlainBlock(Block):
     def fixed_in_global_pruning(module, depth):
         # No shortcut ties the blocks of a stage, whose config gives them one width.
         return [module[0][0]] if depth > 1 else []
+
+    @staticmethod
+    def whole_in_global_pruning(depth):
+        return depth > 1, depth > 1  # the inner width is the stage's
 
 
 @register_block("basic")
@@ -409,6 +419,10 @@ class GroupedBlock(Block):
         # One hidden width for both sides of the grouped convolution.
         return [module.branch[0][0], module.branch[2][0]]
 
+    @staticmethod
+    def whole_in_global_pruning(depth):
+        return False, True
+
 
 @register_block("dwsep")
 class DepthwiseSeparableBlock(Block):
@@ -463,6 +477,10 @@ class DepthwiseSeparableBlock(Block):
     def fixed_in_global_pruning(module, depth):
         # No shortcut ties the blocks of a stage, whose config gives them one width.
         return [module[-2][0]] if depth > 1 else []
+
+    @staticmethod
+    def whole_in_global_pruning(depth):
+        return depth > 1, depth > 1  # the inner width is the stage's
 
 
 @register_block("inverted")

@@ -9,7 +9,7 @@ from dataclasses import astuple, dataclass
 
 from compsearch.spaces.blocks import LayerCounts
 from compsearch.spaces.config import TrialConfig
-from compsearch.spaces.estimate import channel_ratio, count_layers, pruned_arch
+from compsearch.spaces.estimate import count_layers, expected_pruned_arch
 
 # Images a trial runs forward only beyond its training epochs: the batch-norm
 # recalibration (objectives/train.py RECALIBRATION_IMAGES) and the Taylor ranking's batch.
@@ -61,10 +61,7 @@ def training_work(
     low_epochs = train.epochs - train.finetune_epochs
     finetune_epochs = config.finetune_epochs  # stretched by pruning
     full = count_layers(arch, train.train_resolution)
-    pruned = count_layers(
-        pruned_arch(arch, channel_ratio(arch, config.compress.prune_fraction)),
-        train.test_resolution,
-    )
+    pruned = count_layers(expected_pruned_arch(arch, config.compress), train.test_resolution)
     steps = math.ceil(train_images / train.batch_size)
     forward_full = val_images
     forward_pruned = 2 * val_images + FORWARD_IMAGES
@@ -112,6 +109,6 @@ def latency_features(config: TrialConfig) -> tuple[float, ...]:
     """What one inference of the config's deployable file does, as the latency model
     weighs it: MACs, values the convolutions write, graph nodes, and 1 (a fixed cost per
     run). The widths are those pruning leaves (exact for local pruning)."""
-    arch = pruned_arch(config.arch, channel_ratio(config.arch, config.compress.prune_fraction))
+    arch = expected_pruned_arch(config.arch, config.compress)
     counts = count_layers(arch, config.train.test_resolution)
     return (float(counts.macs), float(counts.activation_values), float(nodes(counts)), 1.0)

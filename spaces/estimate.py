@@ -23,6 +23,7 @@ from compsearch.spaces.config import (
     FILE_FORMATS,
     PRECISIONS,
     ArchConfig,
+    CompressConfig,
     TrialConfig,
     block_shapes,
     with_widths,
@@ -69,9 +70,10 @@ def aligned_arch(arch: ArchConfig) -> ArchConfig:
 MAX_CHANNEL_RATIO = 0.95  # the most of each group's channels local pruning removes
 
 
-def pruned_arch(arch: ArchConfig, prune_ratio: float) -> ArchConfig:
+def pruned_arch(arch: ArchConfig, prune_ratio: float, scope: str = "local") -> ArchConfig:
     """The widths torch-pruning leaves when it prunes every channel group of `arch` locally
-    at the channel ratio `prune_ratio`."""
+    at the channel ratio `prune_ratio`. With `scope` "global", the widths global pruning
+    leaves whole (`Block.whole_in_global_pruning`) stay as they are."""
     if prune_ratio <= 0:
         return arch
     stage_widths = []
@@ -79,14 +81,57 @@ def pruned_arch(arch: ArchConfig, prune_ratio: float) -> ArchConfig:
     for stage in arch.stages:
         block = get_block(stage.block)
         pruned = [block.pruned(next(shapes)[1], prune_ratio) for _ in range(stage.depth)]
+        whole_width, whole_inner = (
+            block.whole_in_global_pruning(stage.depth) if scope == "global" else (False, False)
+        )
         stage_widths.append(
             (
-                kept_channels(stage.width, prune_ratio),
-                tuple(shape.hidden_width for shape in pruned),
+                stage.width if whole_width else kept_channels(stage.width, prune_ratio),
+                stage.hidden_widths
+                if whole_inner
+                else tuple(shape.hidden_width for shape in pruned),
                 tuple(shape.squeeze_width for shape in pruned) if stage.squeeze_widths else (),
             )
         )
     return with_widths(arch, kept_channels(arch.stem_width, prune_ratio), stage_widths)
+
+
+# The most of one layer's channels global pruning removes (objectives/compress.py): ranking
+# across layers would otherwise empty a layer whose weights happen to be small.
+GLOBAL_MAX_LAYER_RATIO = 0.8
+
+
+def global_pruned_arch(arch: ArchConfig, prune_fraction: float) -> ArchConfig:
+    """What global pruning of `prune_fraction` of the parameters is expected to leave:
+    the widths it may not thin whole, the others pruned alike, at the least channel ratio
+    (at most GLOBAL_MAX_LAYER_RATIO) that reaches the share, or as far as that goes.
+    Which channels it removes depends on the trained weights, so this is close, not
+    exact (a trial judges the widths it left before its fine-tune)."""
+    if prune_fraction <= 0:
+        return arch
+
+    def params(ratio: float) -> int:
+        return count_layers(pruned_arch(arch, ratio, "global"), 1).params
+
+    target = (1 - prune_fraction) * params(0.0)
+    low, high = 0.0, GLOBAL_MAX_LAYER_RATIO
+    if params(high) > target:
+        return pruned_arch(arch, high, "global")
+    for _ in range(24):
+        middle = (low + high) / 2
+        if params(middle) <= target:
+            high = middle
+        else:
+            low = middle
+    return pruned_arch(arch, high, "global")
+
+
+def expected_pruned_arch(arch: ArchConfig, compress: CompressConfig) -> ArchConfig:
+    """The widths pruning as `compress` asks is expected to leave: exact for local
+    pruning, close for global pruning."""
+    if compress.prune_scope == "global":
+        return global_pruned_arch(arch, compress.prune_fraction)
+    return pruned_arch(arch, channel_ratio(arch, compress.prune_fraction))
 
 
 def channel_ratio(arch: ArchConfig, prune_fraction: float) -> float:
@@ -239,9 +284,8 @@ def file_bytes(counts: LayerCounts, precision: str, activation: str, file_format
 def estimate(config: TrialConfig, file_format: str = "onnx") -> Estimate:
     """Exact params, MACs and peak activation memory, and the bytes of the file in
     `file_format`, for local pruning. Global pruning removes the same share of parameters
-    but chooses where, so for it these are what local pruning at that share would leave:
-    close, not exact."""
-    arch = pruned_arch(config.arch, channel_ratio(config.arch, config.compress.prune_fraction))
+    but chooses where, so for it these are close, not exact (`global_pruned_arch`)."""
+    arch = expected_pruned_arch(config.arch, config.compress)
     resolution = config.train.test_resolution
     counts = count_layers(arch, resolution)
     return Estimate(
