@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import platform
 import statistics
 from pathlib import Path
 
 import optuna
 import torch
+from workers_throughput import cpu_name  # bench/, beside this script
 
 from compsearch.objectives.compress import prune
 from compsearch.objectives.measure import count_params
@@ -95,7 +95,7 @@ def main() -> None:
     lines = [
         f"`python bench/global_pruning_estimate.py --configs {args.configs}`: {len(rows)} "
         "configs of the CIFAR-10 default space (32 px), global pruning of 30-70% of the "
-        f"parameters, untrained networks; machine: {platform.processor() or 'CPU'}, "
+        f"parameters, untrained networks; machine: {cpu_name()}, "
         f"torch {torch.__version__}. Error = estimate / what pruning left - 1.",
         "",
         "| estimate | params: mean abs error | params: worst | under by more than 10% | "
