@@ -82,8 +82,8 @@ def main() -> None:
         "file, taken in turn; each measurement is itself the median of timed runs.",
         "",
         "| anchor | precision | median ms | lowest | highest | (highest - lowest) / median "
-        "| predicted ms |",
-        "|---|---|---|---|---|---|---|",
+        "| middle 80% / median | predicted ms |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for (name, precision), values in times.items():
         config = files[(name, precision)][1]
@@ -92,9 +92,11 @@ def main() -> None:
             config = TrialConfig(config.arch, config.train, CompressConfig(precision, 0.0))
             predicted = f"{model.predict(config):.3f}"
         middle = statistics.median(values)
+        deciles = statistics.quantiles(values, n=10)  # the 10th to the 90th percentile
         lines.append(
             f"| {name} | {precision} | {middle:.3f} | {min(values):.3f} | {max(values):.3f} "
-            f"| {(max(values) - min(values)) / middle:.1%} | {predicted} |"
+            f"| {(max(values) - min(values)) / middle:.1%} "
+            f"| {(deciles[-1] - deciles[0]) / middle:.1%} | {predicted} |"
         )
     lines += [
         "",

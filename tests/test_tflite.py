@@ -87,6 +87,26 @@ def test_the_int8_file_computes_what_the_model_does(chain_file):
 
 
 @needs_tflite
+def test_the_output_range_holds_every_logit_the_calibration_images_gave(tmp_path):
+    """Calibration images of very different scales: the file's output range covers the
+    lowest and highest logit torch gives on them (a moving average of each image's
+    extremes, the quantizer's own way, ends well inside, and the largest logits saturate
+    and tie)."""
+    from compsearch.objectives.tflite import write_tflite
+
+    rng = np.random.default_rng(1)
+    scales = np.geomspace(0.1, 4.0, 64, dtype=np.float32)[:, None, None, None]
+    images = (rng.standard_normal((64, 1, 8, 8)) * scales).astype(np.float32)
+    rng.shuffle(images)  # the largest are not last, where a moving average would end
+    written = write_tflite(chain(), images, tmp_path / "chain.tflite")
+    logits = chain()(torch.from_numpy(images)).detach().numpy()
+    step = written.output.scale
+    highest = written.output.scale * (127 - written.output.zero_point)
+    lowest = written.output.scale * (-128 - written.output.zero_point)
+    assert highest >= logits.max() - step and lowest <= logits.min() + step
+
+
+@needs_tflite
 def test_a_model_whose_weights_are_channels_last_converts_the_same(chain_file, tmp_path):
     """As the trainer leaves them: the same outputs as from contiguous weights."""
     from compsearch.objectives.tflite import tflite_logits, write_tflite
