@@ -128,7 +128,7 @@ def main() -> None:
             trial = study.ask()
             config = sample(trial, space, top_schedule)
             expected = estimate(config)
-            if budgets.excess(expected.params, expected.size_kb, expected.macs):
+            if budgets.excess(expected.params, expected.size_kb, expected.macs, expected.ram_kb):
                 continue
             if predicted(config, len(data.train)) > args.longest:
                 continue
