@@ -143,6 +143,8 @@ def test_latency_as_an_objective_is_told_to_optuna_and_keeps_faster_trials_on_th
     )
     monkeypatch.setattr("compsearch.search.loop.calibrate_latency", lambda *args: fixed)
     budgets = Budgets(params=1e6, size_kb=8.0)  # small enough to reject some configs
+    # Local pruning only: its estimates are exact, so no trial stops once pruned.
+    space = dataclasses.replace(SPACE, prune_scopes=("local",))
     data = load_dataset("digits", seed=0, subset=200)
     study = optuna.create_study(
         directions=["maximize", "minimize", "minimize"],
@@ -152,7 +154,7 @@ def test_latency_as_an_objective_is_told_to_optuna_and_keeps_faster_trials_on_th
         study, StudySettings("digits", budgets, objectives=("accuracy", "size", "latency"))
     )
     settings = SearchSettings(budgets, 3, None, 0, "cpu", tmp_path, early_stopping=False)
-    counts = search(study, SPACE, SCHEDULE, data, settings, console=None)
+    counts = search(study, space, SCHEDULE, data, settings, console=None)
     assert counts.trained == 3
     records = read_trials(study.trials)
     assert any(not r.trained for r in records)
@@ -165,7 +167,7 @@ def test_latency_as_an_objective_is_told_to_optuna_and_keeps_faster_trials_on_th
             )
         else:
             assert trial.values[2] == pytest.approx(fixed.optimistic(
-                sample(optuna.trial.FixedTrial(trial.params), SPACE, SCHEDULE)
+                sample(optuna.trial.FixedTrial(trial.params), space, SCHEDULE)
             ))  # fmt: skip
     frame = trials_frame(study, budgets)
     assert frame.attrs["objectives"] == ("accuracy", "size_kb", "latency_ms")

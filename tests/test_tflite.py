@@ -413,6 +413,7 @@ def test_run_format_tflite_measures_every_trial_as_its_tflite_file(tmp_path, cap
     searched = tomllib.loads((folder / "space.toml").read_text())
     assert searched["precisions"] == ["int8"] and "leaky_relu" not in searched["activations"]
     data = load_dataset("digits", seed=0)
+    estimated_exactly = 0
     for row in trained.itertuples():
         path = folder / row.tflite_path
         assert path.suffix == ".tflite" and (folder / row.onnx_path).exists()
@@ -421,7 +422,11 @@ def test_run_format_tflite_measures_every_trial_as_its_tflite_file(tmp_path, cap
         assert row.ram_kb == pytest.approx(tflite_ram_kb(path))
         assert 0 < row.onnx_accuracy <= 1 and row.latency_ms > 0
         assert 0 < row.tflite_seconds < row.seconds
-        assert abs(row.estimated_size_kb / row.size_kb - 1) < 0.05
+        if row.param_prune_scope == "local" or row.param_prune_fraction == 0:
+            # Widths known before training: the byte estimate is the fit's alone.
+            assert abs(row.estimated_size_kb / row.size_kb - 1) < 0.05
+            estimated_exactly += 1
+    assert estimated_exactly > 0
     capsys.readouterr()
     assert cli.main(["show", "--out", str(out)]) == 0
     assert "accuracy: the `.tflite` file in LiteRT" in capsys.readouterr().out.replace("\n", " ")
