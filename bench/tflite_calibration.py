@@ -7,8 +7,9 @@ files calibrated on the same 256 training images: with `extremes` (what compsear
 writes: each tensor's lowest and highest value over the images, as onnxruntime's min-max
 calibration) and with `moving-average` (ai-edge-quantizer's own rule: a running average of
 each image's extremes, weight 0.95 on the past). Printed: validation accuracy of the ONNX
-file in onnxruntime and of each .tflite file in LiteRT, and the share of images whose
-largest int8 logit is tied (the output saturated at 127).
+file in onnxruntime and of each .tflite file in LiteRT, the share of images whose
+largest int8 logit is tied (the output saturated at 127), and the seconds each .tflite
+file took to write (conversion, calibration, quantization).
 
     python bench/tflite_calibration.py --study runs-cifar10/cifar10/study.db \\
         --trials 0 2 25 --results bench/results/tflite_calibration.md
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -86,7 +88,9 @@ def main() -> None:
             row["onnx"] = onnx_accuracy(onnx_file, data.val, data, resolution)
             for ranges in CALIBRATIONS:
                 path = Path(folder) / f"{ranges}.tflite"
+                began = time.perf_counter()
                 write_tflite(model, calibration, path, ranges=ranges)
+                row[f"{ranges} s"] = time.perf_counter() - began
                 row[ranges], row[f"{ranges} tied"] = tflite_figures(path, data, resolution)
         rows.append(row)
         print(row, flush=True)
@@ -96,16 +100,17 @@ def main() -> None:
         f"images, validation on {len(data.val):,}; each trial retrained as it trained; "
         f"machine: {machine()}",
         "",
-        "| trial | params | ONNX int8 | .tflite, extremes | tied | .tflite, moving average "
-        "| tied |",
-        "|---|---|---|---|---|---|---|",
+        "| trial | params | ONNX int8 | .tflite, extremes | tied | written in | "
+        ".tflite, moving average | tied | written in |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         lines.append(
             f"| {row['trial']} | {row['params']:,} | {row['onnx']:.2%} | "
             f"{row['extremes']:.2%} ({row['extremes'] - row['onnx']:+.2%}) | "
-            f"{row['extremes tied']:.1%} | {row['moving-average']:.2%} "
-            f"({row['moving-average'] - row['onnx']:+.2%}) | {row['moving-average tied']:.1%} |"
+            f"{row['extremes tied']:.1%} | {row['extremes s']:.1f} s | "
+            f"{row['moving-average']:.2%} ({row['moving-average'] - row['onnx']:+.2%}) | "
+            f"{row['moving-average tied']:.1%} | {row['moving-average s']:.1f} s |"
         )
     gaps = {r: [row[r] - row["onnx"] for row in rows] for r in CALIBRATIONS}
     lines += [""] + [

@@ -335,6 +335,8 @@ def execute_export(prepared: PreparedExport, console: Console, reporter: Reporte
         with tempfile.TemporaryDirectory(dir=folder, prefix=".export-") as work:
             work = Path(work)
             started = time.perf_counter()
+            file_format = prepared.file_format
+            precisions = ("int8",) if file_format == "tflite" else settings.space.precisions
 
             def check_pruned(pruned: TrialConfig) -> None:
                 # Global pruning may cut elsewhere than in the trial: stop before the
@@ -350,8 +352,6 @@ def execute_export(prepared: PreparedExport, console: Console, reporter: Reporte
                         "another trial (compsearch show) or a smaller one"
                     )
 
-            file_format = prepared.file_format
-            precisions = ("int8",) if file_format == "tflite" else settings.space.precisions
             model, deployed = train_model(
                 config, on_device, seed, on_epoch, distillation=distillation, on_step=step,
                 recipe=export_recipe(config.train.epochs), after_pruning=check_pruned,

@@ -109,21 +109,8 @@ def global_pruned_arch(arch: ArchConfig, prune_fraction: float) -> ArchConfig:
     exact (a trial judges the widths it left before its fine-tune)."""
     if prune_fraction <= 0:
         return arch
-
-    def params(ratio: float) -> int:
-        return count_layers(pruned_arch(arch, ratio, "global"), 1).params
-
-    target = (1 - prune_fraction) * params(0.0)
-    low, high = 0.0, GLOBAL_MAX_LAYER_RATIO
-    if params(high) > target:
-        return pruned_arch(arch, high, "global")
-    for _ in range(24):
-        middle = (low + high) / 2
-        if params(middle) <= target:
-            high = middle
-        else:
-            low = middle
-    return pruned_arch(arch, high, "global")
+    ratio = least_ratio(arch, prune_fraction, GLOBAL_MAX_LAYER_RATIO, "global")
+    return pruned_arch(arch, ratio, "global")
 
 
 def expected_pruned_arch(arch: ArchConfig, compress: CompressConfig) -> ArchConfig:
@@ -146,13 +133,24 @@ def channel_ratio(arch: ArchConfig, prune_fraction: float) -> float:
     """
     if prune_fraction <= 0:
         return 0.0
+    smallest = min((n for n in _channel_groups(arch) if n >= 2), default=2)
+    return least_ratio(
+        arch, prune_fraction, min(MAX_CHANNEL_RATIO, (1 - 1 / smallest) * (1 - 1e-9))
+    )
+
+
+def least_ratio(
+    arch: ArchConfig, prune_fraction: float, most: float, scope: str = "local"
+) -> float:
+    """The least channel ratio up to `most` at which `pruned_arch(arch, ratio, scope)`
+    has at most 1 - `prune_fraction` of the parameters, by bisection on exact counts;
+    `most` when even that is not enough."""
 
     def params(ratio: float) -> int:
-        return count_layers(pruned_arch(arch, ratio), 1).params
+        return count_layers(pruned_arch(arch, ratio, scope), 1).params
 
     target = (1 - prune_fraction) * params(0.0)
-    smallest = min((n for n in _channel_groups(arch) if n >= 2), default=2)
-    low, high = 0.0, min(MAX_CHANNEL_RATIO, (1 - 1 / smallest) * (1 - 1e-9))
+    low, high = 0.0, most
     if params(high) > target:
         return high
     for _ in range(24):  # to within 2^-24 of the step where the count drops

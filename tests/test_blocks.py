@@ -142,8 +142,8 @@ def test_pruning_keeps_the_block_valid(name, squeeze_excitation, fraction, crite
 def test_the_global_pruning_estimate_keeps_whole_what_global_pruning_cannot_thin(name, fraction):
     """Two stages of two blocks, pruned globally: the widths `whole_in_global_pruning`
     names are the widths pruning left, and the parameters come within 10% of what it
-    left, where local pruning at the share is off by up to 69% for plain blocks (whose
-    stages global pruning cannot thin at all)."""
+    left (local pruning at the share is far under for plain blocks, whose stages global
+    pruning cannot thin at all)."""
     stages = tuple(
         make_stage(name, 2, in_width, width, 3, 2, 4, 4, False)
         for in_width, width in ((12, 16), (16, 32))
