@@ -83,16 +83,18 @@ FRACTIONS = (0.3, 0.5, 0.7)  # shares of the parameters pruned
 
 
 def architectures(channels: int, classes: int) -> dict[str, ArchConfig]:
-    """Five networks of the search space, from 20k to 0.3M parameters, four block types."""
+    """Networks of the search space: the five of the MNIST table (38k to 0.3M parameters,
+    four block types), then larger ones that reach 80% on CIFAR-10 in a short schedule,
+    with squeeze-and-excitation, hardswish and SiLU among them."""
 
-    def network(stem: int, stages: list[tuple]) -> ArchConfig:
+    def network(stem: int, stages: list[tuple], activation: str = "relu") -> ArchConfig:
         built, in_width = [], stem
         for block, depth, width, stride, expansion, groups, squeeze in stages:
             built.append(
                 make_stage(block, depth, in_width, width, 3, stride, expansion, groups, squeeze)
             )
             in_width = width
-        return ArchConfig(channels, classes, stem, 3, "relu", 0.01, tuple(built))
+        return ArchConfig(channels, classes, stem, 3, activation, 0.01, tuple(built))
 
     return {
         "resnet 16-32-64 x1": residual_arch(channels, classes, (16, 32, 64), 1),
@@ -121,7 +123,60 @@ def architectures(channels: int, classes: int) -> dict[str, ArchConfig]:
                 ("grouped", 1, 96, 2, 1, 4, False),
             ],
         ),
+        "basic+se hardswish 24-48-96": network(
+            24,
+            [
+                ("basic", 1, 24, 1, 1, 1, True),
+                ("basic", 1, 48, 2, 1, 1, True),
+                ("basic", 1, 96, 2, 1, 1, True),
+            ],
+            "hardswish",
+        ),
+        "grouped 32-64-128 x1/2/2": network(
+            32,
+            [
+                ("grouped", 1, 32, 1, 1, 4, False),
+                ("grouped", 2, 64, 2, 1, 4, False),
+                ("grouped", 2, 128, 2, 1, 4, False),
+            ],
+        ),
+        "plain 24-48-96 x2": network(
+            24,
+            [
+                ("plain", 2, 24, 1, 1, 1, False),
+                ("plain", 2, 48, 2, 1, 1, False),
+                ("plain", 2, 96, 2, 1, 1, False),
+            ],
+        ),
+        "dwsep silu 64-128-128 x1/2/2": network(
+            64,
+            [
+                ("dwsep", 1, 64, 1, 1, 1, False),
+                ("dwsep", 2, 128, 2, 1, 1, False),
+                ("dwsep", 2, 128, 2, 1, 1, False),
+            ],
+            "silu",
+        ),
+        "inverted+se silu 16-32-64 x1/2/2": network(
+            16,
+            [
+                ("inverted", 1, 16, 1, 4, 1, False),
+                ("inverted", 2, 32, 2, 4, 1, False),
+                ("inverted", 2, 64, 2, 4, 1, True),
+            ],
+            "silu",
+        ),
     }
+
+
+# The five networks run when --models is not given (the larger ones only when named).
+DEFAULT_MODELS = (
+    "resnet 16-32-64 x1",
+    "resnet 16-32-64 x3",
+    "inverted+se 16-24-48",
+    "dwsep 32-64-128",
+    "grouped 32-64-96",
+)
 
 
 def pruned_copy(
@@ -210,7 +265,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="mnist")
     parser.add_argument("--data-dir", type=Path, default=SHARED)
-    parser.add_argument("--subset", type=int, default=20_000, help="training images")
+    parser.add_argument(
+        "--subset", type=int, default=20_000, help="training images (0: all the split holds)"
+    )
+    parser.add_argument(
+        "--validation-share", type=float, default=0.2,
+        help="share of the training set held out as validation (unused here but for the "
+        "split; 0.02 trains on 49,000 CIFAR-10 images)",
+    )  # fmt: skip
     parser.add_argument("--epochs", type=int, default=6, help="a trial's epochs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--criterion", default="l2", choices=PRUNE_CRITERIA)
@@ -226,14 +288,26 @@ def main() -> None:
         f"default {blocks.CHANNEL_ALIGNMENT} as in a trial",
     )  # fmt: skip
     parser.add_argument(
+        "--no-control", action="store_true",
+        help="skip the control (the unpruned model fine-tuned as long as the most pruned)",
+    )  # fmt: skip
+    parser.add_argument(
         "--results", type=Path, help="also write the tables to this .md file (and .json)"
     )
+    parser.add_argument(
+        "--append", action="store_true",
+        help="keep the rows of other models already in --results' .json (each row says "
+        "its own schedule, machine and command)",
+    )  # fmt: skip
     args = parser.parse_args()
+    if args.append and not args.results:
+        parser.error("--append needs --results")
     blocks.CHANNEL_ALIGNMENT = args.alignment  # read by aligned_width at every call
 
     started = time.perf_counter()
     data = load_dataset(
-        args.dataset, seed=args.seed, subset=args.subset, data_dir=args.data_dir,
+        args.dataset, seed=args.seed, subset=args.subset or None, data_dir=args.data_dir,
+        val_fraction=args.validation_share,
         cache_folder=Path(tempfile.gettempdir()) / "compsearch-bench" / CACHE_FOLDER,
     )  # fmt: skip
     on_device = DeviceData(data, "cpu")
@@ -256,11 +330,23 @@ def main() -> None:
         f"when post-training int8 loses more than {100 * QUANTIZATION_AWARE_THRESHOLD:.1f}."
     )
     models = architectures(data.channels, data.num_classes)
-    names = args.models or list(models)
+    names = args.models or list(DEFAULT_MODELS)
     unknown = sorted(set(names) - set(models))
     if unknown:
         raise SystemExit(f"unknown models {unknown}; known: {', '.join(models)}")
+    command = shlex.join(["python", "bench/compression_fidelity.py", *sys.argv[1:]])
+    setting = {
+        "epochs": args.epochs,
+        "train_images": len(data.train),
+        "dataset": data.name,
+        "machine": machine(),
+        "command": command,
+    }
     precision_rows, pruning_rows, criteria_rows = [], [], []
+    if args.append and args.results.with_suffix(".json").exists():
+        earlier = json.loads(args.results.with_suffix(".json").read_text())
+        precision_rows = [r for r in earlier["precision"] if r["model"] not in names]
+        pruning_rows = [r for r in earlier["pruning"] if r["model"] not in names]
     with tempfile.TemporaryDirectory() as folder:
         measure = Measure(data, on_device, Path(folder), args.seed)
         for name in names:
@@ -294,6 +380,7 @@ def main() -> None:
                 "fp32_kb": fp32_kb,
                 "fp16_kb": fp16_kb,
                 "int8_kb": int8_kb,
+                **setting,
             }
             precision_rows.append(row)
             print(
@@ -303,7 +390,7 @@ def main() -> None:
                 flush=True,
             )
 
-            if args.fractions:
+            if args.fractions and not args.no_control:
                 longest = max(
                     TrialConfig(arch, schedule, CompressConfig("fp32", f)).finetune_epochs
                     for f in args.fractions
@@ -334,8 +421,8 @@ def main() -> None:
                         "smaller": fp32_kb / small_kb,
                         "finetune_epochs": tuned_epochs,
                         "finetune_seconds": seconds,
-                        "control": row["control"],
-                        "control_epochs": row["control_epochs"],
+                        "control": row.get("control"),
+                        "control_epochs": row.get("control_epochs"),
                     }
                 )
             if args.criteria:
@@ -373,15 +460,16 @@ def kept_int8(base: float, ptq: float, qat: float | None) -> float:
 
 def precision_table(rows: list[dict]) -> list[str]:
     lines = [
-        "| model | params | train s | fp32 (torch) | fp32 file | fp16 | int8 post-training "
-        "| int8 QAT | QAT s / train s | int8 kept | fp16 size | int8 size |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | params | epochs | train s | fp32 (torch) | fp32 file | fp16 "
+        "| int8 post-training | int8 QAT | QAT s / train s | int8 kept | fp16 size | int8 size |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         base = r["torch"]
         aware = "diverged" if r["aware"] is None else points(r["aware"], base)
         lines.append(
-            f"| {r['model']} | {r['params']:,} | {r['train_seconds']:.0f} | {base:.2%} "
+            f"| {r['model']} | {r['params']:,} | {r.get('epochs', '')} "
+            f"| {r['train_seconds']:.0f} | {base:.2%} "
             f"| {points(r['fp32'], base)} | {points(r['fp16'], base)} "
             f"| {points(r['int8'], base)} | {aware} "
             f"| {r['aware_seconds']:.0f} / {r['train_seconds']:.0f} = "
@@ -401,12 +489,12 @@ def pruning_table(rows: list[dict]) -> list[str]:
     model = None
     for r in rows:
         base = r["torch"]
-        if r["model"] != model:
-            model = r["model"]
+        if r["model"] != model and r.get("control") is not None:
             lines.append(
-                f"| {model} | control | 0.0% | {epochs(r['control_epochs'])} "
+                f"| {r['model']} | control | 0.0% | {epochs(r['control_epochs'])} "
                 f"| | {points(r['control'], base)} | | 1.0x |"
             )
+        model = r["model"]
         lines.append(
             f"| {r['model']} | {r['asked']:.0%} | {r['pruned']:.1%} "
             f"| {epochs(r['finetune_epochs'])}, {r['finetune_seconds']:.0f} s "
@@ -461,7 +549,17 @@ def summary(precision_rows: list[dict], pruning_rows: list[dict], names: list[st
 def write_results(
     args: argparse.Namespace, heading: str, precision_rows: list[dict], pruning_rows: list[dict]
 ) -> None:
-    command = shlex.join(["python", "bench/compression_fidelity.py", *sys.argv[1:]])
+    """The tables as Markdown and the rows as JSON; with --append the rows of earlier runs
+    stay, and the heading is this run's."""
+    runs = {}  # each run's setting, in the order its rows come
+    for r in precision_rows:
+        if "command" in r:
+            runs.setdefault(r["command"], (r, []))[1].append(r["model"])
+    settings = [
+        f"- {', '.join(models)}: {r['dataset']}, {r['train_images']:,} training images, "
+        f"{r['epochs']} epochs; {r['machine']}; `{command}`"
+        for command, (r, models) in runs.items()
+    ]
     text = [
         heading,
         "",
@@ -483,7 +581,9 @@ def write_results(
         "",
         *summary(precision_rows, pruning_rows, [r["model"] for r in precision_rows]),
         "",
-        f"`{command}`",
+        "Each row's run (one run per command; rows of one run compare with each other):",
+        "",
+        *settings,
         "",
     ]
     args.results.parent.mkdir(parents=True, exist_ok=True)
