@@ -48,6 +48,7 @@ from compsearch.objectives.catalog import CACHE_FOLDER
 from compsearch.objectives.compress import prune
 from compsearch.objectives.data import Dataset, load_dataset
 from compsearch.objectives.measure import count_params, file_size_kb
+from compsearch.objectives.modelfile import save_model
 from compsearch.objectives.teacher import residual_arch
 from compsearch.objectives.train import (
     DeviceData,
@@ -179,6 +180,11 @@ DEFAULT_MODELS = (
 )
 
 
+def model_path(models: Path, name: str, epochs: int, seed: int) -> Path:
+    """Where a trained network is kept, for bench/int8_loss.py to take apart."""
+    return models / f"{name.replace(' ', '_').replace('/', '-')}-{epochs}ep-seed{seed}.pt"
+
+
 def pruned_copy(
     model: torch.nn.Module,
     arch: ArchConfig,
@@ -292,6 +298,10 @@ def main() -> None:
         help="skip the control (the unpruned model fine-tuned as long as the most pruned)",
     )  # fmt: skip
     parser.add_argument(
+        "--save-models", type=Path, metavar="FOLDER",
+        help="keep each trained network here (bench/int8_loss.py --models reads them)",
+    )  # fmt: skip
+    parser.add_argument(
         "--results", type=Path, help="also write the tables to this .md file (and .json)"
     )
     parser.add_argument(
@@ -353,8 +363,14 @@ def main() -> None:
             arch = models[name]
             config = TrialConfig(arch, schedule, CompressConfig("fp32", 0.0))
             tick = time.perf_counter()
-            model, _ = train_model(config, on_device, args.seed)
+            model, trained = train_model(config, on_device, args.seed)
             train_seconds = time.perf_counter() - tick
+            if args.save_models:
+                path = model_path(args.save_models, name, args.epochs, args.seed)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                save_model(
+                    path, model, trained.arch, config, train_seconds=train_seconds, seed=args.seed
+                )
             base = measure.torch_accuracy(model, resolution)
             fp32, fp32_kb, _ = measure.file(model, config, "fp32")
             fp16, fp16_kb, _ = measure.file(model, config, "fp16")

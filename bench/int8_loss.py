@@ -50,7 +50,7 @@ import onnx
 import optuna
 import torch
 from cifar10_300kb import machine  # bench/, beside this script
-from compression_fidelity import architectures
+from compression_fidelity import architectures, model_path
 
 from compsearch.objectives.catalog import CACHE_FOLDER
 from compsearch.objectives.compress import (
@@ -128,7 +128,7 @@ def trained(
 ) -> tuple[torch.nn.Module, float]:
     """The network trained by the search's trainer, from `models` when a run left it
     there (with the same config), else trained now and saved; and its training seconds."""
-    path = models / f"{name.replace(' ', '_')}-{config.train.epochs}ep-seed{seed}.pt"
+    path = model_path(models, name, config.train.epochs, seed)
     if path.is_file():
         saved = load_model(path, "saved model")
         if saved.config is not None and saved.config.arch == config.arch:
