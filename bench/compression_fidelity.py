@@ -133,13 +133,14 @@ def architectures(channels: int, classes: int) -> dict[str, ArchConfig]:
             ],
             "hardswish",
         ),
-        "grouped 32-64-128 x1/2/2": network(
+        "grouped silu 32-64-128 x1/2/2": network(
             32,
             [
                 ("grouped", 1, 32, 1, 1, 4, False),
                 ("grouped", 2, 64, 2, 1, 4, False),
                 ("grouped", 2, 128, 2, 1, 4, False),
             ],
+            "silu",
         ),
         "plain 24-48-96 x2": network(
             24,
