@@ -142,13 +142,14 @@ def architectures(channels: int, classes: int) -> dict[str, ArchConfig]:
             ],
             "silu",
         ),
-        "plain 24-48-96 x2": network(
+        "plain silu 24-48-96 x2": network(
             24,
             [
                 ("plain", 2, 24, 1, 1, 1, False),
                 ("plain", 2, 48, 2, 1, 1, False),
                 ("plain", 2, 96, 2, 1, 1, False),
             ],
+            "silu",
         ),
         "dwsep silu 64-128-128 x1/2/2": network(
             64,
