@@ -75,9 +75,24 @@ def test_each_criterion_removes_the_share_of_parameters_asked(trained, criterion
     torch.testing.assert_close(rebuilt(x), model.eval()(x))
 
 
+def opposed_stem(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy whose stem filters' norms rank opposite to their batch-norm scales (the
+    largest filter has the smallest scale), so that the criteria cannot agree by chance
+    on which stem channels matter."""
+    copied = copy.deepcopy(model)
+    conv, norm = copied.stem[0][0], copied.stem[0][1]
+    rank = torch.arange(1, conv.out_channels + 1, dtype=torch.float32)
+    with torch.no_grad():
+        norms = conv.weight.flatten(1).norm(dim=1)
+        conv.weight.mul_((10 * rank / norms).view(-1, 1, 1, 1))  # norms 10, 20, ...
+        norm.weight.copy_(1 / rank)  # scales 1, 1/2, ...
+    return copied
+
+
 def test_criteria_choose_different_channels(trained):
     """The criterion decides which channels go, not only how many."""
     model, on_device = trained
+    model = opposed_stem(model)
     kept = {}
     for criterion in ("l2", "bn_scale", "taylor"):
         copied = copy.deepcopy(model)
