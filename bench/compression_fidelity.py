@@ -25,6 +25,11 @@ ONNX file run in onnxruntime and every size from the file's bytes:
     python bench/compression_fidelity.py --dataset folder:../shared/data/cifar10-jpeg \
         --subset 20000 --epochs 12 --fractions 0.5 0.7 \
         --results bench/results/compression_fidelity_cifar10.md
+    # CIFAR-10 networks trained past 80%, one run per network, rows kept in one file:
+    python bench/compression_fidelity.py --dataset folder:../shared/data/cifar10-jpeg \
+        --subset 0 --validation-share 0.02 --no-control --models 'resnet 16-32-64 x1' \
+        --epochs 24 --fractions 0.65 --results bench/results/compression_fidelity_cifar10_80.md \
+        --append --save-models /tmp/compression-models
 """
 
 from __future__ import annotations
