@@ -374,8 +374,7 @@ def main() -> None:
             train_seconds = time.perf_counter() - tick
             if args.save_models:
                 path = model_path(args.save_models, name, args.epochs, args.seed)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                save_model(
+                save_model(  # makes the folder
                     path, model, trained.arch, config, train_seconds=train_seconds, seed=args.seed
                 )
             base = measure.torch_accuracy(model, resolution)
