@@ -38,6 +38,7 @@ import argparse
 import copy
 import dataclasses
 import functools
+import itertools
 import json
 import shlex
 import statistics
@@ -49,14 +50,15 @@ from pathlib import Path
 import torch
 from cifar10_300kb import machine  # bench/, beside this script
 
-from compsearch.objectives.catalog import CACHE_FOLDER
+from compsearch.objectives.catalog import CACHE_FOLDER, DISTILL_TEMPERATURE, DISTILL_WEIGHT
 from compsearch.objectives.compress import prune
 from compsearch.objectives.data import Dataset, load_dataset
 from compsearch.objectives.measure import count_params, file_size_kb
-from compsearch.objectives.modelfile import save_model
+from compsearch.objectives.modelfile import load_model, save_model
 from compsearch.objectives.teacher import residual_arch
 from compsearch.objectives.train import (
     DeviceData,
+    Distillation,
     TrainingDiverged,
     accuracy,
     fit,
@@ -202,10 +204,12 @@ def pruned_copy(
     criterion: str,
     scope: str,
     finetune: bool,
+    distil: bool = False,
 ) -> tuple[torch.nn.Module, int, float]:
     """A copy of `model` pruned as asked, fine-tuned as a trial does when `finetune` (for
     the epochs pruning stretches it to), batch-norm statistics re-estimated either way;
-    with the fine-tune's epochs and seconds."""
+    with the fine-tune's epochs and seconds. With `distil`, the fine-tune also learns
+    from `model` itself, unpruned (the loss a `--teacher` gives a trial)."""
     resolution = schedule.test_resolution
     copied = copy.deepcopy(model)
     example = torch.zeros(1, on_device.channels, resolution, resolution)
@@ -213,8 +217,14 @@ def pruned_copy(
     prune(copied, arch, compress, example, taylor_loss(on_device, resolution))
     epochs = TrialConfig(arch, schedule, compress).finetune_epochs if finetune else 0
     tick = time.perf_counter()
+    teacher = (
+        Distillation(model.eval(), DISTILL_WEIGHT, DISTILL_TEMPERATURE, resolution)
+        if distil
+        else None
+    )
     if finetune:
-        fit(copied, on_device, finetune_phase(schedule, epochs=epochs), generator(seed))
+        phase = finetune_phase(schedule, epochs=epochs)
+        fit(copied, on_device, phase, generator(seed), distillation=teacher)
     seconds = time.perf_counter() - tick
     recalibrate_batchnorm(copied, on_device, resolution, schedule.batch_size)
     return copied.eval(), epochs, seconds
@@ -289,7 +299,14 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=6, help="a trial's epochs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--criterion", default="l2", choices=PRUNE_CRITERIA)
-    parser.add_argument("--scope", default="local", choices=PRUNE_SCOPES)
+    parser.add_argument(
+        "--scope", nargs="+", default=["local"], choices=PRUNE_SCOPES,
+        help="pruning scopes, each run at every fraction (--criteria uses the first)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--distil", action="store_true",
+        help="also fine-tune each pruned copy distilled from the unpruned network",
+    )  # fmt: skip
     parser.add_argument("--criteria", action="store_true", help="compare criteria at 50%")
     parser.add_argument("--models", nargs="+", help="names of architectures to run")
     parser.add_argument(
@@ -306,7 +323,8 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument(
         "--save-models", type=Path, metavar="FOLDER",
-        help="keep each trained network here (bench/int8_loss.py --models reads them)",
+        help="keep each trained network here (bench/int8_loss.py --models reads them); a "
+        "network already there (same architecture, epochs and seed) is loaded, not trained",
     )  # fmt: skip
     parser.add_argument(
         "--results", type=Path, help="also write the tables to this .md file (and .json)"
@@ -369,14 +387,21 @@ def main() -> None:
         for name in names:
             arch = models[name]
             config = TrialConfig(arch, schedule, CompressConfig("fp32", 0.0))
-            tick = time.perf_counter()
-            model, trained = train_model(config, on_device, args.seed)
-            train_seconds = time.perf_counter() - tick
-            if args.save_models:
-                path = model_path(args.save_models, name, args.epochs, args.seed)
-                save_model(  # makes the folder
-                    path, model, trained.arch, config, train_seconds=train_seconds, seed=args.seed
-                )
+            path = args.save_models and model_path(args.save_models, name, args.epochs, args.seed)
+            saved = load_model(path, "saved model") if path and path.is_file() else None
+            if saved is not None and saved.arch == arch:
+                model = saved.model.to(memory_format=torch.channels_last).eval()
+                train_seconds = float(saved.facts["train_seconds"])
+                print(f"  {name}: loaded from {path}, trained there in {train_seconds:.0f} s")
+            else:
+                tick = time.perf_counter()
+                model, trained = train_model(config, on_device, args.seed)
+                train_seconds = time.perf_counter() - tick
+                if path:
+                    save_model(  # makes the folder
+                        path, model, trained.arch, config, train_seconds=train_seconds,
+                        seed=args.seed,
+                    )  # fmt: skip
             base = measure.torch_accuracy(model, resolution)
             fp32, fp32_kb, _ = measure.file(model, config, "fp32")
             fp16, fp16_kb, _ = measure.file(model, config, "fp16")
@@ -421,10 +446,15 @@ def main() -> None:
                 row["control"] = measure.file(control, config, "fp32")[0]
                 row["control_epochs"] = longest
             pruned = functools.partial(pruned_copy, model, arch, on_device, schedule, args.seed)
-            for fraction in args.fractions:
-                bare, _, _ = pruned(fraction, args.criterion, args.scope, finetune=False)
+            variants = [
+                (scope, distil)
+                for scope in args.scope
+                for distil in (False, True)[: 1 + args.distil]
+            ]
+            for (scope, distil), fraction in itertools.product(variants, args.fractions):
+                bare, _, _ = pruned(fraction, args.criterion, scope, finetune=False)
                 tuned, tuned_epochs, seconds = pruned(
-                    fraction, args.criterion, args.scope, finetune=True
+                    fraction, args.criterion, scope, finetune=True, distil=distil
                 )
                 bare_acc, _, _ = measure.file(bare, config, "fp32")
                 tuned_acc, _, _ = measure.file(tuned, config, "fp32")
@@ -433,6 +463,7 @@ def main() -> None:
                 pruning_rows.append(
                     {
                         "model": name,
+                        "method": f"{args.criterion} {scope}" + (", distilled" if distil else ""),
                         "asked": fraction,
                         "pruned": 1 - count_params(tuned) / count_params(model),
                         "torch": base,
@@ -459,8 +490,8 @@ def main() -> None:
 
     print()
     print("\n".join(precision_table(precision_rows)))
-    print(f"\nPruning ({args.criterion}, {args.scope})")
-    print("\n".join(pruning_table(pruning_rows)))
+    print(f"\nPruning ({args.criterion}, {', '.join(args.scope)})")
+    print("\n".join(pruning_table(pruning_rows, f"{args.criterion} {args.scope[0]}")))
     if criteria_rows:
         print("\nCriteria at 50% of the parameters, fine-tuned, fp32 file (change in points)")
         for name, criterion, scope, share, base, tuned in criteria_rows:
@@ -501,24 +532,25 @@ def precision_table(rows: list[dict]) -> list[str]:
     return lines
 
 
-def pruning_table(rows: list[dict]) -> list[str]:
+def pruning_table(rows: list[dict], method: str) -> list[str]:
     """Each model's pruned rows after its control row (unpruned, fine-tuned as long as the
-    most pruned one was)."""
+    most pruned one was); `method` names the pruning of rows that do not name their own."""
     lines = [
-        "| model | asked | pruned | fine-tune | no fine-tune | fine-tuned | + int8 | smaller |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | pruning | asked | pruned | fine-tune | no fine-tune | fine-tuned | + int8 "
+        "| smaller |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     model = None
     for r in rows:
         base = r["torch"]
         if r["model"] != model and r.get("control") is not None:
             lines.append(
-                f"| {r['model']} | control | 0.0% | {epochs(r['control_epochs'])} "
+                f"| {r['model']} | | control | 0.0% | {epochs(r['control_epochs'])} "
                 f"| | {points(r['control'], base)} | | 1.0x |"
             )
         model = r["model"]
         lines.append(
-            f"| {r['model']} | {r['asked']:.0%} | {r['pruned']:.1%} "
+            f"| {r['model']} | {r.get('method', method)} | {r['asked']:.0%} | {r['pruned']:.1%} "
             f"| {epochs(r['finetune_epochs'])}, {r['finetune_seconds']:.0f} s "
             f"| {points(r['no_finetune'], base)} | {points(r['finetuned'], base)} "
             f"| {points(r['int8'], base)}{' QAT' if r['aware'] else ''} "
@@ -558,10 +590,11 @@ def summary(precision_rows: list[dict], pruning_rows: list[dict], names: list[st
             ]  # fmt: skip
             if rows:
                 top = max(rows, key=lambda r: r["smaller"])
+                how = f", {top['method']}" if "method" in top else ""
                 lines.append(
                     f"- pruning + int8 within {within} points, {name}: {top['smaller']:.1f}x "
                     f"smaller than unpruned fp32 at {points(top['int8'], top['torch'])} "
-                    f"({top['asked']:.0%} asked)"
+                    f"({top['asked']:.0%} asked{how})"
                 )
             else:
                 lines.append(f"- pruning + int8 within {within} points, {name}: none")
@@ -593,13 +626,14 @@ def write_results(
         "",
         *precision_table(precision_rows),
         "",
-        f"Pruning ({args.criterion}, {args.scope}), fine-tuned as a trial does (for the "
-        "epochs pruning stretches its fine-tune to), then int8 as a trial keeps it (QAT: "
+        f"Pruning ({args.criterion}, {', '.join(args.scope)}), fine-tuned as a trial does (for "
+        "the epochs pruning stretches its fine-tune to; `distilled`: with the unpruned "
+        "network as its teacher), then int8 as a trial keeps it (QAT: "
         "the quantization-aware file was kept); `smaller` is the unpruned fp32 file's bytes "
         "over the pruned int8 file's. Each `control` row is the unpruned model fine-tuned as "
         "long as the most pruned one, as an fp32 file: what the extra epochs give alone.",
         "",
-        *pruning_table(pruning_rows),
+        *pruning_table(pruning_rows, f"{args.criterion} {args.scope[0]}"),
         "",
         *summary(precision_rows, pruning_rows, [r["model"] for r in precision_rows]),
         "",
