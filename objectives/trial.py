@@ -432,16 +432,19 @@ def write_and_measure(
 
 
 def quantization_aware_copy(
-    model: torch.nn.Module, on_device: DeviceData, train: TrainConfig, seed: int
+    model: torch.nn.Module,
+    on_device: DeviceData,
+    train: TrainConfig,
+    seed: int,
+    learning_rate_factor: float = QUANTIZATION_AWARE_LEARNING_RATE_FACTOR,
 ) -> torch.nn.Module:
     """A copy of `model` after the quantization-aware fine-tune that trials and exports
-    share; raises TrainingDiverged when it blows up."""
+    share (its peak learning rate `learning_rate_factor` times the pruning fine-tune's);
+    raises TrainingDiverged when it blows up."""
     images = len(on_device.train) * train.epochs * QUANTIZATION_AWARE_IMAGE_SHARE
     epochs = max(1, math.ceil(images / len(on_device.train)))
     draw = on_device.subset(max(train.batch_size, round(images / epochs)))
-    phase = dataclasses.replace(
-        finetune_phase(train, QUANTIZATION_AWARE_LEARNING_RATE_FACTOR), epochs=epochs
-    )
+    phase = dataclasses.replace(finetune_phase(train, learning_rate_factor), epochs=epochs)
     generator = torch.Generator().manual_seed(seed + 1)
     return quantization_aware_finetune(model, draw, phase, generator)
 
