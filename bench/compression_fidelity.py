@@ -194,6 +194,16 @@ def model_path(models: Path, name: str, epochs: int, seed: int) -> Path:
     return models / f"{name.replace(' ', '_').replace('/', '-')}-{epochs}ep-seed{seed}.pt"
 
 
+def bench_dataset(args: argparse.Namespace) -> Dataset:
+    """The split `--dataset`, `--seed`, `--subset` and `--validation-share` ask for, its
+    decoded images cached in the temporary folder between runs."""
+    return load_dataset(
+        args.dataset, seed=args.seed, subset=args.subset or None, data_dir=args.data_dir,
+        val_fraction=args.validation_share,
+        cache_folder=Path(tempfile.gettempdir()) / "compsearch-bench" / CACHE_FOLDER,
+    )  # fmt: skip
+
+
 def pruned_copy(
     model: torch.nn.Module,
     arch: ArchConfig,
@@ -340,11 +350,7 @@ def main() -> None:
     blocks.CHANNEL_ALIGNMENT = args.alignment  # read by aligned_width at every call
 
     started = time.perf_counter()
-    data = load_dataset(
-        args.dataset, seed=args.seed, subset=args.subset or None, data_dir=args.data_dir,
-        val_fraction=args.validation_share,
-        cache_folder=Path(tempfile.gettempdir()) / "compsearch-bench" / CACHE_FOLDER,
-    )  # fmt: skip
+    data = bench_dataset(args)
     on_device = DeviceData(data, "cpu")
     resolution = data.resolution
     schedule = dataclasses.replace(

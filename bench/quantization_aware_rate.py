@@ -28,10 +28,8 @@ import time
 from pathlib import Path
 
 from cifar10_300kb import machine  # bench/, beside this script
-from compression_fidelity import SHARED, Measure, points
+from compression_fidelity import SHARED, Measure, bench_dataset, points
 
-from compsearch.objectives.catalog import CACHE_FOLDER
-from compsearch.objectives.data import load_dataset
 from compsearch.objectives.modelfile import load_model
 from compsearch.objectives.train import DeviceData, TrainingDiverged
 from compsearch.objectives.trial import (
@@ -63,11 +61,7 @@ def main() -> None:
     if any(factor <= 0 for factor in args.factors):
         raise SystemExit("--factors must be positive")
 
-    data = load_dataset(
-        args.dataset, seed=args.seed, subset=args.subset or None, data_dir=args.data_dir,
-        val_fraction=args.validation_share,
-        cache_folder=Path(tempfile.gettempdir()) / "compsearch-bench" / CACHE_FOLDER,
-    )  # fmt: skip
+    data = bench_dataset(args)
     on_device = DeviceData(data, "cpu")
     heading = (
         f"{data.name}: {len(data.train):,} training images, {len(data.test):,} test images; "
