@@ -457,12 +457,15 @@ def main() -> None:
                 for scope in args.scope
                 for distil in (False, True)[: 1 + args.distil]
             ]
+            bare_accuracy = {}  # by (scope, fraction): the same whether distilled or not
             for (scope, distil), fraction in itertools.product(variants, args.fractions):
-                bare, _, _ = pruned(fraction, args.criterion, scope, finetune=False)
+                if (scope, fraction) not in bare_accuracy:
+                    bare, _, _ = pruned(fraction, args.criterion, scope, finetune=False)
+                    bare_accuracy[scope, fraction] = measure.file(bare, config, "fp32")[0]
+                bare_acc = bare_accuracy[scope, fraction]
                 tuned, tuned_epochs, seconds = pruned(
                     fraction, args.criterion, scope, finetune=True, distil=distil
                 )
-                bare_acc, _, _ = measure.file(bare, config, "fp32")
                 tuned_acc, _, _ = measure.file(tuned, config, "fp32")
                 reference = measure.torch_accuracy(tuned, resolution)
                 small_acc, small_kb, small_qat = measure.file(tuned, config, "int8", reference)

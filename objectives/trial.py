@@ -64,10 +64,10 @@ TAYLOR_IMAGES = 512  # training images whose loss gradients rank channels for Ta
 # model before a quantization-aware fine-tune is tried.
 QUANTIZATION_AWARE_THRESHOLD = 0.003
 # Its learning rate against the fine-tune's: the weights only need to move to the grid.
-# 0.02 (a two-hundred-and-fiftieth of the training's peak): at 0.5 it lowered every
-# CIFAR-10 network trained to 82-85% (by 0.18 to 0.47 points) and diverged on a ResNet-8
-# whose last batch norms scale by up to 10, so that their folded weights move a hundred
-# times faster; at 0.02 each of four such networks ended 0.03 to 0.26 points above its
+# 0.02 (a two-hundred-and-fiftieth of the training's peak): at 0.5 it lowered six of seven
+# CIFAR-10 networks trained to 82-85% (by 0.18 to 0.47 points) and diverged on a ResNet-8
+# (batch-norm scales up to 10 make folded weights move up to a hundred times faster than
+# the rate says); at 0.02 each of four such networks ended 0.03 to 0.26 points above its
 # fp32 model, at 0.1 three of four (bench/results/quantization_aware_rate.md).
 QUANTIZATION_AWARE_LEARNING_RATE_FACTOR = 0.02
 # Its length: this share of the images the schedule trains on (its epochs x training
